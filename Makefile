@@ -1,0 +1,54 @@
+# The two commands of the README:
+#   make demo   install into .venv (if needed) and run the demo study end to end
+#   make test   install with the test dependencies and run the test suite
+# Switches: TORCH=cuda (CUDA build of torch, for a machine with an NVIDIA GPU), CORES=N, PYTHON=python3.11
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+CORES ?= 2
+CONSTRAINTS := requirements/constraints.txt
+PIP := $(VENV)/bin/python -m pip
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-test lint clean-results
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES)
+
+test: install-test
+	$(BIN)/pytest
+
+lint: install-test
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+install: $(VENV)/.installed-$(TORCH)
+
+install-test: install $(VENV)/.installed-test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+
+# torch first, pinned: otherwise a dependency asking for plain "torch" pulls several GB of CUDA wheels.
+# cpu: a local/--find-links wheel of torch==X+cpu if there is one, else PyTorch's CPU index.
+# cuda: PyPI's Linux wheel, which is the CUDA build.
+$(VENV)/.installed-$(TORCH): $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
+ifeq ($(TORCH),cuda)
+	$(PIP) install --quiet -c $(CONSTRAINTS) "torch==$(TORCH_VERSION)"
+else
+	$(PIP) install --quiet -c $(CONSTRAINTS) "torch==$(TORCH_VERSION)+cpu" \
+	  || $(PIP) install --quiet -c $(CONSTRAINTS) "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+endif
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e .
+	rm -f $(VENV)/.installed-cpu $(VENV)/.installed-cuda
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-$(TORCH) pyproject.toml $(CONSTRAINTS)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	touch $@
+
+clean-results:
+	rm -rf results .snakemake

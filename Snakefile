@@ -1,0 +1,19 @@
+# radstudy: a multicenter radiomics study, from the hospitals' DICOM folders to a reported model.
+# Stages live in workflow/rules/<stage>.smk; their logic lives in the radstudy package (workflow/radstudy).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/ingest.smk"
+
+
+rule all:
+    input:
+        study_targets(),
+    default_target: True

@@ -1,0 +1,92 @@
+"""The config and the centers sheet are validated before anything runs, naming the offending key or row."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from radstudy.config import load_centers, load_config, load_study, validate_config
+from radstudy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_gets_defaults():
+    config = load_config(REPO / "config" / "config.yaml")
+    assert config["ingest"]["on_error"] == "exclude"
+    assert config["ingest"]["channels"]["CT"]["choose"] == "most_slices"
+
+
+def test_defaults_are_filled_for_omitted_keys():
+    raw = copy.deepcopy(DEFAULT)
+    del raw["ingest"]["geometry"]
+    raw["ingest"]["channels"]["CT"] = {"description": "portal"}
+    config = validate_config(raw)
+    assert config["ingest"]["channels"]["CT"]["min_slices"] == 10
+    assert config["ingest"]["channels"]["CT"]["exclude_image_type"] == ["LOCALIZER"]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c["ingest"].update(on_error="ignore"), "ingest.on_error"),
+        (lambda c: c["ingest"]["channels"]["CT"].update(choose="biggest"), "ingest.channels.CT.choose"),
+        (lambda c: c["study"].update(seed="abc"), "study.seed"),
+        (lambda c: c["ingest"]["labels"].update(liver=0), "ingest.labels.liver"),
+        (lambda c: c["ingest"].update(chanels={}), "chanels"),
+        (lambda c: c.pop("clinical"), "clinical"),
+    ],
+)
+def test_invalid_config_names_the_key(mutate, expected):
+    raw = copy.deepcopy(DEFAULT)
+    mutate(raw)
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        validate_config(raw)
+
+
+def test_key_file_inside_results_is_refused():
+    raw = copy.deepcopy(DEFAULT)
+    raw["pseudonymisation"]["key_file"] = "results/key.tsv"
+    with pytest.raises(ConfigError, match="outside results"):
+        validate_config(raw)
+
+
+def _sheet(tmp_path, text):
+    path = tmp_path / "centers.tsv"
+    path.write_text(text)
+    return path
+
+
+def test_centers_sheet_row_errors_name_line_and_center(tmp_path):
+    path = _sheet(tmp_path, "id\trole\tdicom_root\tclinical\nA1\tdevelopment\td/A1\tc/A1.csv\nB2\ttest\td/B2\tc/B2.csv\n")
+    with pytest.raises(ConfigError, match=r"line 3 \(center 'B2'\): role"):
+        load_centers(path)
+
+
+def test_centers_sheet_needs_unique_ids_and_a_development_center(tmp_path):
+    dup = _sheet(tmp_path, "id\trole\tdicom_root\tclinical\nA\tdevelopment\td\tc\nA\texternal\td\tc\n")
+    with pytest.raises(ConfigError, match="unique.*A"):
+        load_centers(dup)
+    ext = _sheet(tmp_path, "id\trole\tdicom_root\tclinical\nA\texternal\td\tc\n")
+    with pytest.raises(ConfigError, match="development"):
+        load_centers(ext)
+
+
+def test_centers_sheet_missing_column(tmp_path):
+    path = _sheet(tmp_path, "id\trole\tdicom_root\nA\tdevelopment\td\n")
+    with pytest.raises(ConfigError, match="clinical"):
+        load_centers(path)
+
+
+def test_study_resolves_center_paths_against_base_dir(tmp_path):
+    _sheet(tmp_path, "id\trole\tdicom_root\tclinical\nA\tdevelopment\tdata/A\tclin/A.csv\n")
+    raw = copy.deepcopy(DEFAULT)
+    raw["centers"] = "centers.tsv"
+    study = load_study(raw, base_dir=tmp_path)
+    assert study.center("A").dicom_root == tmp_path / "data" / "A"
+    with pytest.raises(ConfigError, match="unknown center 'Z'"):
+        study.center("Z")

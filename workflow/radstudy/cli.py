@@ -1,0 +1,96 @@
+"""`radstudy <stage> ...`: every stage without Snakemake.
+
+    radstudy validate  --config config/config.yaml
+    radstudy demo      --config config/config.yaml
+    radstudy discover  --config config/config.yaml --center C1 --out results/ingest/C1/patients.tsv
+    radstudy ingest    --config config/config.yaml --center C1 --patient C1-0001 --out results/ingest/C1/C1-0001
+    radstudy clinical  --config config/config.yaml --center C1 --patients results/ingest/C1/patients.tsv \\
+                       --out results/clinical/C1.tsv --summary results/clinical/C1.json
+    radstudy center-qc --ingest-dirs results/ingest/C1/C1-* --clinical results/clinical/C1.tsv --out results/qc/C1/patients.tsv
+    radstudy flow      --center-qc results/qc/*/patients.tsv --clinical results/clinical/*.tsv --out-dir results/qc
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__, stages
+from .config import load_study
+from .errors import ConfigError, PatientExcluded
+from .logs import setup
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radstudy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"radstudy {__version__}")
+    parser.add_argument("--log", help="also write the log to this file")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", default="config/config.yaml", help="study config (default: %(default)s)")
+        return p
+
+    with_config("validate", "validate the config and the centers sheet")
+    with_config("demo", "generate the synthetic demo cohort named by the centers sheet")
+    p = with_config("discover", "pseudonymise one center's delivered patients")
+    p.add_argument("--center", required=True)
+    p.add_argument("--out", required=True, help="patients table (pseudonyms only)")
+    p = with_config("ingest", "ingest one patient: DICOM -> NIfTI per channel, manual mask, QC record")
+    p.add_argument("--center", required=True)
+    p.add_argument("--patient", required=True, help="pseudonym, e.g. C1-0001")
+    p.add_argument("--out", required=True, help="output folder")
+    p = with_config("clinical", "pseudonymised clinical table of one center")
+    p.add_argument("--center", required=True)
+    p.add_argument("--patients", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--summary", required=True)
+    p = sub.add_parser("center-qc", help="one center's patient table from its ingestion QC records")
+    p.add_argument("--ingest-dirs", nargs="+", required=True)
+    p.add_argument("--clinical", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("flow", help="study patient table, exclusions and patient flow")
+    p.add_argument("--center-qc", nargs="+", required=True)
+    p.add_argument("--clinical", nargs="+", required=True, help="per-center clinical tables (their .json summaries beside them)")
+    p.add_argument("--out-dir", default="results/qc")
+    p.add_argument("--out-clinical", default="results/clinical/clinical.tsv")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup(args.log)
+    try:
+        if args.command == "center-qc":
+            stages.center_qc(args.ingest_dirs, args.clinical, args.out)
+            return 0
+        if args.command == "flow":
+            out = Path(args.out_dir)
+            summaries = [Path(c).with_suffix(".json") for c in args.clinical]
+            stages.flow(args.center_qc, summaries, args.clinical, out / "patients.tsv", out / "exclusions.tsv",
+                        out / "patient_flow.tsv", args.out_clinical)
+            return 0
+        study = load_study(args.config)
+        if args.command == "validate":
+            roles = ", ".join(f"{c.id} ({c.role})" for c in study.centers)
+            print(f"{args.config}: valid; study {study.config['study']['name']}; centers: {roles}")
+        elif args.command == "demo":
+            stages.demo(study)
+        elif args.command == "discover":
+            stages.discover(study, args.center, args.out)
+        elif args.command == "ingest":
+            record = stages.ingest(study, args.center, args.patient, args.out)
+            print(f"{args.patient}: {record['status']}" + (f" ({record['reason']})" if record.get("reason") else ""))
+        elif args.command == "clinical":
+            stages.clinical(study, args.center, args.patients, args.out, args.summary)
+    except (ConfigError, PatientExcluded, FileNotFoundError, KeyError) as exc:
+        logging.getLogger("radstudy").error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Study configuration and centers sheet: loading, defaults and validation against the JSON schemas.
+
+Everything that runs (Snakemake rules and `radstudy` commands) goes through `load_study`, so a
+wrong key or row is reported once, before any work, with the key path or row that is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pandas as pd
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+def _schema(name: str) -> dict:
+    return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
+
+
+def _with_defaults(value: Any, schema: dict) -> Any:
+    """Fill `default`s of object properties (recursively), as snakemake.utils.validate(set_default=True) does."""
+    if not isinstance(value, dict) or schema.get("type") != "object":
+        return value
+    for key, sub in schema.get("properties", {}).items():
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            value[key] = _with_defaults(value[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in value:
+            if key not in schema.get("properties", {}):
+                value[key] = _with_defaults(value[key], extra)
+    return value
+
+
+def _format_error(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator == "additionalProperties":
+        return f"{path}: {error.message} (allowed keys: {', '.join(sorted(error.schema.get('properties', {})))})"
+    return f"{path}: {error.message}"
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Return a validated copy of `config` with schema defaults filled in; raise ConfigError naming every bad key."""
+    schema = _schema("config")
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = "\n  ".join(_format_error(e) for e in errors)
+        raise ConfigError(f"{source} is invalid:\n  {lines}")
+    config = _with_defaults(copy.deepcopy(config), schema)
+    key_file = Path(config["pseudonymisation"]["key_file"])
+    if "results" in key_file.parts:
+        raise ConfigError(
+            f"{source}: pseudonymisation.key_file ({key_file}) must lie outside results/: "
+            "the key links pseudonyms to patients and results/ is what gets shared"
+        )
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    return validate_config(raw or {}, source=str(path))
+
+
+@dataclass(frozen=True)
+class Center:
+    id: str
+    role: str  # development | external
+    dicom_root: Path
+    clinical: Path
+
+
+def load_centers(path: str | Path, base_dir: str | Path = ".") -> list[Center]:
+    """Read and validate the centers sheet; relative paths resolve against `base_dir`."""
+    sheet_path = _resolve(Path(base_dir), str(path))
+    if not sheet_path.is_file():
+        raise ConfigError(f"centers sheet {sheet_path} not found")
+    sheet = pd.read_csv(sheet_path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    sheet.columns = [c.strip() for c in sheet.columns]
+    validator = jsonschema.Draft202012Validator(_schema("centers"))
+    problems = []
+    for line, row in enumerate(sheet.to_dict("records"), start=2):  # line 1 is the header
+        row = {k: v.strip() for k, v in row.items()}
+        for error in validator.iter_errors(row):
+            where = ".".join(str(p) for p in error.absolute_path) or "row"
+            problems.append(f"{path} line {line} (center {row.get('id', '?')!r}): {where}: {error.message}")
+    if problems:
+        raise ConfigError("centers sheet is invalid:\n  " + "\n  ".join(problems))
+    if sheet.empty:
+        raise ConfigError(f"{path}: no centers listed")
+    duplicated = sorted(set(sheet["id"][sheet["id"].duplicated()]))
+    if duplicated:
+        raise ConfigError(f"{path}: center ids must be unique; repeated: {', '.join(duplicated)}")
+    if "development" not in set(sheet["role"]):
+        raise ConfigError(f"{path}: at least one center must have role 'development' (models are fitted on them)")
+    base = Path(base_dir)
+    return [
+        Center(
+            id=r["id"].strip(),
+            role=r["role"].strip(),
+            dicom_root=_resolve(base, r["dicom_root"].strip()),
+            clinical=_resolve(base, r["clinical"].strip()),
+        )
+        for r in sheet.to_dict("records")
+    ]
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+@dataclass(frozen=True)
+class Study:
+    config: dict
+    centers: tuple[Center, ...]
+
+    def center(self, center_id: str) -> Center:
+        for c in self.centers:
+            if c.id == center_id:
+                return c
+        raise ConfigError(f"unknown center {center_id!r} (centers: {', '.join(c.id for c in self.centers)})")
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["study"]["seed"])
+
+
+def load_study(config: dict | str | Path, base_dir: str | Path = ".") -> Study:
+    """Validated config plus centers sheet. `config` is a path or an already loaded dict (Snakemake's `config`)."""
+    cfg = load_config(config) if isinstance(config, (str, Path)) else validate_config(config)
+    return Study(config=cfg, centers=tuple(load_centers(cfg["centers"], base_dir)))

@@ -1,0 +1,221 @@
+"""Ingestion of one patient: DICOM folder -> NIfTI image per channel (HU) + manual mask on the same grid + QC record.
+
+Nothing identifying leaves this step: outputs are named by pseudonym, NIfTI headers carry geometry
+only, and the QC record holds technical header values (series description, scanner) but no names,
+IDs, dates or institutions. File names in messages are relative to the patient's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import dicomio
+from .config import Study
+from .errors import (
+    CHANNEL_GRID_MISMATCH,
+    MASK_UNREADABLE,
+    MULTIPLE_PATIENTS,
+    REASONS,
+    UNREADABLE_FILES,
+    PatientExcluded,
+)
+from .pseudonym import patient_folder
+
+log = logging.getLogger(__name__)
+
+QC_FILE = "qc.json"
+MASK_FILE = "mask_manual.nii.gz"
+
+
+def image_file(channel: str) -> str:
+    return f"image_{channel}.nii.gz"
+
+
+def ingest_patient(study: Study, center_id: str, pseudonym: str, out_dir: str | Path) -> dict:
+    """Ingest one patient into `out_dir` (created); always writes `qc.json`. An unusable patient gets
+    status 'excluded' with the reason, unless the config's ingest.on_error is 'fail' (then it raises)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    center = study.center(center_id)
+    cfg = study.config["ingest"]
+    record: dict = {"patient": pseudonym, "center": center_id, "role": center.role, "status": "included"}
+    started = time.perf_counter()
+    try:
+        folder = patient_folder(center, Path(study.config["pseudonymisation"]["key_file"]), pseudonym)
+        record.update(_convert(folder, pseudonym, cfg, out_dir))
+    except PatientExcluded as exc:
+        if cfg["on_error"] == "fail":
+            raise
+        for stale in out_dir.glob("*.nii.gz"):  # an excluded patient leaves no half-written images behind
+            stale.unlink()
+        record.update(
+            status="excluded", stage="ingest", reason=exc.reason, reason_text=REASONS[exc.reason],
+            message=exc.message, file=exc.file,
+        )
+        log.warning("%s excluded: %s", pseudonym, exc)
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    (out_dir / QC_FILE).write_text(json.dumps(record, indent=2, default=_json_default))
+    return record
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _convert(folder: Path, pseudonym: str, cfg: dict, out_dir: Path) -> dict:
+    headers, unreadable = dicomio.scan_folder(folder)
+    if unreadable:
+        log.info("%s: %d unreadable or non-DICOM file(s), e.g. %s", pseudonym, len(unreadable), unreadable[0])
+    images = [h for h in headers if h.position is not None]
+    if not images:
+        first = f" e.g. {unreadable[0][0]}: {unreadable[0][1]}" if unreadable else ""
+        raise PatientExcluded(
+            UNREADABLE_FILES,
+            f"{pseudonym}: no readable DICOM image in the patient's folder "
+            f"({len(unreadable)} unreadable/non-DICOM file(s){first})",
+            file=unreadable[0][0] if unreadable else None,
+        )
+    if len({h.patient_key for h in images}) > 1:
+        raise PatientExcluded(MULTIPLE_PATIENTS, f"{pseudonym}: the folder holds images of {len({h.patient_key for h in images})} different PatientIDs")
+    series = dicomio.group_series(headers)
+    geometry = cfg["geometry"]
+    channels: dict[str, dict] = {}
+    reference: sitk.Image | None = None
+    reference_for: str | None = None
+    for name, selector in cfg["channels"].items():
+        chosen = dicomio.select_series(series, selector, patient=pseudonym)
+        grid = dicomio.check_geometry(
+            chosen, patient=pseudonym, spacing_tolerance=geometry["spacing_tolerance"], gap_factor=geometry["gap_factor"]
+        )
+        image = dicomio.read_series(grid, patient=pseudonym)
+        frame = chosen.headers[0].frame_of_reference_uid
+        resampled = False
+        if reference is None:
+            reference, reference_for = image, frame
+        elif not _same_grid(image, reference, geometry["grid_tolerance"]):
+            if frame is None or frame != reference_for:
+                raise PatientExcluded(
+                    CHANNEL_GRID_MISMATCH,
+                    f"{pseudonym}: channel {name} is on another grid and another frame of reference than "
+                    f"{next(iter(cfg['channels']))}; registration is not part of ingestion",
+                )
+            # Same frame of reference: the scanner placed both series in one patient coordinate system.
+            image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, image.GetPixelID())
+            resampled = True
+        sitk.WriteImage(image, str(out_dir / image_file(name)), useCompression=True)
+        channels[name] = _channel_record(chosen, grid, image, folder, len(series), resampled)
+    mask = _ingest_mask(folder, series, reference, pseudonym, cfg, out_dir)
+    return {"channels": channels, "mask": mask, "unreadable_files": len(unreadable)}
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image, tol: float) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
+
+
+def _channel_record(series, grid, image: sitk.Image, folder: Path, n_series: int, resampled: bool) -> dict:
+    first = series.headers[0]
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(image)
+    return {
+        "series_description": first.series_description,
+        "series_number": first.series_number,
+        "manufacturer": first.manufacturer,
+        "convolution_kernel": first.convolution_kernel,
+        "slices": len(grid.files),
+        "series_in_folder": n_series,
+        "size": list(image.GetSize()),
+        "spacing_mm": [round(s, 6) for s in image.GetSpacing()],
+        "origin_mm": [round(o, 4) for o in image.GetOrigin()],
+        "direction": [round(d, 6) for d in image.GetDirection()],
+        "hu_min": stats.GetMinimum(),
+        "hu_max": stats.GetMaximum(),
+        "hu_mean": round(stats.GetMean(), 2),
+        "resampled_to_reference": resampled,
+    }
+
+
+def _ingest_mask(folder, series, reference: sitk.Image, pseudonym: str, cfg: dict, out_dir: Path) -> dict:
+    """Manual mask as a label map on the reference grid: a label-map file if delivered, else an RTSTRUCT."""
+    labels: dict[str, int] = cfg["labels"]
+    masks_cfg = cfg["masks"]
+    label_files = sorted(folder.glob(masks_cfg["label_map_glob"]))
+    rtstructs = [s for s in series if s.modality == "RTSTRUCT"]
+    if label_files:
+        path = label_files[0]
+        rel = str(path.relative_to(folder))
+        mask = dicomio.read_label_mask(path)
+        dicomio.check_same_grid(mask, reference, patient=pseudonym, file=rel, tolerance=cfg["geometry"]["grid_tolerance"])
+        values = set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist()) - {0}
+        unknown = values - set(labels.values())
+        if unknown:
+            raise PatientExcluded(
+                MASK_UNREADABLE,
+                f"{pseudonym}: mask holds label value(s) {sorted(unknown)}; the config's labels are {labels}",
+                file=rel,
+            )
+        mask.CopyInformation(reference)  # within tolerance: take the image's exact geometry
+        source = {"source": "label_map", "file": rel}
+    elif rtstructs:
+        mask, source = _mask_from_rtstruct(rtstructs, folder, reference, pseudonym, labels, masks_cfg["rtstruct_rois"])
+    else:
+        return {"source": "none"}
+    sitk.WriteImage(mask, str(out_dir / MASK_FILE), useCompression=True)
+    source["labels"] = _label_volumes(mask, labels)
+    return source
+
+
+def _mask_from_rtstruct(rtstructs, folder, reference, pseudonym, labels, roi_patterns) -> tuple[sitk.Image, dict]:
+    path = rtstructs[0].headers[0].path
+    rel = str(Path(path).relative_to(folder))
+    try:
+        structure = dicomio.read_rtstruct(Path(path))
+    except PatientExcluded:
+        raise
+    except Exception as exc:  # pydicom raises many kinds of errors on damaged structure sets
+        raise PatientExcluded(MASK_UNREADABLE, f"{pseudonym}: RTSTRUCT cannot be read: {exc}", file=rel) from exc
+    label_map = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint8)
+    found = {}
+    # Higher label values are painted last, so a tumour drawn inside the liver stays tumour.
+    for region, value in sorted(labels.items(), key=lambda kv: kv[1]):
+        pattern = roi_patterns.get(region)
+        if pattern is None:
+            continue
+        names = [n for n in structure.roi_names if re.search(pattern, n, re.IGNORECASE)]
+        if not names:
+            continue
+        roi = dicomio.rasterise_roi(structure, names[0], reference)
+        label_map[sitk.GetArrayViewFromImage(roi) > 0] = value
+        found[region] = names[0]
+    if not found:
+        raise PatientExcluded(
+            MASK_UNREADABLE,
+            f"{pseudonym}: RTSTRUCT has no ROI matching the configured regions "
+            f"({roi_patterns}); its ROIs: {structure.roi_names}",
+            file=rel,
+        )
+    mask = sitk.GetImageFromArray(label_map)
+    mask.CopyInformation(reference)
+    return mask, {"source": "rtstruct", "file": rel, "rois": found}
+
+
+def _label_volumes(mask: sitk.Image, labels: dict[str, int]) -> dict:
+    array = sitk.GetArrayViewFromImage(mask)
+    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
+    counts = np.bincount(array.ravel(), minlength=256)
+    return {region: {"voxels": int(counts[v]), "volume_ml": round(counts[v] * voxel_ml, 3)} for region, v in labels.items()}

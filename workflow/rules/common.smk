@@ -1,0 +1,54 @@
+# Config and centers sheet validation, wildcard constraints and input functions: the rules hold no logic.
+import pandas as pd
+
+from radstudy.config import load_study
+from radstudy.errors import ConfigError
+
+try:
+    STUDY = load_study(config)
+except ConfigError as error:
+    raise WorkflowError(str(error))
+
+CENTERS = [c.id for c in STUDY.centers]
+DEMO = STUDY.config.get("demo", {}).get("enabled", False)
+
+
+wildcard_constraints:
+    center="|".join(CENTERS),
+    patient=r"[A-Za-z0-9]+-\d{4}",
+
+
+def center_input(center_id, attribute):
+    """A center's delivered data (its dicom_root or clinical table), as a path Snakemake can track."""
+    return str(getattr(STUDY.center(center_id), attribute))
+
+
+def center_dicom_root(wildcards):
+    return center_input(wildcards.center, "dicom_root")
+
+
+def center_clinical_table(wildcards):
+    return center_input(wildcards.center, "clinical")
+
+
+def center_patients(wildcards):
+    """Pseudonyms of the center's delivered patients (known once discovery of the center has run)."""
+    table = checkpoints.discover.get(center=wildcards.center).output[0]
+    return pd.read_csv(table, sep="\t", dtype=str)["patient"].tolist()
+
+
+def center_ingest_dirs(wildcards):
+    return expand(
+        "results/ingest/{center}/{patient}",
+        center=wildcards.center,
+        patient=center_patients(wildcards),
+    )
+
+
+def study_targets():
+    return [
+        "results/qc/patients.tsv",
+        "results/qc/exclusions.tsv",
+        "results/qc/patient_flow.tsv",
+        "results/clinical/clinical.tsv",
+    ]

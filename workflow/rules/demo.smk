@@ -1,0 +1,17 @@
+# The embedded demo study: a synthetic multicenter cohort written as the hospitals would deliver it.
+if DEMO:
+
+    rule demo_cohort:
+        output:
+            dicom=[directory(center_input(c, "dicom_root")) for c in CENTERS],
+            clinical=[center_input(c, "clinical") for c in CENTERS],
+            truth=f"{config['demo']['out_dir']}/ground_truth/patients.tsv",
+        log:
+            "results/logs/demo_cohort.log",
+        benchmark:
+            "results/benchmarks/demo_cohort.tsv"
+        threads: config["demo"].get("workers", 1)
+        conda:
+            "../../envs/radstudy.yaml"
+        script:
+            "../scripts/demo_cohort.py"

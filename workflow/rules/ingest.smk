@@ -1,0 +1,76 @@
+# Ingestion: pseudonymise each center's patients, convert each patient's DICOM to NIfTI (HU) with its
+# manual mask, then the per-center and study-level patient tables and the patient flow.
+
+
+checkpoint discover:
+    input:
+        center_dicom_root,
+    output:
+        "results/ingest/{center}/patients.tsv",
+    log:
+        "results/logs/discover/{center}.log",
+    conda:
+        "../../envs/radstudy.yaml"
+    script:
+        "../scripts/discover.py"
+
+
+rule ingest_patient:
+    input:
+        # ancient: a patient added to the center must not make the others' ingestion rerun
+        ancient("results/ingest/{center}/patients.tsv"),
+    output:
+        directory("results/ingest/{center}/{patient}"),
+    log:
+        "results/logs/ingest/{center}/{patient}.log",
+    conda:
+        "../../envs/radstudy.yaml"
+    script:
+        "../scripts/ingest_patient.py"
+
+
+rule clinical_table:
+    input:
+        patients="results/ingest/{center}/patients.tsv",
+        table=center_clinical_table,
+    output:
+        table="results/clinical/{center}.tsv",
+        summary="results/clinical/{center}.json",
+    log:
+        "results/logs/clinical/{center}.log",
+    conda:
+        "../../envs/radstudy.yaml"
+    script:
+        "../scripts/clinical_table.py"
+
+
+rule center_qc:
+    input:
+        ingest=center_ingest_dirs,
+        clinical="results/clinical/{center}.tsv",
+    output:
+        "results/qc/{center}/patients.tsv",
+    log:
+        "results/logs/qc/{center}.log",
+    conda:
+        "../../envs/radstudy.yaml"
+    script:
+        "../scripts/center_qc.py"
+
+
+rule patient_flow:
+    input:
+        qc=expand("results/qc/{center}/patients.tsv", center=CENTERS),
+        summaries=expand("results/clinical/{center}.json", center=CENTERS),
+        clinical=expand("results/clinical/{center}.tsv", center=CENTERS),
+    output:
+        patients="results/qc/patients.tsv",
+        exclusions="results/qc/exclusions.tsv",
+        flow="results/qc/patient_flow.tsv",
+        clinical="results/clinical/clinical.tsv",
+    log:
+        "results/logs/patient_flow.log",
+    conda:
+        "../../envs/radstudy.yaml"
+    script:
+        "../scripts/patient_flow.py"

@@ -1,0 +1,12 @@
+from radstudy import stages
+from radstudy.config import load_study
+from radstudy.logs import setup
+
+setup(snakemake.log[0])
+stages.clinical(
+    load_study(snakemake.config),
+    snakemake.wildcards.center,
+    snakemake.input.patients,
+    snakemake.output.table,
+    snakemake.output.summary,
+)

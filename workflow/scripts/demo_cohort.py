@@ -1,0 +1,6 @@
+from radstudy import stages
+from radstudy.config import load_study
+from radstudy.logs import setup
+
+setup(snakemake.log[0])
+stages.demo(load_study(snakemake.config))

@@ -1,0 +1,14 @@
+from radstudy import stages
+from radstudy.logs import setup
+
+setup(snakemake.log[0])
+out = snakemake.output
+stages.flow(
+    snakemake.input.qc,
+    snakemake.input.summaries,
+    snakemake.input.clinical,
+    out.patients,
+    out.exclusions,
+    out.flow,
+    out.clinical,
+)
