@@ -10,8 +10,8 @@ if DEMO:
             "results/logs/demo_cohort.log",
         benchmark:
             "results/benchmarks/demo_cohort.tsv"
-        threads: config["demo"].get("workers", 1)
         conda:
             "../../envs/radstudy.yaml"
+        threads: config["demo"].get("workers", 1)
         script:
             "../scripts/demo_cohort.py"
