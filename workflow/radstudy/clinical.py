@@ -51,7 +51,7 @@ def pseudonymised_clinical(study: Study, center_id: str, patients: pd.DataFrame)
     repeated = int(table[id_column].duplicated().sum())
     if repeated:
         raise ConfigError(f"center {center_id}: clinical table {center.clinical} repeats {repeated} patient id(s)")
-    key = read_key(Path(study.config["pseudonymisation"]["key_file"]))
+    key = read_key(study.key_file)
     key = key[key["center"] == center_id].set_index("pseudonym")["original_id"]
     original = patients["patient"].map(key)
     rows = table.set_index(id_column).reindex(original.to_numpy())[wanted].reset_index(drop=True)

@@ -127,6 +127,7 @@ def _resolve(base: Path, value: str) -> Path:
 class Study:
     config: dict
     centers: tuple[Center, ...]
+    base_dir: Path = Path(".")  # relative paths in the config resolve against it (Snakemake's working directory)
 
     def center(self, center_id: str) -> Center:
         for c in self.centers:
@@ -138,8 +139,13 @@ class Study:
     def seed(self) -> int:
         return int(self.config["study"]["seed"])
 
+    @property
+    def key_file(self) -> Path:
+        """The pseudonymisation key (outside results/)."""
+        return _resolve(self.base_dir, self.config["pseudonymisation"]["key_file"])
+
 
 def load_study(config: dict | str | Path, base_dir: str | Path = ".") -> Study:
     """Validated config plus centers sheet. `config` is a path or an already loaded dict (Snakemake's `config`)."""
     cfg = load_config(config) if isinstance(config, (str, Path)) else validate_config(config)
-    return Study(config=cfg, centers=tuple(load_centers(cfg["centers"], base_dir)))
+    return Study(config=cfg, centers=tuple(load_centers(cfg["centers"], base_dir)), base_dir=Path(base_dir))

@@ -48,7 +48,7 @@ def ingest_patient(study: Study, center_id: str, pseudonym: str, out_dir: str | 
     record: dict = {"patient": pseudonym, "center": center_id, "role": center.role, "status": "included"}
     started = time.perf_counter()
     try:
-        folder = patient_folder(center, Path(study.config["pseudonymisation"]["key_file"]), pseudonym)
+        folder = patient_folder(center, study.key_file, pseudonym)
         record.update(_convert(folder, pseudonym, cfg, out_dir))
     except PatientExcluded as exc:
         if cfg["on_error"] == "fail":

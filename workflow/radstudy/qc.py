@@ -21,7 +21,7 @@ QC_COLUMNS = ["patient", "center", "role", "status", "stage", "reason", "reason_
 def center_patients(ingest_dirs: list[Path], clinical: pd.DataFrame) -> pd.DataFrame:
     """One row per delivered patient of a center from the ingestion QC records and the clinical table."""
     records = [json.loads((Path(d) / "qc.json").read_text()) for d in ingest_dirs]
-    table = pd.DataFrame(records).reindex(columns=QC_COLUMNS + ["channels", "mask"])
+    table = pd.DataFrame(records).reindex(columns=QC_COLUMNS + ["channels", "mask"]).astype({c: object for c in QC_COLUMNS})
     has_record = clinical.set_index("patient")["has_clinical_record"]
     lacking = (table["status"] == "included") & ~table["patient"].map(has_record).fillna(False).astype(bool)
     table.loc[lacking, ["status", "stage", "reason", "reason_text"]] = [

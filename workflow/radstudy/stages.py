@@ -45,7 +45,7 @@ def demo(study: Study) -> dict:
 def discover(study: Study, center_id: str, out_tsv: str | Path) -> pd.DataFrame:
     """Pseudonymise the center's delivered patients; the output lists pseudonyms only."""
     center = study.center(center_id)
-    key = assign_pseudonyms(center, Path(study.config["pseudonymisation"]["key_file"]))
+    key = assign_pseudonyms(center, study.key_file)
     patients = pd.DataFrame({"patient": key["pseudonym"], "center": center_id, "role": center.role})
     _write_tsv(patients, out_tsv)
     log.info("center %s: %d patient folder(s) delivered", center_id, len(patients))
