@@ -159,7 +159,7 @@ def _ingest_mask(folder, series, reference: sitk.Image, pseudonym: str, cfg: dic
     if label_files:
         path = label_files[0]
         rel = str(path.relative_to(folder))
-        mask = dicomio.read_label_mask(path)
+        mask = dicomio.read_label_mask(path, patient=pseudonym, file=rel)
         dicomio.check_same_grid(mask, reference, patient=pseudonym, file=rel, tolerance=cfg["geometry"]["grid_tolerance"])
         values = set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist()) - {0}
         unknown = values - set(labels.values())
@@ -183,12 +183,7 @@ def _ingest_mask(folder, series, reference: sitk.Image, pseudonym: str, cfg: dic
 def _mask_from_rtstruct(rtstructs, folder, reference, pseudonym, labels, roi_patterns) -> tuple[sitk.Image, dict]:
     path = rtstructs[0].headers[0].path
     rel = str(Path(path).relative_to(folder))
-    try:
-        structure = dicomio.read_rtstruct(Path(path))
-    except PatientExcluded:
-        raise
-    except Exception as exc:  # pydicom raises many kinds of errors on damaged structure sets
-        raise PatientExcluded(MASK_UNREADABLE, f"{pseudonym}: RTSTRUCT cannot be read: {exc}", file=rel) from exc
+    structure = dicomio.read_rtstruct(Path(path), patient=pseudonym, file=rel)
     label_map = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint8)
     found = {}
     # Higher label values are painted last, so a tumour drawn inside the liver stays tumour.
@@ -199,7 +194,7 @@ def _mask_from_rtstruct(rtstructs, folder, reference, pseudonym, labels, roi_pat
         names = [n for n in structure.roi_names if re.search(pattern, n, re.IGNORECASE)]
         if not names:
             continue
-        roi = dicomio.rasterise_roi(structure, names[0], reference)
+        roi = dicomio.rasterise_roi(structure, names[0], reference, patient=pseudonym)
         label_map[sitk.GetArrayViewFromImage(roi) > 0] = value
         found[region] = names[0]
     if not found:
