@@ -80,7 +80,7 @@ def main() -> None:
     config.update(centers=str(work / "centers.tsv"))
     config["pseudonymisation"]["key_file"] = str(work / "key.tsv")
     config["demo"]["enabled"] = False
-    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     from radstudy.config import load_study
     from radstudy.pseudonym import assign_pseudonyms

@@ -33,15 +33,13 @@ def _run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def _tiny_study(workdir: Path) -> None:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["centers"] = "centers.tsv"
-    config["demo"].update(patients=4, annotated_fraction=0.5, rtstruct_per_center=1, workers=2)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    config["demo"].update(patients=4, annotated_fraction=0.5, rtstruct_per_center=1, workers=2, out_dir="demo")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (workdir / "centers.tsv").write_text(
         "id\trole\tdicom_root\tclinical\n"
         "A\tdevelopment\tdemo/dicom/A\tdemo/clinical/A.csv\n"
         "B\texternal\tdemo/dicom/B\tdemo/clinical/B.csv\n"
     )
-    config["demo"]["out_dir"] = "demo"
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 def _portal_files(folder: Path) -> list[Path]:
