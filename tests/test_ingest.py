@@ -18,7 +18,7 @@ from radstudy.errors import PatientExcluded
 from radstudy.ingest import MASK_FILE, image_file, ingest_patient
 from radstudy.pseudonym import assign_pseudonyms
 
-from .dicom_factory import write_ct_series, write_rtstruct
+from dicom_factory import write_ct_series, write_rtstruct
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
