@@ -186,3 +186,27 @@ def test_second_channel_on_another_grid_is_resampled_onto_the_first(tmp_path):
     pv = sitk.ReadImage(str(tmp_path / "out" / image_file("PV")))
     nc = sitk.ReadImage(str(tmp_path / "out" / image_file("NC")))
     assert nc.GetSize() == pv.GetSize() and nc.GetOrigin() == pv.GetOrigin()
+
+
+def test_identifying_values_in_file_names_and_descriptions_are_redacted(tmp_path):
+    folder = tmp_path / "dicom" / "MRN7654321"
+    write_ct_series(folder / "MRN7654321_ct", _volume(), z_positions=np.arange(12) * 2.0, patient_id="MRN7654321",
+                    description="PORTAL VENOUS MRN7654321")
+    (folder / "MRN7654321_broken.dcm").write_bytes(b"\x02" * 400)
+    mask = sitk.Image((20, 24, 11), sitk.sitkUInt8)  # wrong grid: the message names the file
+    sitk.WriteImage(mask, str(folder / "MRN7654321_seg.nii.gz"))
+    study, ids = _study(tmp_path)
+    record = ingest_patient(study, "T", ids["MRN7654321"], tmp_path / "out")
+    assert record["reason"] == "mask_grid_mismatch"
+    text = (tmp_path / "out" / "qc.json").read_text()
+    assert "7654321" not in text
+    assert record["file"] == f"{ids['MRN7654321']}_seg.nii.gz"
+
+
+def test_redactor_covers_name_parts_and_nested_values():
+    from radstudy.phi import Redactor
+
+    redact = Redactor("H-0001", "DOE_JOHN", {"DOE^JOHN^Q", "ACC998877", "St. Elsewhere Hospital"})
+    record = {"file": "DOE_JOHN/ct/doe-john.dcm", "notes": ["acc998877 scanned at St. Elsewhere Hospital"], "n": 3}
+    assert redact(record) == {"file": "H-0001/ct/[redacted]-[redacted].dcm",
+                              "notes": ["[redacted] scanned at [redacted]"], "n": 3}

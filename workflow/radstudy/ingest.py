@@ -2,7 +2,8 @@
 
 Nothing identifying leaves this step: outputs are named by pseudonym, NIfTI headers carry geometry
 only, and the QC record holds technical header values (series description, scanner) but no names,
-IDs, dates or institutions. File names in messages are relative to the patient's folder.
+IDs, dates or institutions. File names in messages are relative to the patient's folder, and every
+string written or logged passes through the patient's `Redactor` (hospitals name files after patients).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .errors import (
     UNREADABLE_FILES,
     PatientExcluded,
 )
+from .phi import Redactor
 from .pseudonym import patient_folder
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,26 @@ def ingest_patient(study: Study, center_id: str, pseudonym: str, out_dir: str | 
     cfg = study.config["ingest"]
     record: dict = {"patient": pseudonym, "center": center_id, "role": center.role, "status": "included"}
     started = time.perf_counter()
+    folder = patient_folder(center, study.key_file, pseudonym)
+    redact = Redactor(pseudonym, folder.name)
     try:
-        folder = patient_folder(center, study.key_file, pseudonym)
-        record.update(_convert(folder, pseudonym, cfg, out_dir))
+        headers, unreadable = dicomio.scan_folder(folder)
+        redact = Redactor.from_dicom(pseudonym, folder, headers[0].path if headers else None)
+        record.update(_convert(folder, headers, unreadable, pseudonym, cfg, out_dir, redact))
     except PatientExcluded as exc:
+        message, file = redact(exc.message), redact(exc.file)
         if cfg["on_error"] == "fail":
-            raise
+            raise PatientExcluded(exc.reason, message, file) from None
         for stale in out_dir.glob("*.nii.gz"):  # an excluded patient leaves no half-written images behind
             stale.unlink()
         record.update(
-            status="excluded", stage="ingest", reason=exc.reason, reason_text=REASONS[exc.reason],
-            message=exc.message, file=exc.file,
+            status="excluded", stage="ingest", reason=exc.reason, reason_text=REASONS[exc.reason], message=message, file=file
         )
-        log.warning("%s excluded: %s", pseudonym, exc)
+        log.warning("%s excluded: %s: %s", pseudonym, exc.reason, message)
+    except Exception as exc:
+        # A bug or an unforeseen input: fail loudly, but without the original paths in the traceback's message.
+        raise RuntimeError(redact(f"{pseudonym}: unexpected error during ingestion: {type(exc).__name__}: {exc}")) from None
+    record = redact(record)
     record["seconds"] = round(time.perf_counter() - started, 3)
     (out_dir / QC_FILE).write_text(json.dumps(record, indent=2, default=_json_default))
     return record
@@ -73,10 +82,9 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def _convert(folder: Path, pseudonym: str, cfg: dict, out_dir: Path) -> dict:
-    headers, unreadable = dicomio.scan_folder(folder)
+def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_dir: Path, redact: Redactor) -> dict:
     if unreadable:
-        log.info("%s: %d unreadable or non-DICOM file(s), e.g. %s", pseudonym, len(unreadable), unreadable[0])
+        log.info("%s: %d unreadable or non-DICOM file(s), e.g. %s", pseudonym, len(unreadable), redact(unreadable[0]))
     images = [h for h in headers if h.position is not None]
     if not images:
         first = f" e.g. {unreadable[0][0]}: {unreadable[0][1]}" if unreadable else ""
