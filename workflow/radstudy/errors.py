@@ -22,6 +22,7 @@ MASK_UNREADABLE = "mask_unreadable"  # mask file (NIfTI/NRRD/RTSTRUCT) cannot be
 CHANNEL_GRID_MISMATCH = "channel_grid_mismatch"  # a channel cannot be brought onto the reference grid
 PIXEL_DATA_ERROR = "pixel_data_error"  # headers readable but pixel data cannot be decoded
 NO_CLINICAL_RECORD = "no_clinical_record"  # images delivered but no row in the center's clinical table
+SEGMENTATION_QC = "segmentation_qc"  # the automatic segmentation failed its plausibility checks
 
 REASONS = {
     UNREADABLE_FILES: "no readable DICOM image files",
@@ -38,6 +39,7 @@ REASONS = {
     CHANNEL_GRID_MISMATCH: "image channels on incompatible grids",
     PIXEL_DATA_ERROR: "pixel data cannot be decoded",
     NO_CLINICAL_RECORD: "no row in the clinical table",
+    SEGMENTATION_QC: "automatic segmentation failed quality control",
 }
 
 

@@ -182,7 +182,7 @@ def _ingest_mask(folder, series, reference: sitk.Image, pseudonym: str, cfg: dic
     else:
         return {"source": "none"}
     sitk.WriteImage(mask, str(out_dir / MASK_FILE), useCompression=True)
-    source["labels"] = _label_volumes(mask, labels)
+    source["labels"] = label_volumes(mask, labels)
     return source
 
 
@@ -223,7 +223,7 @@ def _label_counts(mask: sitk.Image) -> dict[int, int]:
     return {int(label): int(shapes.GetNumberOfPixels(label)) for label in shapes.GetLabels()}
 
 
-def _label_volumes(mask: sitk.Image, labels: dict[str, int]) -> dict:
+def label_volumes(mask: sitk.Image, labels: dict[str, int]) -> dict:
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
     counts = _label_counts(mask)
     return {region: {"voxels": counts.get(v, 0), "volume_ml": round(counts.get(v, 0) * voxel_ml, 3)}

@@ -31,6 +31,18 @@ def center_patients(ingest_dirs: list[Path], clinical: pd.DataFrame) -> pd.DataF
     return table.drop(columns=["channels", "mask"]).sort_values("patient").reset_index(drop=True)
 
 
+def apply_stage_exclusions(patients: pd.DataFrame, stage_tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Patients excluded by a later stage (segmentation QC, feature extraction...) become excluded here, with
+    that stage's reason; a patient already excluded keeps its first reason."""
+    patients = patients.copy()
+    for table in stage_tables:
+        excluded = table[table["status"] == "excluded"].set_index("patient")
+        hit = patients["patient"].isin(excluded.index) & (patients["status"] == "included")
+        for column in ["status", "stage", "reason", "reason_text", "message"]:
+            patients.loc[hit, column] = patients.loc[hit, "patient"].map(excluded[column])
+    return patients
+
+
 def patient_flow(patients: pd.DataFrame, clinical_summaries: list[dict] | None = None) -> pd.DataFrame:
     """Per center: delivered, included, excluded, excluded:<reason>; plus a 'total' row."""
     reasons = sorted(patients.loc[patients["status"] == "excluded", "reason"].dropna().unique())

@@ -16,7 +16,7 @@ from .clinical import pseudonymised_clinical
 from .config import Study
 from .ingest import ingest_patient
 from .pseudonym import assign_pseudonyms
-from .qc import center_patients, patient_flow
+from .qc import apply_stage_exclusions, center_patients, patient_flow
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,13 @@ def center_qc(ingest_dirs: list[str | Path], clinical_tsv: str | Path, out_tsv: 
 
 
 def flow(center_qc_tsvs: list[str | Path], clinical_summaries: list[str | Path], clinical_tsvs: list[str | Path],
-         out_patients: str | Path, out_exclusions: str | Path, out_flow: str | Path, out_clinical: str | Path) -> None:
-    """Study-level patient table, exclusions, patient flow, and the clinical table of included patients."""
+         out_patients: str | Path, out_exclusions: str | Path, out_flow: str | Path, out_clinical: str | Path,
+         stage_tsvs: list[str | Path] = ()) -> None:
+    """Study-level patient table, exclusions, patient flow, and the clinical table of included patients.
+    `stage_tsvs`: later stages' per-patient tables (patient, status, stage, reason, reason_text, message)."""
     patients = pd.concat([pd.read_csv(p, sep="\t", dtype={"file": str}) for p in center_qc_tsvs], ignore_index=True)
+    stages_ = [pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False) for p in stage_tsvs]
+    patients = apply_stage_exclusions(patients, stages_)
     _write_tsv(patients, out_patients)
     _write_tsv(patients[patients["status"] == "excluded"], out_exclusions)
     summaries = [json.loads(Path(s).read_text()) for s in clinical_summaries]

@@ -1,6 +1,7 @@
 # Config and centers sheet validation, wildcard constraints and input functions: the rules hold no logic.
 import pandas as pd
 
+from radstudy import segmentation_stage
 from radstudy.config import load_study
 from radstudy.errors import ConfigError
 
@@ -11,6 +12,18 @@ except ConfigError as error:
 
 CENTERS = [c.id for c in STUDY.centers]
 DEMO = STUDY.config.get("demo", {}).get("enabled", False)
+SEG = STUDY.config["segmentation"]
+NNUNET = SEG["work_dir"]
+NNUNET_DATASET = segmentation_stage.dataset_name(STUDY)
+NNUNET_MODEL = str(
+    SEG["model_folder"]
+    or segmentation_stage.trained_model_folder(STUDY, f"{NNUNET}/results")
+)
+SEGMENTATION_TRAIN_CENTERS = [
+    c.id
+    for c in STUDY.centers
+    if SEG["train_centers"] == "all" or c.role == "development"
+]
 
 
 wildcard_constraints:
@@ -45,8 +58,16 @@ def center_ingest_dirs(wildcards):
     )
 
 
+def segmentation_model(wildcards):
+    """The trained checkpoint (built by nnunet_train), or the model folder given in the config."""
+    if SEG["model_folder"]:
+        return SEG["model_folder"]
+    return f"{NNUNET_MODEL}/fold_all/checkpoint_final.pth"
+
+
 def study_targets():
     return [
+        "results/segmentation/dsc.tsv",
         "results/qc/patients.tsv",
         "results/qc/exclusions.tsv",
         "results/qc/patient_flow.tsv",

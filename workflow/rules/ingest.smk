@@ -56,21 +56,3 @@ rule center_qc:
         "../../envs/radstudy.yaml"
     script:
         "../scripts/center_qc.py"
-
-
-rule patient_flow:
-    input:
-        qc=expand("results/qc/{center}/patients.tsv", center=CENTERS),
-        summaries=expand("results/clinical/{center}.json", center=CENTERS),
-        clinical=expand("results/clinical/{center}.tsv", center=CENTERS),
-    output:
-        patients="results/qc/patients.tsv",
-        exclusions="results/qc/exclusions.tsv",
-        flow="results/qc/patient_flow.tsv",
-        clinical="results/clinical/clinical.tsv",
-    log:
-        "results/logs/patient_flow.log",
-    conda:
-        "../../envs/radstudy.yaml"
-    script:
-        "../scripts/patient_flow.py"

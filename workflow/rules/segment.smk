@@ -1,0 +1,100 @@
+# Segmentation: nnU-Net v2 trained on the annotated patients (or a trained model given in the config),
+# applied to every included patient, one job per center (the model is loaded once per job).
+
+if SEG["model_folder"]:
+
+    rule segmentation_split:
+        input:
+            qc=expand("results/qc/{center}/patients.tsv", center=CENTERS),
+        output:
+            "results/segmentation/split.tsv",
+        log:
+            "results/logs/segmentation/split.log",
+        conda:
+            "../../envs/radstudy.yaml"
+        script:
+            "../scripts/segmentation_split.py"
+
+else:
+
+    rule nnunet_dataset:
+        input:
+            qc=expand(
+                "results/qc/{center}/patients.tsv", center=SEGMENTATION_TRAIN_CENTERS
+            ),
+        output:
+            raw=directory(f"{NNUNET}/raw/{NNUNET_DATASET}"),
+            split="results/segmentation/split.tsv",
+        log:
+            "results/logs/segmentation/nnunet_dataset.log",
+        conda:
+            "../../envs/radstudy.yaml"
+        script:
+            "../scripts/nnunet_dataset.py"
+
+    rule nnunet_plan:
+        input:
+            f"{NNUNET}/raw/{NNUNET_DATASET}",
+        output:
+            directory(f"{NNUNET}/preprocessed/{NNUNET_DATASET}"),
+        log:
+            "results/logs/segmentation/nnunet_plan.log",
+        benchmark:
+            "results/benchmarks/nnunet_plan.tsv"
+        conda:
+            "../../envs/radstudy.yaml"
+        script:
+            "../scripts/nnunet_plan.py"
+
+    rule nnunet_train:
+        input:
+            f"{NNUNET}/preprocessed/{NNUNET_DATASET}",
+        output:
+            f"{NNUNET_MODEL}/fold_all/checkpoint_final.pth",
+        log:
+            "results/logs/segmentation/nnunet_train.log",
+        benchmark:
+            "results/benchmarks/nnunet_train.tsv"
+        conda:
+            "../../envs/radstudy.yaml"
+        threads: SEG["threads"]
+        resources:
+            gpu=1 if SEG["gpu"] else 0,
+        script:
+            "../scripts/nnunet_train.py"
+
+
+rule segment_center:
+    input:
+        model=segmentation_model,
+        qc="results/qc/{center}/patients.tsv",
+    output:
+        directory("results/segmentation/{center}"),
+    log:
+        "results/logs/segmentation/{center}.log",
+    benchmark:
+        "results/benchmarks/segment_center/{center}.tsv"
+    conda:
+        "../../envs/radstudy.yaml"
+    threads: SEG["threads"]
+    resources:
+        gpu=1 if SEG["gpu"] else 0,
+    params:
+        model_folder=NNUNET_MODEL,
+    script:
+        "../scripts/segment_center.py"
+
+
+rule segmentation_quality:
+    input:
+        split="results/segmentation/split.tsv",
+        segmentations=expand("results/segmentation/{center}", center=CENTERS),
+    output:
+        table="results/segmentation/dsc.tsv",
+        figure="results/segmentation/dsc.png",
+    log:
+        "results/logs/segmentation/quality.log",
+    conda:
+        "../../envs/radstudy.yaml"
+    script:
+        "../scripts/segmentation_quality.py"

@@ -1,0 +1,9 @@
+from pathlib import Path
+
+from radstudy import segmentation_stage
+from radstudy.config import load_study
+from radstudy.logs import setup
+
+if __name__ == "__main__":  # nnU-Net's process pools re-import the main module
+    setup(snakemake.log[0])
+    segmentation_stage.plan(load_study(snakemake.config), Path(snakemake.input[0]).parent, Path(snakemake.output[0]).parent)
