@@ -556,8 +556,8 @@ def _liver(rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, trunk: _Tr
 def _tumour(rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, trunk: _Trunk,
             clinical: _Clinical) -> _Texture:
     """Primary tumour: lobulated ellipsoid in the pelvis (rectum, in front of the spine) or the left
-    lower abdomen (sigmoid colon), larger with T stage. Only soft tissue becomes tumour, so it never
-    overlaps liver, bone or fat. Heterogeneity raises texture amplitude and grain and carves a
+    lower abdomen (sigmoid colon), larger with T stage, in a rim of pericolic fat. Only soft tissue becomes
+    tumour, so it never overlaps liver, bone or fat. Heterogeneity raises texture amplitude and grain and carves a
     necrotic low-density core."""
     heterogeneity = clinical.tumour_heterogeneity
     diameter = rng.uniform(*{1: (45, 52), 2: (46, 60), 3: (50, 72), 4: (58, 85)}[clinical.t_stage])
@@ -569,11 +569,14 @@ def _tumour(rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, trunk: _T
     else:
         x, y = trunk.spine_radius + 0.9 * rx + rng.uniform(5, 20), rng.uniform(-0.2, 0.1) * trunk.half_depth
         z = z_bottom + rz + rng.uniform(20, 70)
-    box = _box(grid, (x, y, z), (1.2 * rx, 1.2 * ry, 1.2 * rz))
+    box = _box(grid, (x, y, z), (1.45 * rx, 1.45 * ry, 1.45 * rz))
     u, v, w = _normalised(grid, box, (x, y, z), (rx, ry, rz))
     radius = np.sqrt(u**2 + v**2 + w**2)
     region = tissue[box]
     tumour = (radius + 0.12 * _smooth_field(rng, u, v, w) < 1) & (region == SOFT)
+    # The bowel runs in pericolic / mesorectal fat: a fat rim outlines the tumour as on real CTs (without it
+    # the tumour is a faint 35 HU step inside soft tissue, which a short demo training does not learn).
+    region[(radius < 1.35) & ~tumour & (region == SOFT)] = FAT
     necrotic_radius = max(0.0, 1.1 * (heterogeneity - 0.35))
     necrosis = tumour & (radius + 0.15 * _smooth_field(rng, u, v, w) < necrotic_radius)
     region[tumour] = TUMOUR
