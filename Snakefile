@@ -12,7 +12,10 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/segment.smk"
+include: "workflow/rules/features.smk"
 include: "workflow/rules/qc.smk"
+include: "workflow/rules/statistics.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

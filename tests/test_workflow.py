@@ -1,8 +1,9 @@
 """End to end: the real `snakemake` on a tiny demo study, with bad patients slipped into the delivery.
 
-Proves: every rule that exists runs; unusable patients are excluded with the right reason and counted
-in the patient flow, while the rest of the study goes on; no identifying DICOM value reaches results/
-or the logs; a second run has nothing to do; `snakemake --lint` is clean.
+Proves: every rule that exists runs (ingestion, nnU-Net training and prediction, radiomics); unusable
+patients are excluded with the right reason and counted in the patient flow, while the rest of the study
+goes on; no identifying DICOM value reaches results/ or the logs; a second run has nothing to do;
+`snakemake --lint` is clean.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def _tiny_study(workdir: Path) -> None:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["centers"] = "centers.tsv"
     config["demo"].update(patients=4, annotated_fraction=0.5, rtstruct_per_center=1, workers=2, out_dir="demo")
+    # a real but very short nnU-Net training: the test proves the chain, not the segmentation quality
+    config["segmentation"].update(epochs=2, iterations_per_epoch=4, early_stopping_patience=None)
+    config["segmentation"]["qc"]["on_flag"] = "warn"
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (workdir / "centers.tsv").write_text(
         "id\trole\tdicom_root\tclinical\n"
@@ -152,6 +156,26 @@ def test_included_patients_have_images_masks_and_clinical_rows(study):
     clinical = pd.read_csv(workdir / "results" / "clinical" / "clinical.tsv", sep="\t")
     assert set(clinical["patient"]) == set(included["patient"])
     assert "patient_name" not in clinical.columns and "birth_date" not in clinical.columns
+
+
+def test_every_included_patient_is_segmented_and_has_features(study):
+    workdir, _, _ = study
+    patients = pd.read_csv(workdir / "results" / "qc" / "patients.tsv", sep="\t")
+    included = patients[patients["status"] == "included"]
+    for row in included.itertuples():
+        auto = sitk.ReadImage(str(workdir / "results" / "segmentation" / row.center / f"{row.patient}.nii.gz"))
+        image = sitk.ReadImage(str(workdir / "results" / "ingest" / row.center / row.patient / "image_CT.nii.gz"))
+        assert auto.GetSize() == image.GetSize() and auto.GetOrigin() == image.GetOrigin()
+    dsc = pd.read_csv(workdir / "results" / "segmentation" / "dsc.tsv", sep="\t")
+    assert set(dsc["region"]) == {"liver", "tumour"} and dsc["dsc"].between(0, 1).all()
+    split = pd.read_csv(workdir / "results" / "segmentation" / "split.tsv", sep="\t")
+    assert set(split["center"]) == {"A"}  # only development centers' annotations train nnU-Net
+    table = pd.read_parquet(workdir / "results" / "features" / "features.parquet")
+    assert set(table["patient"]) == set(included["patient"])
+    names = [c for c in table.columns if c not in ("patient", "center", "excluded", "exclusion_reason")]
+    assert "tumour_CT_original_firstorder_Mean" in names and "liver_CT_original_glcm_Contrast" in names
+    assert all(n.split("_")[0] in {"tumour", "liver", "peritumoural"} and n.split("_")[1] == "CT" for n in names)
+    assert table["liver_CT_original_shape_MeshVolume"].notna().all()
 
 
 def test_rtstruct_masks_are_ingested(study):

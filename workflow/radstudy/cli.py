@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__, stages
+from . import __version__, evaluate, stages
 from .config import load_study
 from .errors import ConfigError, PatientExcluded
 from .logs import setup
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clinical", nargs="+", required=True, help="per-center clinical tables (their .json summaries beside them)")
     p.add_argument("--out-dir", default="results/qc")
     p.add_argument("--out-clinical", default="results/clinical/clinical.tsv")
+    evaluate.add_parser(sub)
     return parser
 
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup(args.log)
     try:
+        if args.command == "evaluate":
+            return evaluate.run(args)
         if args.command == "center-qc":
             stages.center_qc(args.ingest_dirs, args.clinical, args.out)
             return 0

@@ -404,7 +404,8 @@ def train(preprocessed_dir: Path, results_dir: Path, *, dataset_id: int, configu
           iterations_per_epoch: int, val_iterations_per_epoch: int | None = None,
           early_stopping_patience: int | None = None, early_stopping_min_delta: float = 0.0,
           device: str = "cpu", seed: int, threads: int | None = None, num_da_processes: int = 0,
-          compile: bool | None = None, continue_training: bool = False) -> Path:
+          compile: bool | None = None, continue_training: bool = False,
+          foreground_oversampling: float | None = None) -> Path:
     """Train an nnU-Net model; returns the model folder results_dir/Dataset.../{trainer}__nnUNetPlans__{cfg}.
 
     The trainer class is constructed directly (no lookup by name). fold "all" trains on every case of the
@@ -437,7 +438,8 @@ def train(preprocessed_dir: Path, results_dir: Path, *, dataset_id: int, configu
             nnunet_trainer.configure(epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                                      val_iterations_per_epoch=val_iterations_per_epoch,
                                      early_stopping_patience=early_stopping_patience,
-                                     early_stopping_min_delta=early_stopping_min_delta, seed=seed)
+                                     early_stopping_min_delta=early_stopping_min_delta, seed=seed,
+                                     foreground_oversampling=foreground_oversampling)
         else:  # a stock-like trainer: length only
             nnunet_trainer.num_epochs = int(epochs)
             nnunet_trainer.num_iterations_per_epoch = int(iterations_per_epoch)

@@ -1,7 +1,7 @@
 # Config and centers sheet validation, wildcard constraints and input functions: the rules hold no logic.
 import pandas as pd
 
-from radstudy import segmentation_stage
+from radstudy import features_stage, segmentation_stage
 from radstudy.config import load_study
 from radstudy.errors import ConfigError
 
@@ -65,9 +65,25 @@ def segmentation_model(wildcards):
     return f"{NNUNET_MODEL}/fold_all/checkpoint_final.pth"
 
 
+def feature_rows(wildcards):
+    """Per-patient feature files of every patient whose segmentation passed QC."""
+    rows = []
+    for center in CENTERS:
+        segmentation = checkpoints.segment_center.get(center=center).output[0]
+        rows += expand(
+            "results/features/{center}/{patient}.parquet",
+            center=center,
+            patient=features_stage.segmented_patients(segmentation),
+        )
+    return rows
+
+
 def study_targets():
     return [
         "results/segmentation/dsc.tsv",
+        "results/features/features.parquet",
+        "results/models/predictions.tsv",
+        "results/report/report.html",
         "results/qc/patients.tsv",
         "results/qc/exclusions.tsv",
         "results/qc/patient_flow.tsv",

@@ -8,6 +8,7 @@ rule patient_flow:
         summaries=expand("results/clinical/{center}.json", center=CENTERS),
         clinical=expand("results/clinical/{center}.tsv", center=CENTERS),
         segmentation=expand("results/segmentation/{center}", center=CENTERS),
+        features="results/features/qc.tsv",
     output:
         patients="results/qc/patients.tsv",
         exclusions="results/qc/exclusions.tsv",

@@ -64,7 +64,7 @@ else:
             "../scripts/nnunet_train.py"
 
 
-rule segment_center:
+checkpoint segment_center:
     input:
         model=segmentation_model,
         qc="results/qc/{center}/patients.tsv",

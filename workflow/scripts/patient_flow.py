@@ -11,5 +11,5 @@ stages.flow(
     out.exclusions,
     out.flow,
     out.clinical,
-    stage_tsvs=[f"{folder}/qc.tsv" for folder in snakemake.input.segmentation],
+    stage_tsvs=[f"{folder}/qc.tsv" for folder in snakemake.input.segmentation] + [snakemake.input.features],
 )

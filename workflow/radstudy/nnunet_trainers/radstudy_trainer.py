@@ -65,8 +65,11 @@ class RadstudyTrainer(nnUNetTrainer):
 
     def configure(self, *, epochs: int | None = None, iterations_per_epoch: int | None = None,
                   val_iterations_per_epoch: int | None = None, early_stopping_patience: int | None = None,
-                  early_stopping_min_delta: float | None = None, seed: int | None = None) -> "RadstudyTrainer":
-        """Set the training length, early stopping and seed (None leaves a setting as it is)."""
+                  early_stopping_min_delta: float | None = None, seed: int | None = None,
+                  foreground_oversampling: float | None = None) -> "RadstudyTrainer":
+        """Set the training length, early stopping, seed and the share of patches forced to contain foreground
+        (nnU-Net's oversample_foreground_percent, 0.33; small lesions learn sooner with more) — None leaves a
+        setting as it is."""
         if self.was_initialized:
             raise RuntimeError("configure() must be called before training starts")
         if epochs is not None:
@@ -87,6 +90,10 @@ class RadstudyTrainer(nnUNetTrainer):
             self.early_stopping_min_delta = float(early_stopping_min_delta)
         if seed is not None:
             self.seed = int(seed)
+        if foreground_oversampling is not None:
+            if not 0 <= foreground_oversampling <= 1:
+                raise ValueError(f"foreground_oversampling must be in [0, 1], got {foreground_oversampling}")
+            self.oversample_foreground_percent = float(foreground_oversampling)
         return self
 
     # ------------------------------------------------------------------ reproducibility

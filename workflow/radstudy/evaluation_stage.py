@@ -1,0 +1,75 @@
+"""The evaluation stage at file level: the study's predictions, models and QC tables -> metrics, figures and
+the HTML report (results/report/). `radstudy evaluate` does the same on any predictions table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from . import evaluate, report
+from .config import Study
+from .design import primary_split
+from .models import _read, assemble, load_model
+
+log = logging.getLogger(__name__)
+
+EXPLAINED_MODEL = "combined"
+
+
+def combined_model_tables(models_dir: Path, features, clinical, patients) -> tuple[pd.DataFrame, dict]:
+    """Coefficients of the delivered combined models (evaluate's format: endpoint, model, feature, coefficient)
+    and their design matrices (patient + predictors) for SHAP and the nomogram."""
+    coefficients = pd.read_csv(models_dir / "coefficients.tsv", sep="\t")
+    split = primary_split(pd.read_csv(models_dir / "cohorts.tsv", sep="\t"))
+    coefficients = coefficients[(coefficients["split"] == split) & (coefficients["model"] == EXPLAINED_MODEL)]
+    coefficients = coefficients.rename(columns={"term": "feature", "coef": "coefficient"})
+    data = assemble(_read(features), _read(clinical), _read(patients))
+    designs = {}
+    for endpoint in coefficients["endpoint"].unique():
+        path = models_dir / endpoint / f"{EXPLAINED_MODEL}.joblib"
+        if path.exists():
+            design = load_model(path).design(data)
+            design.insert(0, "patient", data["patient"].to_numpy())
+            designs[endpoint] = design
+    return coefficients[["endpoint", "model", "feature", "coefficient"]], designs
+
+
+def design_text(study: Study) -> str:
+    cfg = study.config
+    centers = ", ".join(f"{c.id} ({c.role})" for c in study.centers)
+    harm = cfg["harmonization"]
+    seg = cfg["segmentation"]
+    return (
+        f"Centers: {centers}. Design: {cfg['design']['type']} (development centers split into training and "
+        f"validation, stratified by outcome and center; external centers form the test cohort). "
+        f"Segmentation: nnU-Net v2 ({seg['configuration']}), "
+        f"{'a trained model given in the config' if seg['model_folder'] else 'trained on the annotated development patients'}; "
+        f"features from {seg['masks_for_features'].replace('_', ' ')} masks. "
+        f"Harmonization: {harm['method']} per center fitted on the training partition"
+        f"{'; external centers mapped onto the training reference from their own features (no labels)' if harm['external'] == 'unseen' else '; external centers not harmonized'}. "
+        f"Selection: univariate filter, Spearman redundancy, LASSO ({cfg['selection']['lasso']['rule']} rule), "
+        f"all fitted on training only. Seed {study.seed}."
+    )
+
+
+def run(study: Study, *, predictions, models_dir, features, clinical, patients, flow, dsc, out_dir) -> Path:
+    out_dir = Path(out_dir)
+    models_dir = Path(models_dir)
+    coefficients, designs = combined_model_tables(models_dir, features, clinical, patients)
+    linear_models = evaluate.load_linear_models(coefficients, designs, model=EXPLAINED_MODEL) if designs else []
+    horizons = tuple(study.config.get("evaluation", {}).get("horizons_months", (12, 24, 36)))
+    evaluate.evaluate(_read(predictions), out_dir, horizons_months=horizons,
+                      n_bootstrap=study.config.get("evaluation", {}).get("n_bootstrap", 2000), seed=study.seed,
+                      linear_models=linear_models)
+    html = out_dir / "report.html"
+    report.write_report(
+        out_dir, html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,
+        clinical_tsv=clinical, cohorts_tsv=models_dir / "cohorts.tsv", dsc_tsv=dsc,
+        extra_tables=[models_dir / "selected_features.tsv", models_dir / "clinical_model.tsv",
+                      models_dir / "harmonization.tsv"],
+        coefficients_tsv=models_dir / "coefficients.tsv",
+    )
+    log.info("report written to %s", html)
+    return html

@@ -1,0 +1,13 @@
+from pathlib import Path
+
+from radstudy import evaluation_stage
+from radstudy.config import load_study
+from radstudy.logs import setup
+
+setup(snakemake.log[0])
+i = snakemake.input
+evaluation_stage.run(
+    load_study(snakemake.config), predictions=i.predictions, models_dir=Path(i.predictions).parent,
+    features=i.features, clinical=i.clinical, patients=i.patients, flow=i.flow, dsc=i.dsc,
+    out_dir=Path(snakemake.output.report).parent,
+)

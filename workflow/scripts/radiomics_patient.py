@@ -1,0 +1,9 @@
+from radstudy import features_stage
+from radstudy.config import load_study
+from radstudy.logs import setup
+
+setup(snakemake.log[0])
+features_stage.patient_radiomics(
+    load_study(snakemake.config), snakemake.wildcards.center, snakemake.wildcards.patient, "results/ingest",
+    "results/segmentation", snakemake.output[0],
+)
