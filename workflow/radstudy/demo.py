@@ -220,7 +220,7 @@ def _center_profiles(centers: list[dict], seed: int, size: str) -> list[CenterPr
                 kvp=int(rng.choice([100, 120, 120])),
                 hu_offset=round(float(rng.choice([-1, 1]) * rng.uniform(10, 30)), 1),
                 hu_scale=round(float(rng.uniform(0.9, 1.1)), 3),
-                noise_sigma=round(8 + 14 * sharpness + float(rng.uniform(0, 3)), 1),
+                noise_sigma=round(6 + 8 * sharpness + float(rng.uniform(0, 2)), 1),
                 noise_correlation=round(1.4 - 0.9 * sharpness, 2),
                 pixel_spacing=float(rng.integers(math.ceil(lo * 64), math.floor(hi * 64) + 1)) / 64,
                 slice_thickness=float(rng.choice(preset.slice_thickness)),
@@ -581,7 +581,7 @@ def _tumour(rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, trunk: _T
     necrosis = tumour & (radius + 0.15 * _smooth_field(rng, u, v, w) < necrotic_radius)
     region[tumour] = TUMOUR
     region[necrosis] = NECROSIS
-    return _organ_texture(rng, grid, "tumour", box, tumour, 2.5 + 6 * heterogeneity, 6 + 30 * heterogeneity)
+    return _organ_texture(rng, grid, "tumour", box, tumour, 2.5 + 6 * heterogeneity, 5 + 18 * heterogeneity)
 
 
 def _anatomy(rng: np.random.Generator, grid: _Grid, clinical: _Clinical) -> _Anatomy:
@@ -611,8 +611,9 @@ class _Phase:
 def _phases(rng: np.random.Generator) -> dict[str, _Phase]:
     fat, soft = rng.normal(-100, 8), rng.normal(45, 4)
     cortex, marrow = rng.normal(650, 60), rng.normal(230, 30)
-    liver_pv, tumour_pv, necrosis = rng.normal(100, 8), rng.normal(75, 8), rng.normal(20, 5)
-    liver_nc, tumour_nc = rng.normal(55, 4), rng.normal(38, 4)
+    # An enhancing primary (~105 HU portal venous) stands out from bowel wall and muscle (~45 HU).
+    liver_pv, tumour_pv, necrosis = rng.normal(100, 8), rng.normal(105, 8), rng.normal(20, 5)
+    liver_nc, tumour_nc = rng.normal(55, 4), rng.normal(42, 4)
 
     def table(soft_, liver, tumour, necrotic):  # HU per tissue class, in class order
         return np.array([-1000, fat, soft_, cortex, marrow, liver, tumour, necrotic], np.float32)

@@ -106,7 +106,7 @@ def train(study: Study, preprocessed_dir: str | Path, results_dir: str | Path) -
         Path(preprocessed_dir), Path(results_dir), dataset_id=cfg["dataset_id"], configuration=cfg["configuration"],
         epochs=cfg["epochs"], iterations_per_epoch=cfg["iterations_per_epoch"],
         early_stopping_patience=cfg["early_stopping_patience"], device=device(study), seed=study.seed,
-        threads=cfg["threads"], compile=False,
+        threads=cfg["threads"], compile=False, foreground_oversampling=cfg["foreground_oversampling"],
     )
 
 
