@@ -609,12 +609,13 @@ class _Phase:
 
 
 def _phases(rng: np.random.Generator) -> dict[str, _Phase]:
-    fat, soft = rng.normal(-100, 8), rng.normal(45, 4)
+    fat, soft = rng.normal(-100, 8), rng.normal(40, 4)
     cortex, marrow = rng.normal(650, 60), rng.normal(230, 30)
-    # The primary is a hypodense (mucinous-like, ~25 HU) mass in pericolic fat: three intensity classes that a
-    # short demo training separates (tumour, bowel wall / muscle ~45 HU, enhanced liver ~115 HU).
-    liver_pv, tumour_pv, necrosis = rng.normal(115, 8), rng.normal(25, 5), rng.normal(5, 4)
-    liver_nc, tumour_nc = rng.normal(55, 4), rng.normal(20, 4)
+    # Portal venous phase: enhanced liver ~120 HU, the primary ~75 HU in pericolic fat, bowel wall / muscle ~40 HU.
+    # nnU-Net's CT normalisation windows on the labelled organs (liver and tumour), so the tumour must sit inside
+    # that window, apart from both the liver and the surrounding soft tissue.
+    liver_pv, tumour_pv, necrosis = rng.normal(120, 6), rng.normal(75, 5), rng.normal(20, 5)
+    liver_nc, tumour_nc = rng.normal(55, 4), rng.normal(38, 4)
 
     def table(soft_, liver, tumour, necrotic):  # HU per tissue class, in class order
         return np.array([-1000, fat, soft_, cortex, marrow, liver, tumour, necrotic], np.float32)

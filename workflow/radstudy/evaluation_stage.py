@@ -59,10 +59,9 @@ def run(study: Study, *, predictions, models_dir, features, clinical, patients, 
     models_dir = Path(models_dir)
     coefficients, designs = combined_model_tables(models_dir, features, clinical, patients)
     linear_models = evaluate.load_linear_models(coefficients, designs, model=EXPLAINED_MODEL) if designs else []
-    horizons = tuple(study.config.get("evaluation", {}).get("horizons_months", (12, 24, 36)))
-    evaluate.evaluate(_read(predictions), out_dir, horizons_months=horizons,
-                      n_bootstrap=study.config.get("evaluation", {}).get("n_bootstrap", 2000), seed=study.seed,
-                      linear_models=linear_models)
+    cfg = study.config["evaluation"]
+    evaluate.evaluate(_read(predictions), out_dir, horizons_months=tuple(cfg["horizons_months"]),
+                      n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models)
     html = out_dir / "report.html"
     report.write_report(
         out_dir, html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,

@@ -95,7 +95,8 @@ def plan(study: Study, raw_dir: str | Path, preprocessed_dir: str | Path) -> Pat
     cfg = _cfg(study)
     return segment.plan_and_preprocess(
         Path(raw_dir), Path(preprocessed_dir), dataset_id=cfg["dataset_id"], configuration=cfg["configuration"],
-        features_per_stage=cfg["features_per_stage"], batch_size=cfg["batch_size"], num_processes=1,
+        features_per_stage=cfg["features_per_stage"], batch_size=cfg["batch_size"], patch_size=cfg["patch_size"],
+        num_processes=1,
         threads=cfg["threads"],
     )
 
