@@ -176,13 +176,15 @@ def _dsc_figure(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     regions = list(dict.fromkeys(table["region"])) if not table.empty else []
+    colours = {center: f"C{k}" for k, center in enumerate(sorted(table["center"].unique()))}  # one colour per center
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, metric, label in zip(axes, ["dsc", "hd95"], ["Dice similarity coefficient", "95% Hausdorff distance (mm)"]):
         for i, region in enumerate(regions):
             sub = table[table["region"] == region]
             for j, (center, group) in enumerate(sub.groupby("center")):
                 x = i + (j - (sub["center"].nunique() - 1) / 2) * 0.15
-                ax.scatter([x] * len(group), group[metric], s=18, label=center if i == 0 else None, alpha=0.8)
+                ax.scatter([x] * len(group), group[metric], s=18, label=center if i == 0 else None, alpha=0.8,
+                           color=colours[center])
             ax.hlines(sub[metric].median(), i - 0.3, i + 0.3, color="black", linewidth=1.5)
         ax.set_xticks(range(len(regions)), regions)
         ax.set_ylabel(label)
