@@ -362,3 +362,12 @@ def test_survival_calibration_of_a_correct_model_is_near_the_diagonal():
     cal = M.survival_calibration(time, event, recal.risk(s, 12), 12, n_groups=4)
     np.testing.assert_allclose(cal["observed"], cal["predicted"], atol=0.04)
     assert cal["n"].sum() == 4000
+
+
+def test_calibration_of_constant_predictions_has_no_slope_but_an_intercept():
+    from radstudy import metrics as M
+
+    y = np.array([0, 1, 0, 1, 1, 0, 0, 0])
+    out = M.calibration_intercept_slope(y, np.full(8, 0.5))
+    assert np.isnan(out["calibration_slope"])
+    assert out["calibration_intercept"] == pytest.approx(np.log(3 / 5), abs=1e-6)  # logit(3/8) - logit(0.5)

@@ -42,6 +42,15 @@ def _tiny_study(workdir: Path) -> None:
     config["selection"]["lasso"]["cv_folds"] = 3
     config["evaluation"] = {"n_bootstrap": 100}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # Original-image first-order and GLCM features only: a 2-epoch nnU-Net segments badly, and filters or shape
+    # (maximum diameters) of its oversized regions would dominate the test's run time (tests/test_features.py
+    # covers them).
+    params = yaml.safe_load((REPO / "config" / "radiomics" / "demo.yaml").read_text())
+    params["imageType"] = {"Original": {}}
+    params["featureClass"] = {"firstorder": None, "glcm": None}
+    (workdir / "radiomics.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config["features"]["radiomics"]["params"] = "radiomics.yaml"
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (workdir / "centers.tsv").write_text(
         "id\trole\tdicom_root\tclinical\n"
         "A\tdevelopment\tdemo/dicom/A\tdemo/clinical/A.csv\n"
@@ -179,7 +188,6 @@ def test_every_included_patient_is_segmented_and_has_features(study):
     names = [c for c in table.columns if c not in ("patient", "center", "excluded", "exclusion_reason")]
     assert "tumour_CT_original_firstorder_Mean" in names and "liver_CT_original_glcm_Contrast" in names
     assert all(n.split("_")[0] in {"tumour", "liver", "peritumoural"} and n.split("_")[1] == "CT" for n in names)
-    assert table["liver_CT_original_shape_MeshVolume"].notna().all()
 
 
 def test_models_and_report(study):

@@ -254,8 +254,12 @@ def calibration_intercept_slope(y, p, alpha: float = 0.05) -> dict:
     lp = logit(_clip_prob(p))
     z = stats.norm.ppf(1 - alpha / 2)
     b0, c0 = _logistic_irls(np.ones((len(y), 1)), y, offset=lp)
-    b1, c1 = _logistic_irls(np.column_stack([np.ones(len(y)), lp]), y)
-    se0, se1 = np.sqrt(c0[0, 0]), np.sqrt(c1[1, 1])
+    if np.ptp(lp) < 1e-12:  # constant predictions (e.g. a model that selected nothing): no slope to estimate
+        b1, se1 = np.array([np.nan, np.nan]), np.nan
+    else:
+        b1, c1 = _logistic_irls(np.column_stack([np.ones(len(y)), lp]), y)
+        se1 = np.sqrt(c1[1, 1])
+    se0 = np.sqrt(c0[0, 0])
     return {"calibration_intercept": float(b0[0]), "calibration_intercept_ci_low": float(b0[0] - z * se0),
             "calibration_intercept_ci_high": float(b0[0] + z * se0),
             "calibration_slope": float(b1[1]), "calibration_slope_ci_low": float(b1[1] - z * se1),
