@@ -38,6 +38,7 @@ import pandas as pd
 from scipy.special import expit
 
 from . import metrics as M
+from .tables import read_table as _read_table
 
 log = logging.getLogger("radstudy.evaluate")
 
@@ -55,10 +56,8 @@ INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}
 # --------------------------------------------------------------------------------------------------
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """TSV (or CSV by suffix) with 'NA' as missing."""
-    path = Path(path)
-    sep = "," if path.suffix.lower() == ".csv" else "\t"
-    return pd.read_csv(path, sep=sep, na_values=["NA", ""], keep_default_na=True)
+    """TSV (or CSV by suffix) with 'NA' as missing; identifiers as written (numeric ids stay numeric)."""
+    return _read_table(path, id_columns=())
 
 
 def normalise_predictions(predictions: pd.DataFrame) -> pd.DataFrame:

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+
+from .tables import read_table
 import yaml
 from scipy import ndimage
 
@@ -846,12 +848,8 @@ def _row(patient: str, center: str, values: dict[str, float], bad: dict[str, str
 
 
 def read_row(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    sep = "," if path.suffix == ".csv" else "\t"
-    df = pd.read_csv(path, sep=sep, keep_default_na=True)
-    if "exclusion_reason" in df:
+    df = read_table(path, id_columns=())
+    if Path(path).suffix != ".parquet" and "exclusion_reason" in df:
         df["exclusion_reason"] = df["exclusion_reason"].fillna("").astype(str)
     return df
 

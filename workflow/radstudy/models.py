@@ -50,6 +50,7 @@ from . import __version__
 from .design import assign_cohorts, design_settings, primary_split, split_names
 from .harmonize import ComBat
 from .selection import build_selector, make_survival, read_robust_features, selection_settings, selection_summary
+from .tables import read_table
 
 MODELS = ("clinical", "radiomic", "deep", "combined")
 ENDPOINTS = ("binary", "survival")
@@ -858,14 +859,7 @@ def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str 
 
 # ================================================================================ whole study
 def _read(table) -> pd.DataFrame:
-    """A DataFrame, or a table file (.parquet, .tsv/.txt, .csv)."""
-    if isinstance(table, pd.DataFrame):
-        return table.copy()
-    path = Path(table)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    sep = "\t" if path.suffix in (".tsv", ".txt") else ","
-    return pd.read_csv(path, sep=sep, dtype={"patient": str, "center": str})
+    return read_table(table)
 
 
 def assemble(features: pd.DataFrame, clinical: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
