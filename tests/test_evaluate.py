@@ -215,3 +215,31 @@ def test_cli_main_runs_evaluation_and_report(study, tmp_path):
                  "--design", f"binary={tmp_path / 'd.tsv'}"])
     assert rc == 0 and (tmp_path / "ev" / "report.html").is_file() and (tmp_path / "ev" / "summary_binary.csv").is_file()
     assert (tmp_path / "ev" / "shap_importance_binary.csv").is_file()
+
+
+def _flow(rows):
+    frame = pd.DataFrame(rows, columns=["center", "role", "delivered", "included", "excluded"])
+    total = {"center": "total", "role": "", "delivered": frame["delivered"].sum(),
+             "included": frame["included"].sum(), "excluded": frame["excluded"].sum()}
+    return pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
+
+
+def test_report_says_which_center_was_added_and_keeps_a_history(tmp_path):
+    from radstudy.report import study_changes
+
+    history = tmp_path / "history.tsv"
+    two = _flow([["C1", "development", 8, 7, 1], ["C2", "development", 8, 8, 0]])
+    changes, _ = study_changes(two, history, "2026-01-01 10:00:00 UTC")
+    assert changes == ["First report of this study: 2 center(s), 15 patient(s) included."]
+    changes, hist = study_changes(two, history, "2026-01-02 10:00:00 UTC")  # a rerun for other reasons
+    assert changes[0].startswith("Centers and patient counts unchanged since the previous report (2026-01-01")
+    assert hist["reported"].nunique() == 1  # nothing appended
+    three = _flow([["C1", "development", 8, 7, 1], ["C2", "external", 8, 8, 0], ["C3", "external", 6, 5, 1]])
+    changes, hist = study_changes(three, history, "2026-01-03 10:00:00 UTC")
+    assert changes[0] == "Changes since the previous report (2026-01-01 10:00:00 UTC):"
+    assert "Center C3 added as an external test center: 6 patient(s) delivered, 5 included." in changes
+    assert "Center C2 changed role: development -> external." in changes
+    assert hist["reported"].nunique() == 2 and set(hist["center"]) == {"C1", "C2", "C3"}
+    changes, _ = study_changes(_flow([["C1", "development", 9, 8, 1]]), history, "2026-01-04 10:00:00 UTC")
+    assert "Center C1: delivered patients 8 -> 9." in changes
+    assert any(c.startswith("Center C3 (external) is no longer in the study") for c in changes)

@@ -253,6 +253,67 @@ def plot_flow(flow: pd.DataFrame, cohort_counts: dict, out_dir: Path) -> Path:
 # HTML
 # --------------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------------
+# Study history: which centers (role, patients) each report covered, and what changed since the last one
+# --------------------------------------------------------------------------------------------------
+HISTORY_COLUMNS = ["reported", "center", "role", "delivered", "included", "excluded"]
+
+
+def center_rows(flow: pd.DataFrame) -> pd.DataFrame:
+    """One row per center of a patient-flow table (center, role, delivered, included, excluded)."""
+    rows = flow[flow["center"].astype(str) != "total"].copy()
+    rows["center"] = rows["center"].astype(str)
+    for c in ("delivered", "included", "excluded"):
+        rows[c] = pd.to_numeric(rows.get(c, 0), errors="coerce").fillna(0).astype(int)
+    rows["role"] = rows.get("role", pd.Series("", index=rows.index)).fillna("").astype(str)
+    return rows[["center", "role", "delivered", "included", "excluded"]].reset_index(drop=True)
+
+
+def study_changes(flow: pd.DataFrame, history_tsv, now: str) -> tuple[list[str], pd.DataFrame]:
+    """Compare this report's centers with the previous report recorded in `history_tsv` (one row per center
+    and report; appended to here when anything changed). Returns (sentences, history table)."""
+    current = center_rows(flow)
+    path = Path(history_tsv)
+    history = pd.read_csv(path, sep="\t", dtype={"center": str}) if path.is_file() else \
+        pd.DataFrame(columns=HISTORY_COLUMNS)
+    if history.empty:
+        previous, when = None, None
+    else:
+        when = history["reported"].iloc[-1]
+        previous = history[history["reported"] == when].set_index("center")
+    changes = []
+    if previous is None:
+        changes.append(f"First report of this study: {len(current)} center(s), "
+                       f"{int(current['included'].sum())} patient(s) included.")
+    else:
+        cur = current.set_index("center")
+        for c in cur.index:
+            r = cur.loc[c]
+            if c not in previous.index:
+                role = "an external test center" if r["role"] == "external" else f"a {r['role']} center"
+                changes.append(f"Center {c} added as {role}: {r['delivered']} patient(s) delivered, "
+                               f"{r['included']} included.")
+                continue
+            p = previous.loc[c]
+            if str(p["role"]) != r["role"]:
+                changes.append(f"Center {c} changed role: {p['role']} -> {r['role']}.")
+            for k in ("delivered", "included"):
+                if int(p[k]) != int(r[k]):
+                    changes.append(f"Center {c}: {k} patients {int(p[k])} -> {int(r[k])}.")
+        for c in previous.index:
+            if c not in cur.index:
+                changes.append(f"Center {c} ({previous.loc[c, 'role']}) is no longer in the study.")
+        if not changes:
+            changes.append(f"Centers and patient counts unchanged since the previous report ({when}).")
+        else:
+            changes.insert(0, f"Changes since the previous report ({when}):")
+    if previous is None or len(changes) > 1 or not changes[0].startswith("Centers and patient counts unchanged"):
+        history = pd.concat([history, current.assign(reported=now)[HISTORY_COLUMNS]], ignore_index=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        history.to_csv(path, sep="\t", index=False)
+    return changes, history
+
+
 def _p_column(name: str) -> bool:
     n = name.lower()
     return n == "p" or n.endswith("_p") or n in ("p_value", "pvalue", "hl_p", "logrank_p")
@@ -380,6 +441,12 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
                                    "included, cohorts of the first split).") + content
         except Exception as exc:  # a diagram must not cost the report; the table stays
             log.warning("patient-flow diagram not drawn: %s", exc)
+        changes, history = study_changes(flow, ev / "history.tsv", datetime.now(timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"))
+        content = "".join(f"<p>{html.escape(c)}</p>" for c in changes) + content
+        if history["reported"].nunique() > 1:
+            content += ('<h3>Study history</h3><p class="caption">Centers covered by each report that changed them '
+                        '(CSV: history.tsv)</p>' + html_table(history))
         section("flow", "Patient flow", content)
     else:
         section("flow", "Patient flow", _missing("No patient-flow table (results/qc/patient_flow.tsv) was provided."))

@@ -5,7 +5,8 @@ if DEMO:
         output:
             dicom=[directory(center_input(c, "dicom_root")) for c in CENTERS],
             clinical=[center_input(c, "clinical") for c in CENTERS],
-            truth=f"{config['demo']['out_dir']}/ground_truth/patients.tsv",
+            # the whole folder, so that a rerun (new generator code) starts from an empty one
+            truth=directory(f"{config['demo']['out_dir']}/ground_truth"),
         log:
             "results/logs/demo_cohort.log",
         benchmark:
