@@ -9,6 +9,7 @@ goes on; no identifying DICOM value reaches results/ or the logs; a second run h
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import shutil
 import subprocess
@@ -189,6 +190,15 @@ def test_every_included_patient_is_segmented_and_has_features(study):
     names = [c for c in table.columns if c not in ("patient", "center", "excluded", "exclusion_reason")]
     assert "tumour_CT_original_firstorder_Mean" in names and "liver_CT_original_glcm_Contrast" in names
     assert all(n.split("_")[0] in {"tumour", "liver", "peritumoural"} and n.split("_")[1] == "CT" for n in names)
+    # deep features (the study's nnU-Net encoder, one job per center): every included patient has them, or NaN
+    # with the reason in the features qc.tsv (a 2-epoch nnU-Net may find no tumour)
+    deep = [n for n in names if n.startswith("tumour_CT_deep_nnunet_")]
+    meta = json.loads((workdir / "results" / "features" / "deep" / "A.meta.json").read_text())
+    assert deep == [f"tumour_CT_deep_nnunet_{i:04d}" for i in range(meta["n_features"])] and len(deep) > 10
+    qc = pd.read_csv(workdir / "results" / "features" / "qc.tsv", sep="\t", keep_default_na=False).set_index("patient")
+    finite = table.set_index("patient")[deep].notna().all(axis=1)
+    assert finite.sum() >= len(table) // 2
+    assert all("deep features" in qc.loc[p, "message"] for p in finite.index[~finite])
 
 
 def test_models_and_report(study):

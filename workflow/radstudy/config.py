@@ -57,6 +57,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
         lines = "\n  ".join(_format_error(e) for e in errors)
         raise ConfigError(f"{source} is invalid:\n  {lines}")
     config = _with_defaults(copy.deepcopy(config), schema)
+    _check_deep_features(config, source)
     key_file = Path(config["pseudonymisation"]["key_file"])
     if "results" in key_file.parts:
         raise ConfigError(
@@ -64,6 +65,32 @@ def validate_config(config: dict, source: str = "config") -> dict:
             "the key links pseudonyms to patients and results/ is what gets shared"
         )
     return config
+
+
+def _check_deep_features(config: dict, source: str) -> None:
+    """Combinations of features.deep keys that the schema alone cannot express."""
+    deep = config["features"]["deep"]
+    if not deep["enabled"]:
+        return
+    backbone = deep["backbone"]
+    if backbone in ("resnet3d", "resnet2d") and not deep["checkpoint"]:
+        raise ConfigError(f"{source}: features.deep.checkpoint: required for backbone {backbone} (the weights file "
+                          "of the backbone; only backbone nnunet needs none)")
+    if backbone == "resnet2d" and deep["depth"] not in (None, 18, 34, 50):
+        raise ConfigError(f"{source}: features.deep.depth: resnet2d (torchvision ResNet) supports 18, 34 or 50, "
+                          f"not {deep['depth']}")
+    if backbone == "nnunet" and (deep["depth"] is not None or deep["shortcut"] is not None):
+        raise ConfigError(f"{source}: features.deep.depth / features.deep.shortcut: only for resnet3d / resnet2d; "
+                          "backbone nnunet takes its architecture from the model's plans.json")
+    if backbone == "resnet2d" and deep["shortcut"] is not None:
+        raise ConfigError(f"{source}: features.deep.shortcut: only for resnet3d (MedicalNet)")
+    if deep["window"][0] >= deep["window"][1]:
+        raise ConfigError(f"{source}: features.deep.window: the lower bound must be below the upper one, "
+                          f"got {deep['window']}")
+    labels = config["ingest"].get("labels") or {}
+    if deep["region"] not in labels:
+        raise ConfigError(f"{source}: features.deep.region: {deep['region']!r} is not a label of ingest.labels "
+                          f"({', '.join(labels) or 'none'})")
 
 
 def load_config(path: str | Path) -> dict:

@@ -363,9 +363,11 @@ def _read(path) -> pd.DataFrame:
 
 
 def _versions() -> str:
-    names = ["radstudy", "numpy", "scipy", "pandas", "scikit-learn", "scikit-survival", "lifelines", "shap",
+    from . import __version__
+
+    names = ["numpy", "scipy", "pandas", "scikit-learn", "scikit-survival", "lifelines", "shap",
              "dcurves", "matplotlib"]
-    found = []
+    found = [f"radstudy {__version__}"]  # from the package itself: per-rule envs do not install it
     for n in names:
         try:
             found.append(f"{n} {metadata.version(n)}")

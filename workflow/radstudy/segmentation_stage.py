@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from . import segment
 from .config import Study
-from .errors import REASONS, SEGMENTATION_QC
+from .errors import REASONS, SEGMENTATION_QC, ConfigError
 from .ingest import MASK_FILE, image_file, label_volumes
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,34 @@ def trained_model_folder(study: Study, results_dir: str | Path) -> Path:
     return Path(results_dir) / dataset_name(study) / f"RadstudyTrainer__{segment.PLANS_NAME}__{_cfg(study)['configuration']}"
 
 
+TRAIN_CENTERS_FILE = "radstudy_train_centers.txt"  # in the raw dataset folder: the centers it was built from
+
+
+def eligible_train_centers(study: Study) -> list[str]:
+    """Centers whose annotations `segmentation.train_centers` selects (development, all, or a list of ids)."""
+    spec = _cfg(study)["train_centers"]
+    ids = [c.id for c in study.centers]
+    if isinstance(spec, list):
+        unknown = sorted(set(spec) - set(ids))
+        if unknown:
+            raise ConfigError(f"segmentation.train_centers names unknown center(s) {', '.join(unknown)} "
+                              f"(centers: {', '.join(ids)})")
+        return [c for c in ids if c in spec]
+    return [c.id for c in study.centers if spec == "all" or c.role == "development"]
+
+
+def train_centers(study: Study, raw_dataset_dir: str | Path) -> list[str]:
+    """Centers whose annotated patients train nnU-Net: the eligible ones, frozen to those the existing dataset was
+    built from (TRAIN_CENTERS_FILE in `raw_dataset_dir`) unless `segmentation.retrain_on_new_centers` or an explicit
+    list in `train_centers`. So a center added to the sheet does not retrain nnU-Net unless the config asks."""
+    eligible = eligible_train_centers(study)
+    record = Path(raw_dataset_dir) / TRAIN_CENTERS_FILE
+    if isinstance(_cfg(study)["train_centers"], list) or _cfg(study)["retrain_on_new_centers"] or not record.is_file():
+        return eligible
+    frozen = set(record.read_text().split())
+    return [c for c in eligible if c in frozen]
+
+
 def _cases(study: Study, patients: pd.DataFrame, ingest_root: Path, with_mask: bool) -> list[dict]:
     channels = list(study.config["ingest"]["channels"])
     cases = []
@@ -61,13 +89,14 @@ def _included(qc_tables: list[str | Path]) -> pd.DataFrame:
 
 
 def build_dataset(study: Study, qc_tables: list[str | Path], ingest_root: str | Path, raw_dir: str | Path,
-                  out_split: str | Path) -> dict:
-    """nnU-Net raw dataset from the annotated, included patients of the training centers; split.tsv lists them."""
+                  out_split: str | Path, centers: list[str] | None = None) -> dict:
+    """nnU-Net raw dataset from the annotated, included patients of the training `centers` (default: the eligible
+    ones); split.tsv lists them, and the centers are recorded in the dataset folder (see `train_centers`)."""
     cfg = _cfg(study)
+    centers = eligible_train_centers(study) if centers is None else list(centers)
     patients = _included(qc_tables)
     annotated = patients[patients["annotated"].astype(str) == "True"]
-    if cfg["train_centers"] == "development":
-        annotated = annotated[annotated["role"] == "development"]
+    annotated = annotated[annotated["center"].astype(str).isin(centers)]
     if annotated.empty:
         raise ValueError("no annotated patient to train nnU-Net on: deliver manual masks or set segmentation.model_folder")
     split = segment.build_raw_dataset(
@@ -75,6 +104,7 @@ def build_dataset(study: Study, qc_tables: list[str | Path], ingest_root: str | 
         name=cfg["dataset_name"], channels=list(study.config["ingest"]["channels"]),
         labels=study.config["ingest"]["labels"], holdout_fraction=cfg["holdout_fraction"], seed=study.seed,
     )
+    (Path(split["dataset_dir"]) / TRAIN_CENTERS_FILE).write_text("".join(f"{c}\n" for c in centers))
     rows = [{"patient": p, "set": s} for s in ("train", "holdout") for p in split[s]]
     table = pd.DataFrame(rows).merge(annotated[["patient", "center"]], on="patient").sort_values(["set", "patient"])
     Path(out_split).parent.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,14 @@ NNUNET_MODEL = str(
     SEG["model_folder"]
     or segmentation_stage.trained_model_folder(STUDY, f"{NNUNET}/results")
 )
-SEGMENTATION_TRAIN_CENTERS = [
-    c.id
-    for c in STUDY.centers
-    if SEG["train_centers"] == "all" or c.role == "development"
-]
+DEEP = STUDY.config["features"]["deep"]
+# Frozen once nnU-Net's dataset is built: a center added later is not trained on (segmentation.retrain_on_new_centers)
+try:
+    SEGMENTATION_TRAIN_CENTERS = segmentation_stage.train_centers(
+        STUDY, f"{NNUNET}/raw/{NNUNET_DATASET}"
+    )
+except ConfigError as error:
+    raise WorkflowError(str(error))
 
 
 wildcard_constraints:
@@ -76,6 +79,35 @@ def feature_rows(wildcards):
             patient=features_stage.segmented_patients(segmentation),
         )
     return rows
+
+
+def deep_model(wildcards):
+    """What the deep features read: the user's checkpoint, or the segmentation model (backbone nnunet)."""
+    if DEEP["checkpoint"]:
+        return DEEP["checkpoint"]
+    return segmentation_model(wildcards)
+
+
+def deep_model_folder():
+    """The model as deep.build_extractor takes it: nnU-Net model folder or checkpoint file."""
+    return str(DEEP["checkpoint"] or NNUNET_MODEL)
+
+
+def deep_ingest_dirs(wildcards):
+    """Ingest folders of the center's patients whose segmentation passed QC."""
+    segmentation = checkpoints.segment_center.get(center=wildcards.center).output[0]
+    return expand(
+        "results/ingest/{center}/{patient}",
+        center=wildcards.center,
+        patient=features_stage.segmented_patients(segmentation),
+    )
+
+
+def deep_tables(kind):
+    """Every center's deep-feature table (kind "parquet") or issues ("issues.tsv"); none when disabled."""
+    if not DEEP["enabled"]:
+        return []
+    return expand("results/features/deep/{center}.{kind}", center=CENTERS, kind=kind)
 
 
 def study_targets():

@@ -12,7 +12,7 @@ if DEMO:
         benchmark:
             "results/benchmarks/demo_cohort.tsv"
         conda:
-            "../../envs/radstudy.yaml"
+            "../../envs/ingest.yaml"
         threads: config["demo"].get("workers", 1)
         script:
             "../scripts/demo_cohort.py"

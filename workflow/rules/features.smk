@@ -1,5 +1,5 @@
-# Features: radiomics of every region (labels + derived) and image channel, one job per patient,
-# then the study table.
+# Features: radiomics of every region (labels + derived) and image channel, one job per patient;
+# deep features of one region, one job per center (the network is loaded once); then the study table.
 
 
 rule radiomics_patient:
@@ -12,20 +12,48 @@ rule radiomics_patient:
     log:
         "results/logs/features/{center}/{patient}.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/features.yaml"
     script:
         "../scripts/radiomics_patient.py"
+
+
+if DEEP["enabled"]:
+
+    rule deep_features_center:
+        input:
+            segmentation="results/segmentation/{center}",
+            ingest=deep_ingest_dirs,
+            model=deep_model,
+        output:
+            table="results/features/deep/{center}.parquet",
+            issues="results/features/deep/{center}.issues.tsv",
+            meta="results/features/deep/{center}.meta.json",
+        log:
+            "results/logs/features/deep/{center}.log",
+        benchmark:
+            "results/benchmarks/deep_features_center/{center}.tsv"
+        conda:
+            "../../envs/features.yaml"
+        threads: DEEP["threads"]
+        resources:
+            gpu=1 if features_stage.deep_wants_gpu(STUDY) else 0,
+        params:
+            model=deep_model_folder(),
+        script:
+            "../scripts/deep_features_center.py"
 
 
 rule feature_table:
     input:
         rows=feature_rows,
+        deep=deep_tables("parquet"),
+        deep_issues=deep_tables("issues.tsv"),
     output:
         table="results/features/features.parquet",
         qc="results/features/qc.tsv",
     log:
         "results/logs/features/table.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/features.yaml"
     script:
         "../scripts/feature_table.py"

@@ -10,7 +10,7 @@ checkpoint discover:
     log:
         "results/logs/discover/{center}.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/ingest.yaml"
     script:
         "../scripts/discover.py"
 
@@ -24,7 +24,7 @@ rule ingest_patient:
     log:
         "results/logs/ingest/{center}/{patient}.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/ingest.yaml"
     script:
         "../scripts/ingest_patient.py"
 
@@ -39,7 +39,7 @@ rule clinical_table:
     log:
         "results/logs/clinical/{center}.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/ingest.yaml"
     script:
         "../scripts/clinical_table.py"
 
@@ -53,6 +53,6 @@ rule center_qc:
     log:
         "results/logs/qc/{center}.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/ingest.yaml"
     script:
         "../scripts/center_qc.py"

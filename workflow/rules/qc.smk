@@ -17,6 +17,6 @@ rule patient_flow:
     log:
         "results/logs/patient_flow.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/ingest.yaml"
     script:
         "../scripts/patient_flow.py"

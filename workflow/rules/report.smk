@@ -18,6 +18,6 @@ rule evaluate_report:
     benchmark:
         "results/benchmarks/evaluate_report.tsv"
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/evaluate_report.py"

@@ -11,7 +11,7 @@ if SEG["model_folder"]:
         log:
             "results/logs/segmentation/split.log",
         conda:
-            "../../envs/radstudy.yaml"
+            "../../envs/segmentation.yaml"
         script:
             "../scripts/segmentation_split.py"
 
@@ -28,7 +28,7 @@ else:
         log:
             "results/logs/segmentation/nnunet_dataset.log",
         conda:
-            "../../envs/radstudy.yaml"
+            "../../envs/segmentation.yaml"
         script:
             "../scripts/nnunet_dataset.py"
 
@@ -42,7 +42,7 @@ else:
         benchmark:
             "results/benchmarks/nnunet_plan.tsv"
         conda:
-            "../../envs/radstudy.yaml"
+            "../../envs/segmentation.yaml"
         script:
             "../scripts/nnunet_plan.py"
 
@@ -56,7 +56,7 @@ else:
         benchmark:
             "results/benchmarks/nnunet_train.tsv"
         conda:
-            "../../envs/radstudy.yaml"
+            "../../envs/segmentation.yaml"
         threads: SEG["threads"]
         resources:
             gpu=1 if SEG["gpu"] else 0,
@@ -75,7 +75,7 @@ checkpoint segment_center:
     benchmark:
         "results/benchmarks/segment_center/{center}.tsv"
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/segmentation.yaml"
     threads: SEG["threads"]
     resources:
         gpu=1 if SEG["gpu"] else 0,
@@ -95,6 +95,6 @@ rule segmentation_quality:
     log:
         "results/logs/segmentation/quality.log",
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/segmentation.yaml"
     script:
         "../scripts/segmentation_quality.py"

@@ -18,7 +18,7 @@ rule statistics:
     benchmark:
         "results/benchmarks/statistics.tsv"
     conda:
-        "../../envs/radstudy.yaml"
+        "../../envs/statistics.yaml"
     threads: 2
     script:
         "../scripts/statistics.py"

@@ -1,6 +1,14 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workflow/: radstudy, in any env (README)
+
 from radstudy import features_stage
 from radstudy.config import load_study
 from radstudy.logs import setup
 
 setup(snakemake.log[0])
-features_stage.study_table(load_study(snakemake.config), snakemake.input.rows, snakemake.output.table, snakemake.output.qc)
+features_stage.study_table(
+    load_study(snakemake.config), snakemake.input.rows, snakemake.output.table, snakemake.output.qc,
+    deep_tables=snakemake.input.deep, deep_issues=snakemake.input.deep_issues,
+)
