@@ -409,3 +409,14 @@ def test_schema_defaults_are_the_module_defaults():
                                                                   ("design", "harmonization", "selection", "models")}})
     assert filled == {"design": DESIGN, "harmonization": HARMONIZATION_DEFAULTS, "selection": SELECTION,
                       "models": MODELS_DEFAULTS}
+
+
+def test_combined_model_takes_only_the_configured_scores(study, tmp_path):
+    feats, clin, pts, _ = study
+    cfg = _config(endpoints=["binary"], models={"combined_scores": ["radiomic"]})
+    run_statistics(feats, clin, pts, cfg, tmp_path)
+    combined = load_model(tmp_path / "binary" / "combined.joblib")
+    assert "radscore" in combined.predictors and "deepscore" not in combined.predictors
+    assert (tmp_path / "binary" / "deep.joblib").exists()  # the deep model itself is still fitted
+    with pytest.raises(ValueError, match="combined_scores"):
+        run_statistics(feats, clin, pts, _config(models={"combined_scores": ["texture"]}), tmp_path / "bad")

@@ -71,6 +71,7 @@ HARMONIZATION_DEFAULTS = {
 }
 MODELS_DEFAULTS = {
     "fit": list(MODELS),
+    "combined_scores": list(FEATURE_SETS),
     "clinical": {
         "variables": None,
         "categorical": [],
@@ -138,6 +139,9 @@ def statistics_settings(config: dict) -> dict:
     bad = set(m["fit"]) - set(MODELS)
     if bad:
         raise ValueError(f"models.fit: unknown model(s) {sorted(bad)} (known: {MODELS})")
+    bad = set(m["combined_scores"]) - set(FEATURE_SETS)
+    if bad:
+        raise ValueError(f"models.combined_scores: unknown {sorted(bad)} (known: {FEATURE_SETS})")
     if m["clinical"]["retain"] not in ("all", "ci_excludes_1", "backward"):
         raise ValueError("models.clinical.retain must be all | ci_excludes_1 | backward, "
                          f"not {m['clinical']['retain']!r}")
@@ -788,7 +792,7 @@ def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str 
 
         steps = {}
         for fs, cols in sets.items():
-            if fs not in m["fit"] and "combined" not in m["fit"]:
+            if fs not in m["fit"] and not ("combined" in m["fit"] and fs in m["combined_scores"]):
                 continue
             pipe = build_selector(settings["selection"], endpoint, random_state=derive_seed(seed, split, endpoint, fs),
                                   robust_keep=robust[0] if robust else None,
@@ -825,7 +829,8 @@ def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str 
             if name == "clinical":
                 model = make("clinical", clinical_encoder, [])
             elif name == "combined":
-                model = make("combined", clinical_encoder, [steps[fs] for fs in FEATURE_SETS if fs in steps])
+                model = make("combined", clinical_encoder,
+                             [steps[fs] for fs in FEATURE_SETS if fs in steps and fs in m["combined_scores"]])
             else:
                 model = make(name, None, [steps[name]])
             models[(endpoint, name)] = model
