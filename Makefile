@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test install install-test lint clean-results
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
 
 test: install-test
 	$(BIN)/pytest

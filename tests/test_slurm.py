@@ -1,0 +1,292 @@
+"""SLURM: the tiny demo study through workflow/profiles/slurm on a real single-node SLURM cluster.
+
+tests/slurm/local_cluster.sh installs Debian's munge + slurmctld + slurmd (root, apt-get) and starts a throw-away
+cluster (no accounting database); the module skips, with the reason, where that cannot be done. Proves: the jobs
+ran as SLURM jobs with the profile's sizes, per-patient jobs grouped into fewer SLURM jobs sized for serial
+members, results equal to a local run of the same study, and a job failing on SLURM fails the workflow with its
+log shown. Scope: discovery, ingestion, clinical tables and patient QC of every center (the deterministic stages;
+nnU-Net on 2 CPU cores would take most of the time, and its training is not bit-reproducible across runs). The
+profiles' resolution of every rule (GPU requests included) is checked with dry runs, without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from test_workflow import SNAKEMAKE, _run, _tiny_study
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local_cluster.sh"
+SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm"
+LOCAL_PROFILE = REPO / "workflow" / "profiles" / "default"
+pytestmark = pytest.mark.slow
+
+PATIENTS = 3  # per center
+CENTERS = ("A", "B", "C")
+TARGETS = [f"results/{kind}" for c in CENTERS for kind in (f"qc/{c}/patients.tsv", f"clinical/{c}.tsv")]
+# Overrides a site with slurmdbd would not need: no accounting database here (sacct would poll forever, and the
+# plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence.
+TEST_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-no-account",
+                  "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "3"]
+
+
+def _profile() -> dict:
+    return yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C for snakemake: SIGINT cancels its SLURM jobs (SIGTERM may hang); a second one if it lingers."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGINT, 20)):
+        if proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _communicate(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException:  # timeout, or Ctrl-C of pytest: leave no snakemake (nor its SLURM jobs) behind
+        _stop(proc)
+        raise
+    return out
+
+
+def _snakemake_slurm(workdir: Path, env: dict, *args: str, timeout: float = 480) -> tuple[int, str]:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--workflow-profile", str(SLURM_PROFILE),
+           *TEST_OVERRIDES, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir, env=env)
+    out = _communicate(proc, timeout)
+    return proc.returncode, out
+
+
+def _minutes(limit: str) -> int:
+    """SLURM time limit ([D-]HH:MM:SS, MM:SS) in minutes."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 1440 + parts[0] * 60 + parts[1] + (parts[2] > 0)
+
+
+def _slurm_jobs(env: dict, run_id: str) -> pd.DataFrame:
+    """Every job of one snakemake run (its jobs are named by the run's id), finished ones included."""
+    out = subprocess.run(["squeue", "--states=all", "--noheader", "--name", run_id, "-o", "%i|%T|%k|%C|%m|%l"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return pd.DataFrame(rows, columns=["job", "state", "comment", "cpus", "memory", "limit"])
+
+
+def _run_id(output: str) -> str:
+    match = re.search(r"SLURM run ID: (\S+)", output)
+    assert match, output[-3000:]
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster's slurmd needs root")
+    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        pytest.skip("no apt-get to install SLURM, and SLURM is not installed")
+    state = tmp_path_factory.mktemp("slurm")
+    # A node large enough for the profile's requests as they are (16 CPUs, 128 GB), whatever this machine is:
+    # SLURM allocates them; the jobs themselves need little.
+    # RADSTUDY_SLURM_OWNER: a later start may replace this cluster once this process is gone (a killed run)
+    env = {**os.environ, "RADSTUDY_SLURM_DIR": str(state), "RADSTUDY_SLURM_CPUS": "16",
+           "RADSTUDY_SLURM_MEM_MB": "128000", "RADSTUDY_SLURM_OWNER": str(os.getpid())}
+    install = subprocess.run([str(CLUSTER_SCRIPT), "install"], capture_output=True, text=True, env=env, timeout=900)
+    if install.returncode != 0:
+        pytest.skip(f"SLURM could not be installed: {install.stderr.strip()[-500:]}")
+    start = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=180)
+    try:
+        if start.returncode != 0:
+            pytest.skip(f"the SLURM test cluster did not start: {start.stderr.strip()[-800:]}")
+        conf = start.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
+        yield {**env, "SLURM_CONF": conf}
+    finally:
+        subprocess.run([str(CLUSTER_SCRIPT), "stop"], capture_output=True, text=True, env=env, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def runs(cluster, tmp_path_factory):
+    """The same tiny study run on SLURM and locally: (slurm workdir, local workdir, snakemake output on SLURM)."""
+    base = tmp_path_factory.mktemp("study")
+    _tiny_study(base)
+    config = yaml.safe_load((base / "config.yaml").read_text())
+    config["demo"]["patients"] = PATIENTS
+    (base / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    demo = _run(base, "demo_cohort")
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    on_slurm, local = tmp_path_factory.mktemp("on_slurm"), tmp_path_factory.mktemp("local")
+    for workdir in (on_slurm, local):
+        shutil.copytree(base, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".snakemake"))
+    # the local run (through the local profile) alongside: the SLURM run mostly waits for its status polls
+    local_proc = subprocess.Popen(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(local), "--configfile",
+         str(local / "config.yaml"), "--workflow-profile", str(LOCAL_PROFILE), "--cores", "1", *TARGETS],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=local)
+    try:
+        code, output = _snakemake_slurm(on_slurm, cluster, *TARGETS)
+    finally:
+        local_out = _communicate(local_proc, timeout=600)
+    assert code == 0, output[-6000:]
+    assert local_proc.returncode == 0, local_out[-3000:]
+    return on_slurm, local, output
+
+
+def test_jobs_ran_as_slurm_jobs_sized_by_the_profile(cluster, runs):
+    on_slurm, _, output = runs
+    jobs = _slurm_jobs(cluster, _run_id(output))
+    assert len(jobs) and set(jobs["state"]) == {"COMPLETED"}, jobs
+    profile = _profile()["set-resources"]
+    by_rule = {rule: jobs[jobs["comment"].str.startswith(f"rule_{rule}_wildcards_")]
+               for rule in ("discover", "clinical_table", "center_qc")}
+    for rule, rows in by_rule.items():
+        assert len(rows) == len(CENTERS), (rule, jobs)
+        assert (rows["memory"] == f"{profile[rule]['mem_mb']}M").all(), rows
+        assert rows["limit"].map(_minutes).eq(profile[rule]["runtime"]).all(), rows
+        assert (rows["cpus"] == "1").all(), rows
+    # the rule's own log names the SLURM job it ran in (radstudy.logs.setup)
+    rule_logs = {"discover": "discover/{c}.log", "clinical_table": "clinical/{c}.log", "center_qc": "qc/{c}.log"}
+    for rule, rows in by_rule.items():
+        for row in rows.itertuples():
+            center = row.comment.rsplit("_", 1)[1]
+            log = on_slurm / "results" / "logs" / rule_logs[rule].format(c=center)
+            assert f"SLURM job {row.job} on " in log.read_text(), (log, row)
+    for row in jobs[jobs["comment"].str.startswith("rule_ingest_")].itertuples():
+        center = row.comment.split("_")[2]
+        patient_logs = list((on_slurm / "results" / "logs" / "ingest" / center).glob("*.log"))
+        assert len(patient_logs) == PATIENTS
+        assert all(f"SLURM job {row.job} on " in log.read_text() for log in patient_logs), row
+    # each SLURM job's log, named by its job id, where the plugin puts it
+    for row in jobs.itertuples():
+        logs = list((on_slurm / ".snakemake" / "slurm_logs").rglob(f"{row.job}.log"))
+        assert len(logs) == 1, row
+        text = logs[0].read_text()
+        rule = "ingest_patient" if row.comment.startswith("rule_ingest_") else row.comment.split("_wildcards_")[0][5:]
+        assert f"(Rule: {rule})" in text and "(100%) done" in text, logs[0]
+
+
+def test_patients_are_grouped_into_one_slurm_job_per_center_sized_for_serial_members(cluster, runs):
+    _, _, output = runs
+    jobs = _slurm_jobs(cluster, _run_id(output))
+    groups = jobs[jobs["comment"].str.fullmatch(r"rule_ingest_[A-Z]+_ingest_patient")]
+    assert sorted(groups["comment"]) == [f"rule_ingest_{c}_ingest_patient" for c in CENTERS], jobs
+    assert not jobs["comment"].str.startswith("rule_ingest_patient").any(), jobs  # no ingest job ran on its own
+    per_patient = _profile()["set-resources"]["ingest_patient"]
+    # members run one after the other (the plugin's jobstep runs with --jobs 1): one member's CPU and memory,
+    # the sum of their runtimes
+    assert (groups["cpus"] == "1").all() and (groups["memory"] == f"{per_patient['mem_mb']}M").all(), groups
+    assert groups["limit"].map(_minutes).eq(PATIENTS * per_patient["runtime"]).all(), groups
+
+
+def _nifti(path: Path):
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "seconds"}
+    return value
+
+
+def test_results_equal_a_local_run(runs):
+    on_slurm, local, _ = runs
+    tables = sorted(p.relative_to(local) for p in (local / "results").rglob("*") if p.suffix in (".tsv", ".json")
+                    and "logs" not in p.parts and "benchmarks" not in p.parts and p.name != "qc.json")
+    assert len(tables) >= 4 * len(CENTERS), tables  # ingest/qc patients.tsv, clinical .tsv and .json per center
+    for table in tables:
+        assert (on_slurm / table).read_bytes() == (local / table).read_bytes(), table
+    qc = pd.concat([pd.read_csv(local / f"results/qc/{c}/patients.tsv", sep="\t") for c in CENTERS])
+    assert (qc["status"] == "included").sum() == len(CENTERS) * PATIENTS
+    images = sorted(p.relative_to(local) for p in (local / "results" / "ingest").rglob("*.nii.gz"))
+    assert len(images) >= len(CENTERS) * PATIENTS
+    for image in images:
+        mine, theirs = _nifti(on_slurm / image), _nifti(local / image)
+        assert (mine[0] == theirs[0]).all() and mine[1:] == theirs[1:], image
+    for qc_json in (local / "results" / "ingest").rglob("qc.json"):
+        other = on_slurm / qc_json.relative_to(local)
+        assert _without_timings(json.loads(other.read_text())) == _without_timings(json.loads(qc_json.read_text()))
+
+
+def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, runs):
+    on_slurm, _, _ = runs
+    (on_slurm / "demo" / "clinical" / "C.csv").write_text("this is not a clinical table\n1\n")
+    code, output = _snakemake_slurm(on_slurm, cluster, "results/clinical/C.tsv", timeout=300)
+    assert code != 0, output[-3000:]
+    assert "Error in rule clinical_table" in output, output[-3000:]
+    failed = _slurm_jobs(cluster, _run_id(output))
+    assert list(failed["state"]) == ["FAILED"], failed
+    job = failed["job"].iloc[0]
+    log = on_slurm / ".snakemake" / "slurm_logs" / "rule_clinical_table" / "C" / f"{job}.log"
+    assert str(log) in output
+    # the job's traceback, in the rule's log and the SLURM log, both printed (show-failed-logs in the profile)
+    rule_log = (on_slurm / "results" / "logs" / "clinical" / "C.log").read_text()
+    assert f"SLURM job {job} on " in rule_log and "Traceback" in rule_log, rule_log
+    error = [line for line in rule_log.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    assert error and error[-1] in log.read_text(), rule_log
+    assert "Logfile results/logs/clinical/C.log:" in output and f"Logfile {log}:" in output, output[-3000:]
+    assert output.count(error[-1]) >= 2, output[-3000:]
+
+
+# ---------------------------------------------------------------- the profiles, resolved by dry runs (no cluster)
+
+def _dry_run(tmp_path: Path, profile: Path, gpu: bool) -> str:
+    _tiny_study(tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["segmentation"]["gpu"] = gpu
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run = subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+         str(tmp_path / "config.yaml"), "--workflow-profile", str(profile), "--dry-run", "--cores", "2"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout + run.stderr
+
+
+def _job_resources(output: str, rule: str) -> dict[str, str]:
+    match = re.search(rf"^(?:rule|checkpoint) {rule}:\n(?:    .*\n)*?    resources: (.*)$", output, re.MULTILINE)
+    assert match, f"no {rule} job in the dry run"
+    return dict(item.split("=", 1) for item in match.group(1).split(", "))
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_slurm_profile_sizes_every_rule_and_asks_a_gpu_for_nnunet(tmp_path, gpu):
+    output = _dry_run(tmp_path, SLURM_PROFILE, gpu)
+    assert "Using workflow specific profile" in output
+    profile = _profile()["set-resources"]
+    for rule in ("demo_cohort", "discover", "clinical_table", "center_qc", "nnunet_dataset", "nnunet_plan",
+                 "nnunet_train", "segment_center"):
+        resources = _job_resources(output, rule)
+        for key, value in profile[rule].items():
+            assert resources.get(key) == str(value), (rule, key, resources)
+    for rule in ("nnunet_train", "segment_center"):
+        # the plugin turns gpu=N into sbatch --gpus=N
+        assert (_job_resources(output, rule).get("gpu") == "1") == gpu, rule
+
+
+def test_local_profile_is_picked_up_by_name(tmp_path):
+    output = _dry_run(tmp_path, LOCAL_PROFILE, gpu=False)
+    profile = yaml.safe_load((LOCAL_PROFILE / "config.yaml").read_text())
+    assert _job_resources(output, "nnunet_plan")["mem_mb"] == str(profile["set-resources"]["nnunet_plan"]["mem_mb"])
+    assert _job_resources(output, "discover")["mem_mb"] == str(profile["default-resources"]["mem_mb"])
