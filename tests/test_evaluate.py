@@ -243,3 +243,24 @@ def test_report_says_which_center_was_added_and_keeps_a_history(tmp_path):
     changes, _ = study_changes(_flow([["C1", "development", 9, 8, 1]]), history, "2026-01-04 10:00:00 UTC")
     assert "Center C1: delivered patients 8 -> 9." in changes
     assert any(c.startswith("Center C3 (external) is no longer in the study") for c in changes)
+
+
+def test_nomogram_draws_one_axis_per_categorical_variable():
+    rng = np.random.default_rng(3)
+    level = rng.integers(0, 3, 60)
+    design = pd.DataFrame({"age": rng.normal(60, 10, 60), "n_stage[N1]": (level == 1).astype(float),
+                           "n_stage[N2]": (level == 2).astype(float)}, index=[f"P{i}" for i in range(60)])
+    lm = E.LinearModel("binary", "combined", -1.0, pd.Series({"age": 0.03, "n_stage[N1]": -0.5, "n_stage[N2]": 1.2}),
+                       design)
+    fig, scales = E.plot_nomogram(lm, design)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert "n_stage" in labels and "n_stage[N1]" not in labels and {"ref", "N1", "N2"} <= set(labels)
+    s = scales.set_index("feature")
+    assert s.loc["n_stage[N1]", "zero_points_at"] == 1  # the lowest level (N1, beta < 0) scores 0 points
+    assert s["max_points"].max() == pytest.approx(100)
+    points = ((design - s["zero_points_at"]) * s["points_per_unit"]).sum(axis=1)
+    assert points.min() >= -1e-9
+    unit = s["coefficient"].iloc[0] / s["points_per_unit"].iloc[0]
+    lp0 = lm.intercept + (lm.coefficients * s["zero_points_at"]).sum()
+    np.testing.assert_allclose(expit(lp0 + points * unit), expit(lm.linear_predictor()), rtol=1e-9)
+    assert len(fig.axes[0].texts) and min(t.get_position()[1] for t in fig.axes[0].texts) > fig.axes[0].get_ylim()[0]

@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -907,14 +908,28 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
 
     coefs = lm.coefficients
     lo, hi = reference[coefs.index].min(), reference[coefs.index].max()
-    spans = (coefs.abs() * (hi - lo)).replace(0, np.nan)
+    # One axis per predictor; the 0/1 dummies of one categorical variable (`var[level]`) share one axis whose
+    # ticks are its levels (the reference level: all dummies 0).
+    axes: dict[str, list[str]] = {}
+    for f in coefs.index:
+        m = re.fullmatch(r"(.+)\[(.+)\]", str(f))
+        dummy = m is not None and set(np.unique(reference[f].dropna())) <= {0, 1}
+        axes.setdefault(m.group(1) if dummy else str(f), []).append(f)
+    ref = pd.Series(np.where(coefs > 0, lo, hi), index=coefs.index, dtype=float)
+    spans = coefs.abs() * (hi - lo)
+    for name, members in axes.items():
+        if len(members) > 1 or members[0] != name:  # categorical: levels at 0 (reference) and each coefficient
+            c = coefs[members]
+            lowest = c.idxmin() if c.min() < 0 else None
+            ref[members] = [1.0 if f == lowest else 0.0 for f in members]
+            spans[members] = max(0.0, c.max()) - min(0.0, c.min())
+    spans = spans.replace(0, np.nan)
     scale = 100.0 / spans.max()
-    ref = pd.Series(np.where(coefs > 0, lo, hi), index=coefs.index)
-    max_points = float((spans * scale).sum())
+    max_points = float(sum(spans[m[0]] for m in axes.values() if np.isfinite(spans[m[0]])) * scale)
     lp0 = lm.intercept + float((coefs * ref).sum())
     if outcome_axes is None:
         outcome_axes = {"Predicted probability": expit}
-    rows = ["Points"] + list(coefs.index) + ["Total points"] + list(outcome_axes)
+    rows = ["Points"] + list(axes) + ["Total points"] + list(outcome_axes)
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1))
     ax.set_xlim(-35, 105)
     ax.set_ylim(-len(rows) + 0.3, 0.8)
@@ -932,7 +947,14 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
                 last = x
 
     axis_row(0, "Points", np.arange(0, 101, 10), [str(v) for v in range(0, 101, 10)])
-    for i, f in enumerate(coefs.index, start=1):
+    for i, (name, members) in enumerate(axes.items(), start=1):
+        if len(members) > 1 or members[0] != name:
+            c = coefs[members]
+            base = min(0.0, c.min())
+            levels = ["ref"] + [re.fullmatch(r"(.+)\[(.+)\]", str(f)).group(2) for f in members]
+            axis_row(-i, name, scale * (np.r_[0.0, c.to_numpy()] - base), levels, min_gap=0.0)
+            continue
+        f = members[0]
         vals = np.unique(reference[f].dropna())
         if len(vals) <= 6:
             ticks = vals
@@ -942,7 +964,7 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
             ticks = ticks[(ticks >= lo[f] - 1e-12) & (ticks <= hi[f] + 1e-12)]
         pts = scale * coefs[f] * (ticks - ref[f])
         axis_row(-i, f, pts, [f"{v:g}" for v in ticks])
-    y_total = -(len(coefs) + 1)
+    y_total = -(len(axes) + 1)
     total_ticks = np.linspace(0, max_points, 9)
     to_x = 100.0 / max_points
     axis_row(y_total, "Total points", total_ticks * to_x, [f"{v:.0f}" for v in total_ticks])
