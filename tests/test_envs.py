@@ -40,8 +40,9 @@ CONSTRAINTS = REPO / "requirements" / "constraints.txt"
 # .smk files (rules inside `if DEMO:` / `if SEG["model_folder"]:` exist under one config only).
 CONFIG_VARIANTS = {
     "default": {},
-    "trained model given, deep features on": {"segmentation": {"model_folder": "resources/nnunet/given-model"},
-                                              "features": {"deep": {"enabled": True}}},
+    "trained model given, deep features and robustness on": {
+        "segmentation": {"model_folder": "resources/nnunet/given-model"},
+        "features": {"deep": {"enabled": True}, "robustness": {"enabled": True}}},
 }
 # conda-forge names that differ from the distribution name the virtualenv knows (after normalisation)
 CONDA_TO_DIST = {

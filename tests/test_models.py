@@ -420,3 +420,44 @@ def test_combined_model_takes_only_the_configured_scores(study, tmp_path):
     assert (tmp_path / "binary" / "deep.joblib").exists()  # the deep model itself is still fitted
     with pytest.raises(ValueError, match="combined_scores"):
         run_statistics(feats, clin, pts, _config(models={"combined_scores": ["texture"]}), tmp_path / "bad")
+
+
+def _perturbed(feats, unstable, rng, patients_noise=None):
+    rows = []
+    radiomic = [c for c in feats.columns if c not in ("patient", "center") and "_deep_" not in c]
+    for how in ("erode", "dilate"):
+        t = feats[["patient", "center", *radiomic]].copy()
+        for c in radiomic:
+            sd = t[c].std()
+            scale = 3.0 if c in unstable else 0.05  # unstable: perturbation noise swamps the patients' spread
+            t[c] = t[c] + rng.normal(0, scale * sd, len(t))
+        if patients_noise is not None:  # wild values for some patients only
+            hit = t["patient"].isin(patients_noise)
+            wild = np.random.default_rng(99)  # its own stream: the training patients' values stay as in the first run
+            t.loc[hit, radiomic] = wild.normal(0, 1e3, (int(hit.sum()), len(radiomic)))
+        rows.append(t.assign(perturbation=how))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_robustness_icc_is_computed_on_training_patients_only(study, tmp_path):
+    feats, clin, pts, _ = study
+    radiomic = [c for c in feats.columns if c not in ("patient", "center") and "_deep_" not in c]
+    unstable = set(radiomic[::2])
+    cfg = _config(endpoints=["binary"])
+    run_statistics(feats, clin, pts, cfg, tmp_path / "a", perturbed=_perturbed(feats, unstable, np.random.default_rng(0)))
+    icc = pd.read_csv(tmp_path / "a" / "robustness.tsv", sep="\t")
+    assert set(icc["feature"]) == set(radiomic)  # deep features are not assessed: they pass
+    assert set(icc.loc[~icc["robust"], "feature"]) == unstable
+    selected = pd.read_csv(tmp_path / "a" / "selected_features.tsv", sep="\t")
+    assert not set(selected["feature"]) & unstable
+    funnel = pd.read_csv(tmp_path / "a" / "selection_summary.tsv", sep="\t").set_index(["model", "step"])["n_features"]
+    assert funnel[("deep", "robustness")] == funnel[("deep", "input")] > 0  # deep features are not filtered
+    assert funnel[("radiomic", "robustness")] == len(radiomic) - len(unstable)
+    # wild perturbed values for every non-training patient change nothing fitted
+    cohorts = pd.read_csv(tmp_path / "a" / "cohorts.tsv", sep="\t")
+    others = cohorts.loc[cohorts["cohort"] != "training", "patient"].tolist()
+    run_statistics(feats, clin, pts, cfg, tmp_path / "b",
+                   perturbed=_perturbed(feats, unstable, np.random.default_rng(0), patients_noise=others))
+    for name in ("robustness", "selected_features", "coefficients"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / f"{name}.tsv", sep="\t"),
+                                      pd.read_csv(tmp_path / "b" / f"{name}.tsv", sep="\t"))

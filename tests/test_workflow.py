@@ -42,6 +42,7 @@ def _tiny_study(workdir: Path) -> None:
     config["segmentation"].update(epochs=2, iterations_per_epoch=4, early_stopping_patience=None)
     config["segmentation"]["qc"]["on_flag"] = "warn"
     config["selection"]["lasso"]["cv_folds"] = 3
+    config["features"]["robustness"] = {"enabled": True}  # ICC filter: perturbed-mask radiomics per patient
     config["evaluation"] = {"n_bootstrap": 100}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # Original-image first-order and GLCM features only: a 2-epoch nnU-Net segments badly, and filters or shape
@@ -210,6 +211,13 @@ def test_models_and_report(study):
     assert set(predictions.loc[predictions["cohort"] == "test", "center"]) == {"C"}
     html = (workdir / "results" / "report" / "report.html").read_text()
     assert "<img" in html and "ROC" in html and len(html) > 50_000
+    # features.robustness on: perturbed-mask radiomics for every patient, ICC on the training patients
+    perturbed = pd.read_parquet(workdir / "results" / "features" / "perturbed.parquet")
+    features = pd.read_parquet(workdir / "results" / "features" / "features.parquet")
+    assert set(perturbed["perturbation"]) == {"erode", "dilate"}
+    assert set(perturbed["patient"]) == set(features["patient"])
+    icc = pd.read_csv(workdir / "results" / "models" / "robustness.tsv", sep="\t")
+    assert len(icc) and icc["icc"].notna().any() and set(icc["split"]) == {"holdout"}
 
 
 def test_rtstruct_masks_are_ingested(study):
@@ -256,3 +264,25 @@ def test_snakemake_lint_is_clean():
     run = subprocess.run([SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Congratulations" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def test_a_trained_model_folder_in_the_config_is_used_without_training(study):
+    """Runs last (it re-segments the study): the model trained above, copied as if from an earlier study."""
+    workdir, _, _ = study
+    trained = next((workdir / "resources" / "nnunet" / "results").rglob("plans.json")).parent
+    given = workdir / "given_model"
+    shutil.copytree(trained, given)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["segmentation"]["model_folder"] = "given_model"
+    (workdir / "config_given.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
+           str(workdir / "config_given.yaml"), "--cores", "2", "--forcerun", "segment_center",
+           "results/segmentation/dsc.tsv"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    assert run.returncode == 0, run.stderr[-5000:]
+    jobs = set(re.findall(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):", run.stdout + run.stderr, flags=re.M))
+    assert {"segment_center", "segmentation_split", "segmentation_quality"} <= jobs
+    assert not {j for j in jobs if j.startswith("nnunet_")}, jobs
+    log = (workdir / "results" / "logs" / "segmentation" / "A.log").read_text()
+    assert "given_model" in log
+    assert (workdir / "results" / "segmentation" / "dsc.tsv").stat().st_size > 0

@@ -53,6 +53,44 @@ def patient_radiomics(study: Study, center: str, patient: str, ingest_root: str 
     return row
 
 
+def patient_perturbed(study: Study, center: str, patient: str, ingest_root: str | Path,
+                      segmentation_root: str | Path, out: str | Path) -> pd.DataFrame:
+    """The patient's radiomics on its masks eroded / dilated (features.robustness): one row per perturbation,
+    with a `perturbation` column; the ICC itself is computed by the statistics stage on training patients."""
+    cfg, rob = study.config["features"]["radiomics"], study.config["features"]["robustness"]
+    folder = Path(ingest_root) / center / patient
+    images = {c: folder / image_file(c) for c in study.config["ingest"]["channels"]}
+    mask = mask_for(study, center, patient, Path(ingest_root), Path(segmentation_root))
+    params = features.load_params(cfg["params"])
+    rows = []
+    for how in rob["perturbations"]:
+        row, issues = features.extract_patient(
+            images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=params,
+            derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region="nan", mask_perturbation=how,
+            perturbation_radius=rob["radius"],
+        )
+        for issue in issues:
+            log.warning("%s (mask %s by %d voxel(s))", issue["message"], how, rob["radius"])
+        rows.append(row.assign(perturbation=how))
+    table = pd.concat(rows, ignore_index=True)
+    features.write_row(table, out)
+    return table
+
+
+def perturbed_table(rows, out: str | Path) -> pd.DataFrame:
+    """All patients' perturbed radiomics (patient, center, perturbation, features) in one parquet file."""
+    frames = [pd.read_parquet(r) for r in rows]
+    table = pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame(
+        columns=["patient", "center", "perturbation"])
+    first = [c for c in ("patient", "center", "perturbation") if c in table.columns]
+    table = table[first + [c for c in table.columns if c not in first]].sort_values(["patient", "perturbation"])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out, index=False)
+    log.info("perturbed radiomics of %d patient(s), %s", table["patient"].nunique(),
+             sorted(table["perturbation"].unique()) if len(table) else [])
+    return table
+
+
 ISSUE_COLUMNS = ["patient", "center", "region", "reason", "message"]
 
 

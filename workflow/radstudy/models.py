@@ -31,9 +31,11 @@ clinical variables. `run_statistics` writes the tables the evaluation and report
 from __future__ import annotations
 
 import copy
+import logging
 import platform
 import warnings
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +51,11 @@ from sklearn.linear_model import LogisticRegression
 from . import __version__
 from .design import assign_cohorts, design_settings, primary_split, split_names
 from .harmonize import ComBat
+from .robustness import icc_table, robust_features
 from .selection import build_selector, make_survival, read_robust_features, selection_settings, selection_summary
 from .tables import read_table
+
+log = logging.getLogger(__name__)
 
 MODELS = ("clinical", "radiomic", "deep", "combined")
 ENDPOINTS = ("binary", "survival")
@@ -908,8 +913,29 @@ def _fit_split_job(data, cohort, settings, split, robust, feature_columns):
         return split, fit_split(data, cohort, settings, split, robust, feature_columns)
 
 
+def split_robustness(features: pd.DataFrame, perturbed: pd.DataFrame, training: Iterable[str],
+                     icc_min: float) -> tuple[tuple[list[str], list[str]], pd.DataFrame]:
+    """ICC(3,1) per radiomic feature over the training patients' original and perturbed-mask values (the
+    features stage's perturbed.parquet); ((robust, evaluated), table feature/icc/robust). Only training
+    patients enter: the robust list is a fitted selection step like any other."""
+    training = set(map(str, training))
+    original = features[features["patient"].astype(str).isin(training)]
+    pert = perturbed[perturbed["patient"].astype(str).isin(training)]
+    tables = {"original": original.drop(columns=["excluded", "exclusion_reason"], errors="ignore")}
+    for how, rows in pert.groupby("perturbation", sort=True):
+        tables[str(how)] = rows.drop(columns=["perturbation", "excluded", "exclusion_reason"], errors="ignore")
+    evaluated = [c for c in perturbed.columns if c not in ("patient", "center", "perturbation", "excluded",
+                                                           "exclusion_reason") and c in original.columns]
+    tables = {k: t[["patient", "center", *evaluated]] for k, t in tables.items()}
+    icc = icc_table(tables)
+    robust = robust_features(icc, icc_min)
+    table = pd.DataFrame({"feature": icc.index, "icc": icc.to_numpy()})
+    table["robust"] = table["feature"].isin(set(robust))
+    return (robust, list(icc.index)), table
+
+
 def run_statistics(features, clinical, patients, config: dict, out_dir: str | Path,
-                   n_jobs: int | None = None) -> dict[str, Path]:
+                   n_jobs: int | None = None, perturbed=None) -> dict[str, Path]:
     """The statistics stage: cohorts of every split, every model of every endpoint, and their tables.
 
     features / clinical / patients: DataFrames or paths (features.parquet, clinical.tsv, patients.tsv).
@@ -931,11 +957,19 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
     rob = settings["selection"]["robustness"]
     if rob.get("file"):
         robust = read_robust_features(rob["file"], rob["icc_min"])
+    perturbed = _read(perturbed) if perturbed is not None else None
     splits = split_names(cohorts)
-    jobs = []
+    jobs, icc_tables = [], []
     for split in splits:
         cmap = cohorts[cohorts["split"] == split].set_index("patient")["cohort"]
-        jobs.append((data, data["patient"].map(cmap), settings, split, robust, feature_columns))
+        split_robust = robust
+        if perturbed is not None and robust is None:  # ICC on this split's training patients only
+            training = cmap.index[cmap == "training"]
+            split_robust, icc = split_robustness(features, perturbed, training, rob["icc_min"])
+            icc_tables.append(icc.assign(split=split))
+            log.info("split %s: %d of %d radiomic features robust (ICC >= %s on %d training patients)", split,
+                     len(split_robust[0]), len(split_robust[1]), rob["icc_min"], len(training))
+        jobs.append((data, data["patient"].map(cmap), settings, split, split_robust, feature_columns))
     n_jobs = n_jobs if n_jobs is not None else settings["models"]["n_jobs"]
     if n_jobs == 1 or len(jobs) == 1:
         results = [_fit_split_job(*job) for job in jobs]
@@ -957,6 +991,8 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     write("cohorts", cohorts)
+    if icc_tables:
+        write("robustness", pd.concat(icc_tables, ignore_index=True), ["split", "feature", "icc", "robust"])
     write("predictions", gather("predictions"), ["patient", "center", "split", "cohort", "endpoint", "model",
                                                  "score", "probability", "outcome", "time", "event"])
     write("selected_features", gather("selected"), ["split", "endpoint", "model", "feature", "coefficient",

@@ -68,17 +68,32 @@ def segmentation_model(wildcards):
     return f"{NNUNET_MODEL}/fold_all/checkpoint_final.pth"
 
 
-def feature_rows(wildcards):
-    """Per-patient feature files of every patient whose segmentation passed QC."""
-    rows = []
-    for center in CENTERS:
-        segmentation = checkpoints.segment_center.get(center=center).output[0]
-        rows += expand(
-            "results/features/{center}/{patient}.parquet",
-            center=center,
-            patient=features_stage.segmented_patients(segmentation),
-        )
+def segmented_rows(pattern):
+    """`pattern` for every patient whose segmentation passed QC (known once each center is segmented)."""
+
+    def rows(wildcards):
+        out = []
+        for center in CENTERS:
+            segmentation = checkpoints.segment_center.get(center=center).output[0]
+            out += expand(
+                pattern,
+                center=center,
+                patient=features_stage.segmented_patients(segmentation),
+            )
+        return out
+
     return rows
+
+
+feature_rows = segmented_rows("results/features/{center}/{patient}.parquet")
+ROBUSTNESS = STUDY.config["features"]["robustness"]
+
+
+def perturbed_input(wildcards):
+    """The perturbed-mask radiomics the statistics stage needs for the ICC filter; none when disabled."""
+    if not ROBUSTNESS["enabled"]:
+        return []
+    return "results/features/perturbed.parquet"
 
 
 def deep_model(wildcards):

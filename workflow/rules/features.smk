@@ -17,6 +17,35 @@ rule radiomics_patient:
         "../scripts/radiomics_patient.py"
 
 
+if ROBUSTNESS["enabled"]:
+
+    rule radiomics_perturbed:
+        input:
+            ingest="results/ingest/{center}/{patient}",
+            segmentation="results/segmentation/{center}",
+            params=STUDY.config["features"]["radiomics"]["params"],
+        output:
+            "results/features/perturbed/{center}/{patient}.parquet",
+        log:
+            "results/logs/features/perturbed/{center}/{patient}.log",
+        conda:
+            "../../envs/features.yaml"
+        script:
+            "../scripts/radiomics_perturbed.py"
+
+    rule perturbed_table:
+        input:
+            rows=segmented_rows("results/features/perturbed/{center}/{patient}.parquet"),
+        output:
+            "results/features/perturbed.parquet",
+        log:
+            "results/logs/features/perturbed.log",
+        conda:
+            "../../envs/features.yaml"
+        script:
+            "../scripts/perturbed_table.py"
+
+
 if DEEP["enabled"]:
 
     rule deep_features_center:

@@ -7,6 +7,7 @@ rule statistics:
         features="results/features/features.parquet",
         clinical="results/clinical/clinical.tsv",
         patients="results/qc/patients.tsv",
+        perturbed=perturbed_input,
     output:
         predictions="results/models/predictions.tsv",
         cohorts="results/models/cohorts.tsv",

@@ -12,4 +12,5 @@ if __name__ == "__main__":  # joblib's worker processes
     run_statistics(
         snakemake.input.features, snakemake.input.clinical, snakemake.input.patients,
         load_study(snakemake.config).config, Path(snakemake.output.predictions).parent, n_jobs=snakemake.threads,
+        perturbed=snakemake.input.perturbed or None,
     )

@@ -1,0 +1,14 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workflow/: radstudy, in any env (README)
+
+from radstudy import features_stage
+from radstudy.config import load_study
+from radstudy.logs import setup
+
+setup(snakemake.log[0])
+features_stage.patient_perturbed(
+    load_study(snakemake.config), snakemake.wildcards.center, snakemake.wildcards.patient, "results/ingest",
+    "results/segmentation", snakemake.output[0],
+)
