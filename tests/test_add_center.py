@@ -28,7 +28,9 @@ HEADER = "id\trole\tdicom_root\tclinical\n"
 ROWS = {c: f"{c}\t{role}\tdemo/dicom/{c}\tdemo/clinical/{c}.csv\n"
         for c, role in [("A", "development"), ("B", "development"), ("C", "external"), ("D", "development")]}
 # study-level jobs: their inputs list every center, so a new center reruns them
-STUDY_LEVEL = {"segmentation_quality", "feature_table", "patient_flow", "statistics", "evaluate_report", "all"}
+# (the tiny study runs with features.robustness on: perturbed_table collects every patient's perturbed radiomics)
+STUDY_LEVEL = {"segmentation_quality", "feature_table", "perturbed_table", "patient_flow", "statistics",
+               "evaluate_report", "all"}
 NNUNET = {"nnunet_dataset", "nnunet_plan", "nnunet_train"}
 JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 
@@ -82,7 +84,7 @@ def _mtimes(workdir: Path, patterns: list[str]) -> dict[str, float]:
 
 EXISTING = [f"results/{kind}/{c}/**/*" for kind in ("ingest", "segmentation", "features", "qc") for c in "AB"]
 EXISTING += ["results/clinical/A.*", "results/clinical/B.*", "results/features/deep/A.*", "results/features/deep/B.*",
-             "resources/nnunet/**/*"]
+             "results/features/perturbed/A/*", "results/features/perturbed/B/*", "resources/nnunet/**/*"]
 STUDY_OUTPUTS = ["results/features/features.parquet", "results/qc/patient_flow.tsv", "results/clinical/clinical.tsv",
                  "results/models/predictions.tsv", "results/report/report.html", "results/segmentation/dsc.tsv"]
 
@@ -160,8 +162,9 @@ def test_run_executes_exactly_the_new_centers_jobs_and_the_study_level_steps(add
     qc = pd.read_csv(workdir / "results/segmentation/C/qc.tsv", sep="\t")
     ingested = sorted(w["patient"] for rule, w in jobs if rule == "ingest_patient")
     extracted = sorted(w["patient"] for rule, w in jobs if rule == "radiomics_patient")
+    perturbed = sorted(w["patient"] for rule, w in jobs if rule == "radiomics_perturbed")
     assert ingested == sorted(delivered) and len(ingested) == PATIENTS
-    assert extracted == sorted(qc.loc[qc["status"] == "included", "patient"])
+    assert extracted == perturbed == sorted(qc.loc[qc["status"] == "included", "patient"])
 
 
 @slow
