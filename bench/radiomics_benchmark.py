@@ -58,6 +58,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_benchmark import (
+    _PREAMBLE,
     REPO,
     WORKFLOW,
     check_ok,
@@ -74,10 +75,7 @@ VARIANTS = ("radstudy", "pyradiomics")
 MEMORY_LIMIT_MB = 4096
 _INTERPOLATORS = {"linear": "sitkLinear", "bspline": "sitkBSpline", "nearest": "sitkNearestNeighbor"}
 
-RADSTUDY_JOB = r"""
-import json, sys, time
-T0 = time.perf_counter()
-
+RADSTUDY_JOB = _PREAMBLE + r"""
 def main():
     workflow, config_file, center, patient, ingest_root, segmentation_root, out, log, result = sys.argv[1:10]
     sys.path.insert(0, workflow)  # as workflow/scripts/radiomics_patient.py does
@@ -89,8 +87,7 @@ def main():
     t1 = time.perf_counter()
     row = features_stage.patient_radiomics(load_study(yaml.safe_load(open(config_file))), center, patient, ingest_root,
                                            segmentation_root, out)
-    hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
-    json.dump({"import_s": t1 - T0, "call_s": time.perf_counter() - t1, "vmhwm_mb": hwm,
+    json.dump({"import_s": t1 - T0, "call_s": time.perf_counter() - t1, "vmhwm_mb": vmhwm_mb(),
                "columns": int(row.shape[1]), "nan": int(row.isna().sum().sum())}, open(result, "w"))
 
 if __name__ == "__main__":

@@ -393,22 +393,29 @@ class Extractor:
     def extract(self, images: Sequence[sitk.Image], region: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _load_resnet(self, backbone: str, dims: int, depths, checkpoint: str | Path) -> None:
+        """Build the user's ResNet (3D: MedicalNet's shortcut from config or the checkpoint; 2D: torchvision's B)
+        and load its weights strictly; sets model, n_features and the provenance in meta."""
+        self.backbone = backbone
+        depth = int(self.cfg.get("depth") or 18)
+        if depth not in depths:
+            raise DeepFeatureError(f"features.deep.depth: {backbone} supports depths {depths}, not {depth}")
+        state = read_state_dict(checkpoint)
+        shortcut = (self.cfg.get("shortcut") or _shortcut_of(state)) if dims == 3 else "B"
+        model = ResNet(depth, dims, shortcut=shortcut)
+        what = f"3D ResNet-{depth} (MedicalNet, shortcut {shortcut})" if dims == 3 else \
+            f"2D ResNet-{depth} (torchvision layout)"
+        load_backbone(model, state, checkpoint, what)
+        self.model = model.to(self.device).eval()
+        self.n_features = model.n_features
+        self.meta.update(depth=depth, checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint),
+                         window=list(self.cfg["window"]), **({"shortcut": shortcut} if dims == 3 else {}))
+
 
 class ResNet3DExtractor(Extractor):
     def __init__(self, cfg, device, seed, checkpoint: str | Path):
         super().__init__(cfg, device, seed)
-        self.backbone = "resnet3d"
-        depth = int(cfg.get("depth") or 18)
-        if depth not in RESNET3D_DEPTHS:
-            raise DeepFeatureError(f"features.deep.depth: resnet3d supports depths {RESNET3D_DEPTHS}, not {depth}")
-        state = read_state_dict(checkpoint)
-        shortcut = cfg.get("shortcut") or _shortcut_of(state)
-        model = ResNet(depth, 3, shortcut=shortcut)
-        load_backbone(model, state, checkpoint, f"3D ResNet-{depth} (MedicalNet, shortcut {shortcut})")
-        self.model = model.to(device).eval()
-        self.n_features = model.n_features
-        self.meta.update(depth=depth, shortcut=shortcut, checkpoint=str(checkpoint),
-                         checkpoint_sha256=file_sha256(checkpoint), window=list(cfg["window"]))
+        self._load_resnet("resnet3d", 3, RESNET3D_DEPTHS, checkpoint)
 
     def extract(self, images, region):
         crop = crop_region(images[0], region, self.cfg["crop_size"], self.cfg.get("spacing"), self.cfg["margin_mm"])
@@ -420,16 +427,8 @@ class ResNet3DExtractor(Extractor):
 class ResNet2DExtractor(Extractor):
     def __init__(self, cfg, device, seed, checkpoint: str | Path):
         super().__init__(cfg, device, seed)
-        self.backbone = "resnet2d"
-        depth = int(cfg.get("depth") or 18)
-        if depth not in RESNET2D_DEPTHS:
-            raise DeepFeatureError(f"features.deep.depth: resnet2d supports depths {RESNET2D_DEPTHS}, not {depth}")
-        model = ResNet(depth, 2, shortcut="B")
-        load_backbone(model, read_state_dict(checkpoint), checkpoint, f"2D ResNet-{depth} (torchvision layout)")
-        self.model = model.to(device).eval()
-        self.n_features = model.n_features
-        self.meta.update(depth=depth, checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint),
-                         window=list(cfg["window"]), image_size=IMAGE_SIZE_2D, slice="largest")
+        self._load_resnet("resnet2d", 2, RESNET2D_DEPTHS, checkpoint)
+        self.meta.update(image_size=IMAGE_SIZE_2D, slice="largest")
 
     def extract(self, images, region):
         one = np.zeros_like(region)

@@ -303,11 +303,11 @@ def study_changes(flow: pd.DataFrame, history_tsv, now: str) -> tuple[list[str],
         for c in previous.index:
             if c not in cur.index:
                 changes.append(f"Center {c} ({previous.loc[c, 'role']}) is no longer in the study.")
-        if not changes:
-            changes.append(f"Centers and patient counts unchanged since the previous report ({when}).")
-        else:
-            changes.insert(0, f"Changes since the previous report ({when}):")
-    if previous is None or len(changes) > 1 or not changes[0].startswith("Centers and patient counts unchanged"):
+    changed = previous is None or bool(changes)
+    if previous is not None:
+        changes.insert(0, f"Changes since the previous report ({when}):" if changed else
+                       f"Centers and patient counts unchanged since the previous report ({when}).")
+    if changed:
         history = pd.concat([history, current.assign(reported=now)[HISTORY_COLUMNS]], ignore_index=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(path, sep="\t", index=False)
