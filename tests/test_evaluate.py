@@ -264,3 +264,24 @@ def test_nomogram_draws_one_axis_per_categorical_variable():
     lp0 = lm.intercept + (lm.coefficients * s["zero_points_at"]).sum()
     np.testing.assert_allclose(expit(lp0 + points * unit), expit(lm.linear_predictor()), rtol=1e-9)
     assert len(fig.axes[0].texts) and min(t.get_position()[1] for t in fig.axes[0].texts) > fig.axes[0].get_ylim()[0]
+
+
+def test_nomogram_axis_of_a_log_transformed_variable_reads_in_its_own_units():
+    rng = np.random.default_rng(4)
+    cea = np.exp(rng.normal(2, 1.2, 80))  # ng/mL, skewed
+    design = pd.DataFrame({"age": rng.normal(60, 10, 80), "cea": np.log1p(cea)}, index=[f"P{i}" for i in range(80)])
+    lm = E.LinearModel("binary", "combined", -2.0, pd.Series({"age": 0.02, "cea": 0.8}), design, log1p=("cea",))
+    fig, scales = E.plot_nomogram(lm, design)
+    texts = fig.axes[0].texts
+    labels = [t.get_text() for t in texts]
+    assert "cea (log scale)" in labels and "cea" not in labels
+    assert scales.set_index("feature").loc["cea", "scale"] == "log(1 + x)"
+    # the cea row's tick labels are round values in ng/mL, placed where their log(1 + x) scores
+    row_y = next(t.get_position()[1] for t in texts if t.get_text() == "cea (log scale)")
+    ticks = {float(t.get_text()): t.get_position()[0] for t in texts
+             if abs(t.get_position()[1] - (row_y + 0.18)) < 1e-9}
+    assert {1.0, 10.0, 100.0} <= set(ticks)
+    s = scales.set_index("feature")
+    for value, x in ticks.items():
+        assert x == pytest.approx(s.loc["cea", "points_per_unit"] * (np.log1p(value) - s.loc["cea", "zero_points_at"]))
+    assert min(ticks) >= np.expm1(design["cea"].min()) - 1e-9 and max(ticks) <= cea.max() + 1e-9

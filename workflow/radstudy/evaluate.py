@@ -132,6 +132,7 @@ class LinearModel:
     intercept: float
     coefficients: pd.Series  # feature -> coefficient
     design: pd.DataFrame  # index: patient; columns: the features
+    log1p: tuple[str, ...] = ()  # predictors that enter as log(1 + x) (models.clinical.log_transform)
 
     @classmethod
     def from_tables(cls, coefficients: pd.DataFrame, design: pd.DataFrame, endpoint: str,
@@ -956,6 +957,12 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
             continue
         f = members[0]
         vals = np.unique(reference[f].dropna())
+        if f in lm.log1p:  # ticks in the variable's own units (1, 2, 5, 10, ...), placed at log(1 + x)
+            raw = np.r_[0.0, [m * 10.0 ** k for k in range(-2, 8) for m in (1, 2, 5)]]
+            raw = raw[(np.log1p(raw) >= lo[f] - 1e-12) & (np.log1p(raw) <= hi[f] + 1e-12)]
+            pts = scale * coefs[f] * (np.log1p(raw) - ref[f])
+            axis_row(-i, f"{f} (log scale)", pts, [f"{v:g}" for v in raw])
+            continue
         if len(vals) <= 6:
             ticks = vals
         else:
@@ -980,7 +987,8 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
         ax.set_title(title, fontsize=11)
     table = pd.DataFrame({"feature": coefs.index, "coefficient": coefs.values, "min": lo.values, "max": hi.values,
                           "zero_points_at": ref.values, "points_per_unit": (scale * coefs).values,
-                          "max_points": (spans * scale).values})
+                          "max_points": (spans * scale).values,
+                          "scale": ["log(1 + x)" if f in lm.log1p else "x" for f in coefs.index]})
     return fig, table
 
 

@@ -20,20 +20,23 @@ EXPLAINED_MODEL = "combined"
 
 def combined_model_tables(models_dir: Path, features, clinical, patients) -> tuple[pd.DataFrame, dict]:
     """Coefficients of the delivered combined models (evaluate's format: endpoint, model, feature, coefficient)
-    and their design matrices (patient + predictors) for SHAP and the nomogram."""
+    and their design matrices (patient + predictors) for SHAP and the nomogram; per endpoint, the predictors that
+    enter as log(1 + x) (the nomogram draws their axes in the variable's own units)."""
     coefficients = pd.read_csv(models_dir / "coefficients.tsv", sep="\t")
     split = primary_split(pd.read_csv(models_dir / "cohorts.tsv", sep="\t"))
     coefficients = coefficients[(coefficients["split"] == split) & (coefficients["model"] == EXPLAINED_MODEL)]
     coefficients = coefficients.rename(columns={"term": "feature", "coef": "coefficient"})
     data = assemble(_read(features), _read(clinical), _read(patients))
-    designs = {}
+    designs, log1p = {}, {}
     for endpoint in coefficients["endpoint"].unique():
         path = models_dir / endpoint / f"{EXPLAINED_MODEL}.joblib"
         if path.exists():
-            design = load_model(path).design(data)
+            model = load_model(path)
+            design = model.design(data)
             design.insert(0, "patient", data["patient"].to_numpy())
             designs[endpoint] = design
-    return coefficients[["endpoint", "model", "feature", "coefficient"]], designs
+            log1p[endpoint] = tuple(model.encoder.log_transform) if model.encoder is not None else ()
+    return coefficients[["endpoint", "model", "feature", "coefficient"]], designs, log1p
 
 
 def design_text(study: Study) -> str:
@@ -57,8 +60,10 @@ def design_text(study: Study) -> str:
 def run(study: Study, *, predictions, models_dir, features, clinical, patients, flow, dsc, out_dir) -> Path:
     out_dir = Path(out_dir)
     models_dir = Path(models_dir)
-    coefficients, designs = combined_model_tables(models_dir, features, clinical, patients)
+    coefficients, designs, log1p = combined_model_tables(models_dir, features, clinical, patients)
     linear_models = evaluate.load_linear_models(coefficients, designs, model=EXPLAINED_MODEL) if designs else []
+    for lm in linear_models:
+        lm.log1p = log1p.get(lm.endpoint, ())
     cfg = study.config["evaluation"]
     evaluate.evaluate(_read(predictions), out_dir, horizons_months=tuple(cfg["horizons_months"]),
                       n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models)
