@@ -1,12 +1,14 @@
-"""SLURM: the tiny demo study through workflow/profiles/slurm on a real single-node SLURM cluster.
+"""SLURM: the tiny demo study, whole, through workflow/profiles/slurm on a real single-node SLURM cluster.
 
 tests/slurm/local_cluster.sh installs Debian's munge + slurmctld + slurmd (root, apt-get) and starts a throw-away
-cluster (no accounting database); the module skips, with the reason, where that cannot be done. Proves: the jobs
-ran as SLURM jobs with the profile's sizes, per-patient jobs grouped into fewer SLURM jobs sized for serial
-members, results equal to a local run of the same study, and a job failing on SLURM fails the workflow with its
-log shown. Scope: discovery, ingestion, clinical tables and patient QC of every center (the deterministic stages;
-nnU-Net on 2 CPU cores would take most of the time, and its training is not bit-reproducible across runs). The
-profiles' resolution of every rule (GPU requests included) is checked with dry runs, without a cluster.
+cluster (no accounting database); the module skips, with the reason, where that cannot be done. Proves: every
+job of the study ran as a SLURM job with the profile's sizes (ingestion, QC, nnU-Net dataset / planning /
+training / prediction, radiomics, deep features, statistics, evaluation and report), per-patient jobs grouped into
+fewer SLURM jobs sized for serial members, results equal to a local run of the same study, and a job failing on
+SLURM fails the workflow with its log shown. nnU-Net training is not bit-reproducible from run to run, so the
+local run segments with the model trained on SLURM (segmentation.model_folder): everything else of it (ingestion,
+segmentation masks, features, models, predictions) must equal the SLURM run's. The profiles' resolution of every
+rule (GPU requests included) is checked with dry runs, without a cluster.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from test_workflow import SNAKEMAKE, _run, _tiny_study
+from test_workflow import PATIENTS, SNAKEMAKE, _run, _tiny_study
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local_cluster.sh"
@@ -32,9 +34,13 @@ SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm"
 LOCAL_PROFILE = REPO / "workflow" / "profiles" / "default"
 pytestmark = pytest.mark.slow
 
-PATIENTS = 3  # per center
 CENTERS = ("A", "B", "C")
-TARGETS = [f"results/{kind}" for c in CENTERS for kind in (f"qc/{c}/patients.tsv", f"clinical/{c}.tsv")]
+# every rule of the tiny study (demo_cohort runs before, locally: it writes the hospitals' deliveries), without
+# the optional robustness step (two more radiomics passes per patient; its rules' sizes are checked by dry runs)
+SLURM_RULES = {"discover", "ingest_patient", "clinical_table", "center_qc", "nnunet_dataset", "nnunet_plan",
+               "nnunet_train", "segment_center", "segmentation_quality", "radiomics_patient", "deep_features_center",
+               "feature_table", "patient_flow", "statistics", "evaluate_report"}
+GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics"}
 # Overrides a site with slurmdbd would not need: no accounting database here (sacct would poll forever, and the
 # plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence.
 TEST_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-no-account",
@@ -87,18 +93,29 @@ def _minutes(limit: str) -> int:
     return int(days or 0) * 1440 + parts[0] * 60 + parts[1] + (parts[2] > 0)
 
 
-def _slurm_jobs(env: dict, run_id: str) -> pd.DataFrame:
-    """Every job of one snakemake run (its jobs are named by the run's id), finished ones included."""
-    out = subprocess.run(["squeue", "--states=all", "--noheader", "--name", run_id, "-o", "%i|%T|%k|%C|%m|%l"],
-                         capture_output=True, text=True, env=env, check=True).stdout
+def _mb(memory: str) -> float:
+    """squeue's memory (%m: 8000M, 62.50G) in MB."""
+    return float(memory[:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[memory[-1]]
+
+
+def _slurm_jobs(env: dict, run_ids: list[str]) -> pd.DataFrame:
+    """Every job of the snakemake runs (their jobs are named by the run's id), finished ones included; `rule`
+    is the job's rule, or the grouped rule of a group job."""
+    out = subprocess.run(["squeue", "--states=all", "--noheader", "--name", ",".join(run_ids),
+                          "-o", "%i|%T|%k|%C|%m|%l"], capture_output=True, text=True, env=env, check=True).stdout
     rows = [line.split("|") for line in out.splitlines() if line.strip()]
-    return pd.DataFrame(rows, columns=["job", "state", "comment", "cpus", "memory", "limit"])
+    jobs = pd.DataFrame(rows, columns=["job", "state", "comment", "cpus", "memory", "limit"])
+    group = jobs["comment"].str.extract(r"^rule_(?:ingest|radiomics|perturbed)_[A-Z]+_(\w+)$")[0]
+    jobs["rule"] = group.fillna(jobs["comment"].str.extract(r"^rule_(\w+?)(?:_wildcards_.*)?$")[0])
+    jobs["group"] = group.notna()
+    jobs["center"] = jobs["comment"].str.extract(r"(?:_wildcards_|^rule_[a-z]+_)([A-Z]+)(?:_|$)")[0]
+    return jobs
 
 
-def _run_id(output: str) -> str:
-    match = re.search(r"SLURM run ID: (\S+)", output)
-    assert match, output[-3000:]
-    return match.group(1)
+def _run_ids(output: str) -> list[str]:
+    ids = re.findall(r"SLURM run ID: (\S+)", output)
+    assert ids, output[-3000:]
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -128,53 +145,64 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(cluster, tmp_path_factory):
-    """The same tiny study run on SLURM and locally: (slurm workdir, local workdir, snakemake output on SLURM)."""
+    """The tiny study run on SLURM and locally: (slurm workdir, local workdir, snakemake output on SLURM)."""
     base = tmp_path_factory.mktemp("study")
     _tiny_study(base)
     config = yaml.safe_load((base / "config.yaml").read_text())
-    config["demo"]["patients"] = PATIENTS
+    config["features"]["robustness"] = {"enabled": False}
     (base / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     demo = _run(base, "demo_cohort")
     assert demo.returncode == 0, demo.stderr[-3000:]
     on_slurm, local = tmp_path_factory.mktemp("on_slurm"), tmp_path_factory.mktemp("local")
     for workdir in (on_slurm, local):
         shutil.copytree(base, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".snakemake"))
-    # the local run (through the local profile) alongside: the SLURM run mostly waits for its status polls
+    # 1. on SLURM up to the trained model (discovery, ingestion, clinical tables, QC, nnU-Net dataset, plan, training)
+    code, trained = _snakemake_slurm(on_slurm, cluster, "nnunet_train", timeout=900)
+    assert code == 0, trained[-6000:]
+    # 2. the rest of the study on SLURM and, alongside, the whole study locally (the SLURM run mostly waits for
+    #    its status polls) with the model trained on SLURM
+    model = next((on_slurm / "resources" / "nnunet" / "results").rglob("plans.json")).parent
+    shutil.copytree(model, local / "given_model")
+    config = yaml.safe_load((local / "config.yaml").read_text())
+    config["segmentation"]["model_folder"] = "given_model"
+    (local / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     local_proc = subprocess.Popen(
         [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(local), "--configfile",
-         str(local / "config.yaml"), "--workflow-profile", str(LOCAL_PROFILE), "--cores", "1", *TARGETS],
+         str(local / "config.yaml"), "--workflow-profile", str(LOCAL_PROFILE), "--cores", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=local)
     try:
-        code, output = _snakemake_slurm(on_slurm, cluster, *TARGETS)
+        code, rest = _snakemake_slurm(on_slurm, cluster, timeout=1500)
     finally:
-        local_out = _communicate(local_proc, timeout=600)
-    assert code == 0, output[-6000:]
+        local_out = _communicate(local_proc, timeout=1500)
+    assert code == 0, rest[-6000:]
     assert local_proc.returncode == 0, local_out[-3000:]
-    return on_slurm, local, output
+    return on_slurm, local, trained + rest
 
 
-def test_jobs_ran_as_slurm_jobs_sized_by_the_profile(cluster, runs):
+def test_every_job_ran_as_a_slurm_job_sized_by_the_profile(cluster, runs):
     on_slurm, _, output = runs
-    jobs = _slurm_jobs(cluster, _run_id(output))
+    jobs = _slurm_jobs(cluster, _run_ids(output))
     assert len(jobs) and set(jobs["state"]) == {"COMPLETED"}, jobs
+    assert set(jobs["rule"]) == SLURM_RULES, jobs
+    # the run's own job list: nothing ran outside SLURM but the target rules (no job of their own)
+    local_jobs = set(re.findall(r"^localrule (\w+):$", output, flags=re.M))
+    assert local_jobs <= {"all"}, local_jobs
     profile = _profile()["set-resources"]
-    by_rule = {rule: jobs[jobs["comment"].str.startswith(f"rule_{rule}_wildcards_")]
-               for rule in ("discover", "clinical_table", "center_qc")}
-    for rule, rows in by_rule.items():
-        assert len(rows) == len(CENTERS), (rule, jobs)
-        assert (rows["memory"] == f"{profile[rule]['mem_mb']}M").all(), rows
-        assert rows["limit"].map(_minutes).eq(profile[rule]["runtime"]).all(), rows
-        assert (rows["cpus"] == "1").all(), rows
+    for row in jobs.itertuples():
+        sizes = profile[row.rule]
+        assert _mb(row.memory) == sizes["mem_mb"], row
+        assert row.cpus == str(sizes.get("cpus_per_task", 1)), row
+        if not row.group:
+            assert _minutes(row.limit) == sizes["runtime"], row
     # the rule's own log names the SLURM job it ran in (radstudy.logs.setup)
-    rule_logs = {"discover": "discover/{c}.log", "clinical_table": "clinical/{c}.log", "center_qc": "qc/{c}.log"}
-    for rule, rows in by_rule.items():
-        for row in rows.itertuples():
-            center = row.comment.rsplit("_", 1)[1]
-            log = on_slurm / "results" / "logs" / rule_logs[rule].format(c=center)
-            assert f"SLURM job {row.job} on " in log.read_text(), (log, row)
-    for row in jobs[jobs["comment"].str.startswith("rule_ingest_")].itertuples():
-        center = row.comment.split("_")[2]
-        patient_logs = list((on_slurm / "results" / "logs" / "ingest" / center).glob("*.log"))
+    rule_logs = {"discover": "discover/{c}.log", "clinical_table": "clinical/{c}.log", "center_qc": "qc/{c}.log",
+                 "segment_center": "segmentation/{c}.log", "nnunet_train": "segmentation/nnunet_train.log",
+                 "statistics": "statistics.log"}
+    for row in jobs[jobs["rule"].isin(rule_logs)].itertuples():
+        log = on_slurm / "results" / "logs" / rule_logs[row.rule].format(c=row.center)
+        assert f"SLURM job {row.job} on " in log.read_text(), (log, row)
+    for row in jobs[jobs["rule"] == "ingest_patient"].itertuples():
+        patient_logs = list((on_slurm / "results" / "logs" / "ingest" / row.center).glob("*.log"))
         assert len(patient_logs) == PATIENTS
         assert all(f"SLURM job {row.job} on " in log.read_text() for log in patient_logs), row
     # each SLURM job's log, named by its job id, where the plugin puts it
@@ -182,21 +210,24 @@ def test_jobs_ran_as_slurm_jobs_sized_by_the_profile(cluster, runs):
         logs = list((on_slurm / ".snakemake" / "slurm_logs").rglob(f"{row.job}.log"))
         assert len(logs) == 1, row
         text = logs[0].read_text()
-        rule = "ingest_patient" if row.comment.startswith("rule_ingest_") else row.comment.split("_wildcards_")[0][5:]
-        assert f"(Rule: {rule})" in text and "(100%) done" in text, logs[0]
+        assert f"(Rule: {row.rule})" in text and "(100%) done" in text, logs[0]
 
 
 def test_patients_are_grouped_into_one_slurm_job_per_center_sized_for_serial_members(cluster, runs):
-    _, _, output = runs
-    jobs = _slurm_jobs(cluster, _run_id(output))
-    groups = jobs[jobs["comment"].str.fullmatch(r"rule_ingest_[A-Z]+_ingest_patient")]
-    assert sorted(groups["comment"]) == [f"rule_ingest_{c}_ingest_patient" for c in CENTERS], jobs
-    assert not jobs["comment"].str.startswith("rule_ingest_patient").any(), jobs  # no ingest job ran on its own
-    per_patient = _profile()["set-resources"]["ingest_patient"]
-    # members run one after the other (the plugin's jobstep runs with --jobs 1): one member's CPU and memory,
-    # the sum of their runtimes
-    assert (groups["cpus"] == "1").all() and (groups["memory"] == f"{per_patient['mem_mb']}M").all(), groups
-    assert groups["limit"].map(_minutes).eq(PATIENTS * per_patient["runtime"]).all(), groups
+    on_slurm, _, output = runs
+    jobs = _slurm_jobs(cluster, _run_ids(output))
+    profile = _profile()["set-resources"]
+    for rule, group in GROUPED.items():
+        rows = jobs[jobs["rule"] == rule]
+        assert rows["group"].all(), rows  # no job of a grouped rule ran on its own
+        assert sorted(rows["comment"]) == [f"rule_{group}_{c}_{rule}" for c in CENTERS], jobs
+        # members run one after the other (the plugin's jobstep runs with --jobs 1): one member's CPU and memory,
+        # the sum of their runtimes
+        assert (rows["cpus"] == "1").all() and rows["memory"].map(_mb).eq(profile[rule]["mem_mb"]).all(), rows
+        for row in rows.itertuples():
+            members = {"ingest_patient": PATIENTS}.get(rule) or len(
+                list((on_slurm / "results" / "features" / row.center).glob("*.parquet")))
+            assert _minutes(row.limit) == members * profile[rule]["runtime"], (row, members)
 
 
 def _nifti(path: Path):
@@ -210,23 +241,39 @@ def _without_timings(value):
     return value
 
 
+# What differs by design between the SLURM run (trained its model) and the local run (given that model):
+# the segmentation holdout (with a given model every annotated patient is a holdout patient), hence the DSC table
+# and the report's text; the deep features' metadata names the model's path.
+DIFFERS_BY_DESIGN = {"results/segmentation/split.tsv", "results/segmentation/dsc.tsv"}
+
+
+def _differs_by_design(path: Path) -> bool:
+    return str(path) in DIFFERS_BY_DESIGN or path.parts[:2] == ("results", "report") or path.name.endswith(".meta.json")
+
+
 def test_results_equal_a_local_run(runs):
     on_slurm, local, _ = runs
     tables = sorted(p.relative_to(local) for p in (local / "results").rglob("*") if p.suffix in (".tsv", ".json")
                     and "logs" not in p.parts and "benchmarks" not in p.parts and p.name != "qc.json")
-    assert len(tables) >= 4 * len(CENTERS), tables  # ingest/qc patients.tsv, clinical .tsv and .json per center
+    tables = [t for t in tables if not _differs_by_design(t)]
+    for kind in ("ingest", "qc", "clinical", "segmentation", "features", "models"):
+        assert any(t.parts[1] == kind for t in tables), (kind, tables)
     for table in tables:
         assert (on_slurm / table).read_bytes() == (local / table).read_bytes(), table
+    table = "results/features/features.parquet"
+    pd.testing.assert_frame_equal(pd.read_parquet(on_slurm / table), pd.read_parquet(local / table))
     qc = pd.concat([pd.read_csv(local / f"results/qc/{c}/patients.tsv", sep="\t") for c in CENTERS])
     assert (qc["status"] == "included").sum() == len(CENTERS) * PATIENTS
-    images = sorted(p.relative_to(local) for p in (local / "results" / "ingest").rglob("*.nii.gz"))
-    assert len(images) >= len(CENTERS) * PATIENTS
+    images = sorted(p.relative_to(local) for folder in ("ingest", "segmentation")
+                    for p in (local / "results" / folder).rglob("*.nii.gz"))
+    assert len(images) >= 2 * len(CENTERS) * PATIENTS  # CTs, masks, and every patient's segmentation
     for image in images:
         mine, theirs = _nifti(on_slurm / image), _nifti(local / image)
         assert (mine[0] == theirs[0]).all() and mine[1:] == theirs[1:], image
     for qc_json in (local / "results" / "ingest").rglob("qc.json"):
         other = on_slurm / qc_json.relative_to(local)
         assert _without_timings(json.loads(other.read_text())) == _without_timings(json.loads(qc_json.read_text()))
+    assert (on_slurm / "results" / "report" / "report.html").stat().st_size > 0
 
 
 def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, runs):
@@ -235,7 +282,7 @@ def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, r
     code, output = _snakemake_slurm(on_slurm, cluster, "results/clinical/C.tsv", timeout=300)
     assert code != 0, output[-3000:]
     assert "Error in rule clinical_table" in output, output[-3000:]
-    failed = _slurm_jobs(cluster, _run_id(output))
+    failed = _slurm_jobs(cluster, _run_ids(output))
     assert list(failed["state"]) == ["FAILED"], failed
     job = failed["job"].iloc[0]
     log = on_slurm / ".snakemake" / "slurm_logs" / "rule_clinical_table" / "C" / f"{job}.log"
