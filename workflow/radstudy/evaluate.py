@@ -936,7 +936,7 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
     ax.set_ylim(-len(rows) + 0.3, 0.8)
     ax.axis("off")
 
-    def axis_row(y, label, positions, labels, min_gap: float = 4.5):
+    def axis_row(y, label, positions, labels, min_gap: float = 4.5, every_label: bool = False):
         ax.text(-33, y, label, ha="left", va="center", fontsize=9, fontweight="bold" if label in ("Points", "Total points") else None)
         if len(positions):
             ax.plot([min(positions), max(positions)], [y, y], color="black", lw=1)
@@ -946,6 +946,8 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
             if x - last >= min_gap:  # label only ticks far enough apart to stay readable
                 ax.text(x, y + 0.18, t, ha="center", va="bottom", fontsize=7)
                 last = x
+            elif every_label:  # a categorical level: always labelled, below the line when the one above is near
+                ax.text(x, y - 0.1, t, ha="center", va="top", fontsize=7)
 
     axis_row(0, "Points", np.arange(0, 101, 10), [str(v) for v in range(0, 101, 10)])
     for i, (name, members) in enumerate(axes.items(), start=1):
@@ -953,7 +955,7 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
             c = coefs[members]
             base = min(0.0, c.min())
             levels = ["ref"] + [re.fullmatch(r"(.+)\[(.+)\]", str(f)).group(2) for f in members]
-            axis_row(-i, name, scale * (np.r_[0.0, c.to_numpy()] - base), levels, min_gap=0.0)
+            axis_row(-i, name, scale * (np.r_[0.0, c.to_numpy()] - base), levels, every_label=True)
             continue
         f = members[0]
         vals = np.unique(reference[f].dropna())
