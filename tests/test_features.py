@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 from pykwalify.errors import SchemaError
 from radstudy import features as F
+from radstudy.robustness import icc_3_1, icc_table, robust_features
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,23 +381,23 @@ def test_parameter_checks(tmp_path):
 def test_icc_3_1_reproduces_shrout_and_fleiss():
     # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; ICC(3,1) = 0.71.
     ratings = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
-    assert F.icc_3_1(ratings) == pytest.approx(0.7148, abs=1e-4)
-    assert round(F.icc_3_1(ratings), 2) == 0.71
+    assert icc_3_1(ratings) == pytest.approx(0.7148, abs=1e-4)
+    assert round(icc_3_1(ratings), 2) == 0.71
     x = np.arange(5.0)[:, None]
-    assert F.icc_3_1(np.hstack([x, x + 3])) == pytest.approx(1.0)  # consistency: a constant offset is agreement
-    assert np.isnan(F.icc_3_1(np.ones((4, 3))))  # no between-subject variance
-    assert F.icc_3_1(np.array([[1, 2], [3, np.nan], [2, 2], [5, 6]])) == pytest.approx(
-        F.icc_3_1([[1, 2], [2, 2], [5, 6]])
+    assert icc_3_1(np.hstack([x, x + 3])) == pytest.approx(1.0)  # consistency: a constant offset is agreement
+    assert np.isnan(icc_3_1(np.ones((4, 3))))  # no between-subject variance
+    assert icc_3_1(np.array([[1, 2], [3, np.nan], [2, 2], [5, 6]])) == pytest.approx(
+        icc_3_1([[1, 2], [2, 2], [5, 6]])
     )
     with pytest.raises(ValueError):
-        F.icc_3_1(np.ones(4))
+        icc_3_1(np.ones(4))
 
 
 def test_robust_features():
     icc = pd.Series({"a": 0.9, "b": 0.75, "c": 0.5, "d": np.nan})
-    assert F.robust_features(icc) == ["a", "b"]
-    assert F.robust_features(icc, threshold=0.95) == []
-    assert F.robust_features(pd.DataFrame({"feature": icc.index, "icc": icc.values}), 0.5) == ["a", "b", "c"]
+    assert robust_features(icc) == ["a", "b"]
+    assert robust_features(icc, threshold=0.95) == []
+    assert robust_features(pd.DataFrame({"feature": icc.index, "icc": icc.values}), 0.5) == ["a", "b", "c"]
 
 
 def test_robustness_icc_across_eroded_and_dilated_masks(tmp_path):
@@ -411,13 +412,17 @@ def test_robustness_icc_across_eroded_and_dilated_masks(tmp_path):
         lab = _labels(tumour_radius=float(rng.uniform(4, 8)))
         image = 60 + rng.uniform(-40, 40) + 25 * _texture(rng, lab.shape, 1.0) + 40 * (lab == 1)
         cases.append(write_case(tmp_path / f"p{i}", image=image, labels=lab))
-    icc = F.robustness_icc(
-        [c[0] for c in cases],
-        [c[1] for c in cases],
-        patients=[f"T1-{i:04d}" for i in range(5)],
-        labels={"tumour": 2},
-        params=params,
-    )
+    # as the workflow computes it: each patient's rows on the original and perturbed masks (radiomics_patient,
+    # radiomics_perturbed), the ICC over patients (the statistics stage, on its training patients)
+    tables = {
+        how or "original": F.study_table([
+            F.extract_patient(images, mask, patient=f"T1-{i:04d}", center="T1", labels={"tumour": 2}, params=params,
+                              mask_perturbation=how)[0]
+            for i, (images, mask) in enumerate(cases)
+        ])
+        for how in (None, "erode", "dilate")
+    }
+    icc = icc_table(tables)
     assert set(icc.index) == {
         "tumour_CT_original_shape_MeshVolume",
         "tumour_CT_original_firstorder_Mean",
@@ -425,9 +430,7 @@ def test_robustness_icc_across_eroded_and_dilated_masks(tmp_path):
     }
     assert icc["tumour_CT_original_firstorder_Mean"] > 0.9  # the tumour means differ far more than a 1-voxel rim
     assert icc["tumour_CT_original_shape_MeshVolume"] > 0.75  # volumes shift together
-    assert "tumour_CT_original_firstorder_Mean" in F.robust_features(icc)
-    with pytest.raises(ValueError, match="one entry per patient"):
-        F.robustness_icc([cases[0][0]], [], patients=["x"], labels={"tumour": 2}, params=params)
+    assert "tumour_CT_original_firstorder_Mean" in robust_features(icc)
 
 
 def test_mask_perturbation(tmp_path):

@@ -912,14 +912,16 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
     # One axis per predictor; the 0/1 dummies of one categorical variable (`var[level]`) share one axis whose
     # ticks are its levels (the reference level: all dummies 0).
     axes: dict[str, list[str]] = {}
+    level: dict[str, str] = {}  # dummy column -> its level
     for f in coefs.index:
         m = re.fullmatch(r"(.+)\[(.+)\]", str(f))
-        dummy = m is not None and set(np.unique(reference[f].dropna())) <= {0, 1}
-        axes.setdefault(m.group(1) if dummy else str(f), []).append(f)
+        if m is not None and set(np.unique(reference[f].dropna())) <= {0, 1}:
+            level[f] = m.group(2)
+        axes.setdefault(m.group(1) if f in level else str(f), []).append(f)
     ref = pd.Series(np.where(coefs > 0, lo, hi), index=coefs.index, dtype=float)
     spans = coefs.abs() * (hi - lo)
     for name, members in axes.items():
-        if len(members) > 1 or members[0] != name:  # categorical: levels at 0 (reference) and each coefficient
+        if members[0] in level:  # categorical: levels at 0 (reference) and each coefficient
             c = coefs[members]
             lowest = c.idxmin() if c.min() < 0 else None
             ref[members] = [1.0 if f == lowest else 0.0 for f in members]
@@ -951,10 +953,10 @@ def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dic
 
     axis_row(0, "Points", np.arange(0, 101, 10), [str(v) for v in range(0, 101, 10)])
     for i, (name, members) in enumerate(axes.items(), start=1):
-        if len(members) > 1 or members[0] != name:
+        if members[0] in level:
             c = coefs[members]
             base = min(0.0, c.min())
-            levels = ["ref"] + [re.fullmatch(r"(.+)\[(.+)\]", str(f)).group(2) for f in members]
+            levels = ["ref"] + [level[f] for f in members]
             axis_row(-i, name, scale * (np.r_[0.0, c.to_numpy()] - base), levels, every_label=True)
             continue
         f = members[0]

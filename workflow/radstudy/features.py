@@ -48,7 +48,7 @@ import SimpleITK as sitk
 import yaml
 from scipy import ndimage
 
-from .robustness import FLAG_COLUMNS, ID_COLUMNS, icc_3_1, icc_table, robust_features  # noqa: F401
+from .robustness import FLAG_COLUMNS, ID_COLUMNS
 from .tables import read_table
 
 log = logging.getLogger(__name__)
@@ -899,52 +899,6 @@ def write_study(rows, out: str | Path, params) -> tuple[pd.DataFrame, Path]:
     meta["features"] = int(len(table.columns) - len(ID_COLUMNS) - len(FLAG_COLUMNS))
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return table, meta_path
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Robustness: ICC(3,1) across mask perturbations (the ICC itself: radstudy.robustness, light for the
-# statistics stage)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def robustness_icc(
-    images: Sequence[Mapping[str, str | Path]],
-    mask: Sequence[str | Path],
-    *,
-    patients: Sequence[str],
-    labels: Mapping[str, int],
-    params,
-    centers: Sequence[str] | None = None,
-    derived: Mapping | None = None,
-    margin_mm: float = DEFAULT_MARGIN_MM,
-    perturbations: Sequence[str] = ("erode", "dilate"),
-    radius: int = 1,
-) -> pd.Series:
-    """ICC(3,1) per feature across the original masks and their `radius`-voxel eroded/dilated versions.
-    `images`, `mask`, `patients` (and `centers`) are per-patient sequences: the ICC needs several subjects."""
-    if not (len(images) == len(mask) == len(patients)):
-        raise ValueError("images, mask and patients must have one entry per patient")
-    centers = list(centers) if centers is not None else [""] * len(patients)
-    ep = load_params(params)
-    tables = {}
-    for how in (None, *perturbations):
-        rows = []
-        for imgs, m, p, c in zip(images, mask, patients, centers):
-            row, _ = extract_patient(
-                imgs,
-                m,
-                patient=p,
-                center=c,
-                labels=labels,
-                params=ep,
-                derived=derived,
-                margin_mm=margin_mm,
-                mask_perturbation=how,
-                perturbation_radius=radius,
-            )
-            rows.append(row)
-        tables[how or "original"] = study_table(rows)
-    return icc_table(tables)
 
 
 # --------------------------------------------------------------------------------------------------------------------

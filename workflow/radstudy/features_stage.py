@@ -37,12 +37,18 @@ def mask_for(study: Study, center: str, patient: str, ingest_root: Path, segment
     return segmentation_root / center / f"{patient}.nii.gz"
 
 
+def _patient_inputs(study: Study, center: str, patient: str, ingest_root: str | Path,
+                    segmentation_root: str | Path) -> tuple[dict[str, Path], Path]:
+    """The patient's channel images and the mask its features come from."""
+    folder = Path(ingest_root) / center / patient
+    images = {c: folder / image_file(c) for c in study.config["ingest"]["channels"]}
+    return images, mask_for(study, center, patient, Path(ingest_root), Path(segmentation_root))
+
+
 def patient_radiomics(study: Study, center: str, patient: str, ingest_root: str | Path, segmentation_root: str | Path,
                       out: str | Path) -> pd.DataFrame:
     cfg = study.config["features"]["radiomics"]
-    folder = Path(ingest_root) / center / patient
-    images = {c: folder / image_file(c) for c in study.config["ingest"]["channels"]}
-    mask = mask_for(study, center, patient, Path(ingest_root), Path(segmentation_root))
+    images, mask = _patient_inputs(study, center, patient, ingest_root, segmentation_root)
     row, issues = features.extract_patient(
         images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=cfg["params"],
         derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region=cfg["on_bad_region"],
@@ -58,9 +64,7 @@ def patient_perturbed(study: Study, center: str, patient: str, ingest_root: str 
     """The patient's radiomics on its masks eroded / dilated (features.robustness): one row per perturbation,
     with a `perturbation` column; the ICC itself is computed by the statistics stage on training patients."""
     cfg, rob = study.config["features"]["radiomics"], study.config["features"]["robustness"]
-    folder = Path(ingest_root) / center / patient
-    images = {c: folder / image_file(c) for c in study.config["ingest"]["channels"]}
-    mask = mask_for(study, center, patient, Path(ingest_root), Path(segmentation_root))
+    images, mask = _patient_inputs(study, center, patient, ingest_root, segmentation_root)
     params = features.load_params(cfg["params"])
     rows = []
     for how in rob["perturbations"]:

@@ -51,7 +51,7 @@ from sklearn.linear_model import LogisticRegression
 from . import __version__
 from .design import assign_cohorts, design_settings, primary_split, split_names
 from .harmonize import ComBat
-from .robustness import icc_table, robust_features
+from .robustness import FLAG_COLUMNS, ID_COLUMNS, icc_table, robust_features
 from .selection import build_selector, make_survival, read_robust_features, selection_settings, selection_summary
 from .tables import read_table
 
@@ -919,14 +919,11 @@ def split_robustness(features: pd.DataFrame, perturbed: pd.DataFrame, training: 
     features stage's perturbed.parquet); ((robust, evaluated), table feature/icc/robust). Only training
     patients enter: the robust list is a fitted selection step like any other."""
     training = set(map(str, training))
-    original = features[features["patient"].astype(str).isin(training)]
+    not_features = {*ID_COLUMNS, *FLAG_COLUMNS, "perturbation"}
+    keep = ["patient"] + [c for c in perturbed.columns if c not in not_features and c in features.columns]
+    tables = {"original": features.loc[features["patient"].astype(str).isin(training), keep]}
     pert = perturbed[perturbed["patient"].astype(str).isin(training)]
-    tables = {"original": original.drop(columns=["excluded", "exclusion_reason"], errors="ignore")}
-    for how, rows in pert.groupby("perturbation", sort=True):
-        tables[str(how)] = rows.drop(columns=["perturbation", "excluded", "exclusion_reason"], errors="ignore")
-    evaluated = [c for c in perturbed.columns if c not in ("patient", "center", "perturbation", "excluded",
-                                                           "exclusion_reason") and c in original.columns]
-    tables = {k: t[["patient", "center", *evaluated]] for k, t in tables.items()}
+    tables.update({str(how): rows[keep] for how, rows in pert.groupby("perturbation", sort=True)})
     icc = icc_table(tables)
     robust = robust_features(icc, icc_min)
     table = pd.DataFrame({"feature": icc.index, "icc": icc.to_numpy()})
