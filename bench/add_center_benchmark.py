@@ -103,7 +103,7 @@ def newest_log(work: Path, before: set[Path]) -> str:
 
 def deliver_new_center(work: Path, patients: int, role: str) -> None:
     """The demo generator's cohort with C5 appended; C5's delivery copied to delivered/ (the rest discarded)."""
-    from radstudy import stages
+    from radstudy.ingest import stage as stages
     from radstudy.config import load_study
 
     gen = work / "generator"

@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
-from radstudy import evaluate as E  # noqa: E402
-from radstudy.report import write_report  # noqa: E402
+from radstudy.evaluate import performance as E  # noqa: E402
+from radstudy.report.html import write_report  # noqa: E402
 
 
 def main(argv=None) -> int:

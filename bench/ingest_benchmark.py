@@ -25,7 +25,7 @@ MEASURE = r"""
 import json, sys, time
 from pathlib import Path
 import SimpleITK as sitk
-import radstudy.ingest, radstudy.config  # imports before the baseline
+import radstudy.ingest.patient, radstudy.config  # imports before the baseline
 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
 def status_kb(field):
     for line in open("/proc/self/status"):
@@ -46,7 +46,7 @@ if mode == "bare":
 else:
     cfg, center, patient = arg.split("::")
     study = radstudy.config.load_study(cfg, base_dir=Path(cfg).parent)
-    record = radstudy.ingest.ingest_patient(study, center, patient, out)
+    record = radstudy.ingest.patient.ingest_patient(study, center, patient, out)
     assert record["status"] == "included", record
     voxels = bytes_per = 0
 seconds = time.perf_counter() - t0
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3, help="demo seed (3 gives 2.0 mm slices: ~150 slices)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "workflow"))
-    from radstudy.demo import generate_cohort
+    from radstudy.demo.cohort import generate_cohort
 
     work = Path(args.workdir)
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -84,7 +84,7 @@ def main() -> None:
     (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     from radstudy.config import load_study
-    from radstudy.pseudonym import assign_pseudonyms
+    from radstudy.ingest.pseudonym import assign_pseudonyms
 
     study = load_study(work / "config.yaml", base_dir=work)
     key = assign_pseudonyms(study.center("B1"), work / "key.tsv")
@@ -95,7 +95,7 @@ def main() -> None:
 def _compare(study, work: Path, patient: str, folder: Path, repeats: int) -> None:
     import pydicom
 
-    from radstudy.dicomio import group_series, scan_folder, select_series
+    from radstudy.ingest.dicomio import group_series, scan_folder, select_series
 
     headers, _ = scan_folder(folder)
     series = group_series(headers)

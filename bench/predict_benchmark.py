@@ -6,7 +6,7 @@ machine; seconds per case with and without test-time augmentation (TTA) are repo
 
 Variants, each on the same cases, model and device, each in a fresh process (wall time includes the imports):
 
-  pipeline     radstudy.segmentation_stage.segment_center, the function the segment_center rule's script calls: one
+  pipeline     radstudy.segment.stage.segment_center, the function the segment_center rule's script calls: one
                process for all cases, model loaded once, in-process prediction (npp=0/nps=0, as the rule does), then
                post-processing and QC of every case and qc.tsv.
   nnunet       nnUNetPredictor.predict_from_files (nnU-Net's batch prediction) with nnUNetv2_predict's defaults: -npp 3
@@ -30,7 +30,7 @@ both. Timings on a busy machine are not comparable: the load average is printed 
     nice .venv/bin/python bench/predict_benchmark.py [--cases 20] [--tta [on|off|both]] [--device cpu|cuda]
         [--realistic] [--variants pipeline,nnunet,per-patient] [--repeats 1] [--out results/benchmarks/predict_benchmark.tsv]
 
-Cases: --realistic uses realistic-size CTs (512x512, 100-160 slices) made by radstudy.demo's generator and ingested
+Cases: --realistic uses realistic-size CTs (512x512, 100-160 slices) made by radstudy.demo.cohort's generator and ingested
 by radstudy (cached under resources/bench/, see `realistic_cases`; a cohort made by bench/ingest_benchmark.py is
 reused); otherwise the first N ingested demo patients of results/ingest/{center} (--center, default C1). The demo
 model is trained on the small demo CTs: on realistic CTs it is slow-ish and its masks are poor, which does not matter
@@ -178,9 +178,9 @@ def realistic_cases(n: int, *, root: Path = BENCH_ROOT, seed: int = 3, workers: 
     """n realistic-size patients, ingested by radstudy, with their true label maps (liver 1, tumour 2).
 
     Reuses the smallest cached realistic cohort under `root` with >= n patients (bench/ingest_benchmark.py's
-    resources/bench/ingest has 2); otherwise generates root/realistic_n{n}_s{seed} with radstudy.demo.generate_cohort
+    resources/bench/ingest has 2); otherwise generates root/realistic_n{n}_s{seed} with radstudy.demo.cohort.generate_cohort
     (one center "B1", DICOM, as the ingest benchmark does; minutes per patient). The first n patients (by pseudonym) are
-    ingested with radstudy.ingest.ingest_patient into root/cases/{cohort}/ingest/B1/{pseudonym}/image_CT.nii.gz and
+    ingested with radstudy.ingest.patient.ingest_patient into root/cases/{cohort}/ingest/B1/{pseudonym}/image_CT.nii.gz and
     their true masks (ground_truth/masks, on the portal series' grid) copied to
     root/cases/{cohort}/segmentation/B1/{pseudonym}.nii.gz; both are kept for later runs.
     Returns [{"patient", "center", "image", "mask"}]."""
@@ -191,7 +191,7 @@ def realistic_cases(n: int, *, root: Path = BENCH_ROOT, seed: int = 3, workers: 
     if cohorts:
         cohort = cohorts[0][1]
     else:
-        from radstudy.demo import generate_cohort
+        from radstudy.demo.cohort import generate_cohort
 
         cohort = root / f"realistic_n{n}_s{seed}"
         dicom = cohort / "dicom" / "B1"
@@ -217,8 +217,8 @@ def realistic_cases(n: int, *, root: Path = BENCH_ROOT, seed: int = 3, workers: 
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     from radstudy.config import load_study
-    from radstudy.ingest import ingest_patient
-    from radstudy.pseudonym import assign_pseudonyms
+    from radstudy.ingest.patient import ingest_patient
+    from radstudy.ingest.pseudonym import assign_pseudonyms
 
     study = load_study(config_file, base_dir=work)
     key = assign_pseudonyms(study.center("B1"), work / "key.tsv").sort_values("pseudonym")
@@ -320,7 +320,7 @@ def main():
     workflow, config_file, center, qc, ingest_root, model, out, log, result = sys.argv[1:10]
     sys.path.insert(0, workflow)  # as workflow/scripts/segment_center.py does
     import yaml
-    from radstudy import segmentation_stage
+    from radstudy.segment import stage as segmentation_stage
     from radstudy.config import load_study
     from radstudy.logs import setup
     setup(log)

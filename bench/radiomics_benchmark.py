@@ -5,7 +5,7 @@ Target (features issue): for 20 realistic-size patients with tumour and liver an
 time is no more than pyradiomics' own batch command on the same cases, parameters and cores, and the peak memory
 of every job stays under 4 GB.
 
-  radstudy     radstudy.features_stage.patient_radiomics, the function the radiomics_patient rule's script calls, one
+  radstudy     radstudy.features.stage.patient_radiomics, the function the radiomics_patient rule's script calls, one
                fresh process per patient, --jobs of them at a time (as `snakemake --cores 2` runs the rule): read the
                label map and the CT once, per region crop to the bounding box + margin, resample (IBSI grid), filter,
                extract. Peak memory per job: ru_maxrss of each job's process (os.wait4, exact).
@@ -80,7 +80,7 @@ def main():
     workflow, config_file, center, patient, ingest_root, segmentation_root, out, log, result = sys.argv[1:10]
     sys.path.insert(0, workflow)  # as workflow/scripts/radiomics_patient.py does
     import yaml
-    from radstudy import features_stage
+    from radstudy.features import stage as features_stage
     from radstudy.config import load_study
     from radstudy.logs import setup
     setup(log)
@@ -168,7 +168,7 @@ def write_ring_masks(cases: list[dict], derived: dict, folder: Path) -> dict[tup
     """The config's derived regions as binary mask files (label 1), for pyradiomics (--with-ring)."""
     sys.path.insert(0, str(WORKFLOW))
     import SimpleITK as sitk
-    from radstudy.features import derive_regions
+    from radstudy.features.radiomics import derive_regions
 
     files = {}
     folder.mkdir(parents=True, exist_ok=True)

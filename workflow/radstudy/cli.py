@@ -17,10 +17,14 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__, evaluate, stages
-from .config import load_study
-from .errors import ConfigError, PatientExcluded
-from .logs import setup
+from radstudy import __version__
+
+from radstudy.evaluate import performance as evaluate
+
+from radstudy.ingest import stage as stages
+from radstudy.config import load_study
+from radstudy.errors import ConfigError, PatientExcluded
+from radstudy.logs import setup
 
 
 def _parser() -> argparse.ArgumentParser:

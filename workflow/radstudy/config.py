@@ -15,7 +15,7 @@ import jsonschema
 import pandas as pd
 import yaml
 
-from .errors import ConfigError
+from radstudy.errors import ConfigError
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 

@@ -1,7 +1,8 @@
 # Config and centers sheet validation, wildcard constraints and input functions: the rules hold no logic.
 import pandas as pd
 
-from radstudy import features_stage, segmentation_stage
+from radstudy.features import stage as features_stage
+from radstudy.segment import stage as segmentation_stage
 from radstudy.config import load_study
 from radstudy.errors import ConfigError
 

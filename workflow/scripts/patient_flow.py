@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workflow/: radstudy, in any env (README)
 
-from radstudy import stages
+from radstudy.ingest import stage as stages
 from radstudy.logs import setup
 
 setup(snakemake.log[0])

@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workflow/: radstudy, in any env (README)
 
-from radstudy import features_stage
+from radstudy.features import stage as features_stage
 from radstudy.config import load_study
 from radstudy.logs import setup
 

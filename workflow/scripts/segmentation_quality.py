@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workflow/: radstudy, in any env (README)
 
-from radstudy import segmentation_stage
+from radstudy.segment import stage as segmentation_stage
 from radstudy.config import load_study
 from radstudy.logs import setup
 

@@ -5,7 +5,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workflow/: radst
 
 from radstudy.config import load_study
 from radstudy.logs import setup
-from radstudy.models import run_statistics
+from radstudy.statistics.models import run_statistics
 
 if __name__ == "__main__":  # joblib's worker processes
     setup(snakemake.log[0])

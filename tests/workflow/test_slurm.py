@@ -1,0 +1,339 @@
+"""SLURM: the tiny demo study, whole, through workflow/profiles/slurm on a real single-node SLURM cluster.
+
+tests/slurm/local_cluster.sh installs Debian's munge + slurmctld + slurmd (root, apt-get) and starts a throw-away
+cluster (no accounting database); the module skips, with the reason, where that cannot be done. Proves: every
+job of the study ran as a SLURM job with the profile's sizes (ingestion, QC, nnU-Net dataset / planning /
+training / prediction, radiomics, deep features, statistics, evaluation and report), per-patient jobs grouped into
+fewer SLURM jobs sized for serial members, results equal to a local run of the same study, and a job failing on
+SLURM fails the workflow with its log shown. nnU-Net training is not bit-reproducible from run to run, so the
+local run segments with the model trained on SLURM (segmentation.model_folder): everything else of it (ingestion,
+segmentation masks, features, models, predictions) must equal the SLURM run's. The profiles' resolution of every
+rule (GPU requests included) is checked with dry runs, without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from test_workflow import PATIENTS, SNAKEMAKE, _run, _tiny_study
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local_cluster.sh"
+SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm"
+LOCAL_PROFILE = REPO / "workflow" / "profiles" / "default"
+pytestmark = pytest.mark.slow
+
+CENTERS = ("A", "B", "C")
+# every rule of the tiny study (demo_cohort runs before, locally: it writes the hospitals' deliveries), without
+# the optional robustness step (two more radiomics passes per patient; its rules' sizes are checked by dry runs)
+SLURM_RULES = {"discover", "ingest_patient", "clinical_table", "center_qc", "nnunet_dataset", "nnunet_plan",
+               "nnunet_train", "segment_center", "segmentation_quality", "radiomics_patient", "deep_features_center",
+               "feature_table", "patient_flow", "statistics", "evaluate_report"}
+GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics"}
+# Overrides a site with slurmdbd would not need: no accounting database here (sacct would poll forever, and the
+# plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence.
+TEST_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-no-account",
+                  "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "3"]
+
+
+def _profile() -> dict:
+    return yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C for snakemake: SIGINT cancels its SLURM jobs (SIGTERM may hang); a second one if it lingers."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGINT, 20)):
+        if proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _communicate(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException:  # timeout, or Ctrl-C of pytest: leave no snakemake (nor its SLURM jobs) behind
+        _stop(proc)
+        raise
+    return out
+
+
+def _snakemake_slurm(workdir: Path, env: dict, *args: str, timeout: float = 480) -> tuple[int, str]:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--workflow-profile", str(SLURM_PROFILE),
+           *TEST_OVERRIDES, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir, env=env)
+    out = _communicate(proc, timeout)
+    return proc.returncode, out
+
+
+def _minutes(limit: str) -> int:
+    """SLURM time limit ([D-]HH:MM:SS, MM:SS) in minutes."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 1440 + parts[0] * 60 + parts[1] + (parts[2] > 0)
+
+
+def _mb(memory: str) -> float:
+    """squeue's memory (%m: 8000M, 62.50G) in MB."""
+    return float(memory[:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[memory[-1]]
+
+
+def _slurm_jobs(env: dict, run_ids: list[str]) -> pd.DataFrame:
+    """Every job of the snakemake runs (their jobs are named by the run's id), finished ones included; `rule`
+    is the job's rule, or the grouped rule of a group job."""
+    out = subprocess.run(["squeue", "--states=all", "--noheader", "--name", ",".join(run_ids),
+                          "-o", "%i|%T|%k|%C|%m|%l"], capture_output=True, text=True, env=env, check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    jobs = pd.DataFrame(rows, columns=["job", "state", "comment", "cpus", "memory", "limit"])
+    group = jobs["comment"].str.extract(r"^rule_(?:ingest|radiomics|perturbed)_[A-Z]+_(\w+)$")[0]
+    jobs["rule"] = group.fillna(jobs["comment"].str.extract(r"^rule_(\w+?)(?:_wildcards_.*)?$")[0])
+    jobs["group"] = group.notna()
+    jobs["center"] = jobs["comment"].str.extract(r"(?:_wildcards_|^rule_[a-z]+_)([A-Z]+)(?:_|$)")[0]
+    return jobs
+
+
+def _run_ids(output: str) -> list[str]:
+    ids = re.findall(r"SLURM run ID: (\S+)", output)
+    assert ids, output[-3000:]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster's slurmd needs root")
+    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        pytest.skip("no apt-get to install SLURM, and SLURM is not installed")
+    state = tmp_path_factory.mktemp("slurm")
+    # A node large enough for the profile's requests as they are (16 CPUs, 128 GB), whatever this machine is:
+    # SLURM allocates them; the jobs themselves need little.
+    # RADSTUDY_SLURM_OWNER: a later start may replace this cluster once this process is gone (a killed run)
+    env = {**os.environ, "RADSTUDY_SLURM_DIR": str(state), "RADSTUDY_SLURM_CPUS": "16",
+           "RADSTUDY_SLURM_MEM_MB": "128000", "RADSTUDY_SLURM_OWNER": str(os.getpid())}
+    install = subprocess.run([str(CLUSTER_SCRIPT), "install"], capture_output=True, text=True, env=env, timeout=900)
+    if install.returncode != 0:
+        pytest.skip(f"SLURM could not be installed: {install.stderr.strip()[-500:]}")
+    start = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=180)
+    try:
+        if start.returncode != 0:
+            pytest.skip(f"the SLURM test cluster did not start: {start.stderr.strip()[-800:]}")
+        conf = start.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
+        yield {**env, "SLURM_CONF": conf}
+    finally:
+        subprocess.run([str(CLUSTER_SCRIPT), "stop"], capture_output=True, text=True, env=env, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def runs(cluster, tmp_path_factory):
+    """The tiny study run on SLURM and locally: (slurm workdir, local workdir, snakemake output on SLURM)."""
+    base = tmp_path_factory.mktemp("study")
+    _tiny_study(base)
+    config = yaml.safe_load((base / "config.yaml").read_text())
+    config["features"]["robustness"] = {"enabled": False}
+    (base / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    demo = _run(base, "demo_cohort")
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    on_slurm, local = tmp_path_factory.mktemp("on_slurm"), tmp_path_factory.mktemp("local")
+    for workdir in (on_slurm, local):
+        shutil.copytree(base, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".snakemake"))
+    # 1. on SLURM up to the trained model (discovery, ingestion, clinical tables, QC, nnU-Net dataset, plan, training)
+    code, trained = _snakemake_slurm(on_slurm, cluster, "nnunet_train", timeout=900)
+    assert code == 0, trained[-6000:]
+    # 2. the rest of the study on SLURM and, alongside, the whole study locally (the SLURM run mostly waits for
+    #    its status polls) with the model trained on SLURM
+    model = next((on_slurm / "resources" / "nnunet" / "results").rglob("plans.json")).parent
+    shutil.copytree(model, local / "given_model")
+    config = yaml.safe_load((local / "config.yaml").read_text())
+    config["segmentation"]["model_folder"] = "given_model"
+    (local / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    local_proc = subprocess.Popen(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(local), "--configfile",
+         str(local / "config.yaml"), "--workflow-profile", str(LOCAL_PROFILE), "--cores", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=local)
+    try:
+        code, rest = _snakemake_slurm(on_slurm, cluster, timeout=1500)
+    finally:
+        local_out = _communicate(local_proc, timeout=1500)
+    assert code == 0, rest[-6000:]
+    assert local_proc.returncode == 0, local_out[-3000:]
+    return on_slurm, local, trained + rest
+
+
+def test_every_job_ran_as_a_slurm_job_sized_by_the_profile(cluster, runs):
+    on_slurm, _, output = runs
+    jobs = _slurm_jobs(cluster, _run_ids(output))
+    assert len(jobs) and set(jobs["state"]) == {"COMPLETED"}, jobs
+    assert set(jobs["rule"]) == SLURM_RULES, jobs
+    # the run's own job list: nothing ran outside SLURM but the target rules (no job of their own)
+    local_jobs = set(re.findall(r"^localrule (\w+):$", output, flags=re.M))
+    assert local_jobs <= {"all"}, local_jobs
+    profile = _profile()["set-resources"]
+    for row in jobs.itertuples():
+        sizes = profile[row.rule]
+        assert _mb(row.memory) == sizes["mem_mb"], row
+        assert row.cpus == str(sizes.get("cpus_per_task", 1)), row
+        if not row.group:
+            assert _minutes(row.limit) == sizes["runtime"], row
+    # the rule's own log names the SLURM job it ran in (radstudy.logs.setup)
+    rule_logs = {"discover": "discover/{c}.log", "clinical_table": "clinical/{c}.log", "center_qc": "qc/{c}.log",
+                 "segment_center": "segmentation/{c}.log", "nnunet_train": "segmentation/nnunet_train.log",
+                 "statistics": "statistics.log"}
+    for row in jobs[jobs["rule"].isin(rule_logs)].itertuples():
+        log = on_slurm / "results" / "logs" / rule_logs[row.rule].format(c=row.center)
+        assert f"SLURM job {row.job} on " in log.read_text(), (log, row)
+    for row in jobs[jobs["rule"] == "ingest_patient"].itertuples():
+        patient_logs = list((on_slurm / "results" / "logs" / "ingest" / row.center).glob("*.log"))
+        assert len(patient_logs) == PATIENTS
+        assert all(f"SLURM job {row.job} on " in log.read_text() for log in patient_logs), row
+    # each SLURM job's log, named by its job id, where the plugin puts it
+    for row in jobs.itertuples():
+        logs = list((on_slurm / ".snakemake" / "slurm_logs").rglob(f"{row.job}.log"))
+        assert len(logs) == 1, row
+        text = logs[0].read_text()
+        assert f"(Rule: {row.rule})" in text and "(100%) done" in text, logs[0]
+
+
+def test_patients_are_grouped_into_one_slurm_job_per_center_sized_for_serial_members(cluster, runs):
+    on_slurm, _, output = runs
+    jobs = _slurm_jobs(cluster, _run_ids(output))
+    profile = _profile()["set-resources"]
+    for rule, group in GROUPED.items():
+        rows = jobs[jobs["rule"] == rule]
+        assert rows["group"].all(), rows  # no job of a grouped rule ran on its own
+        assert sorted(rows["comment"]) == [f"rule_{group}_{c}_{rule}" for c in CENTERS], jobs
+        # members run one after the other (the plugin's jobstep runs with --jobs 1): one member's CPU and memory,
+        # the sum of their runtimes
+        assert (rows["cpus"] == "1").all() and rows["memory"].map(_mb).eq(profile[rule]["mem_mb"]).all(), rows
+        for row in rows.itertuples():
+            members = {"ingest_patient": PATIENTS}.get(rule) or len(
+                list((on_slurm / "results" / "features" / row.center).glob("*.parquet")))
+            assert _minutes(row.limit) == members * profile[rule]["runtime"], (row, members)
+
+
+def _nifti(path: Path):
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "seconds"}
+    return value
+
+
+# What differs by design between the SLURM run (trained its model) and the local run (given that model):
+# the segmentation holdout (with a given model every annotated patient is a holdout patient), hence the DSC table
+# and the report's text; the deep features' metadata names the model's path.
+DIFFERS_BY_DESIGN = {"results/segmentation/split.tsv", "results/segmentation/dsc.tsv"}
+
+
+def _differs_by_design(path: Path) -> bool:
+    return str(path) in DIFFERS_BY_DESIGN or path.parts[:2] == ("results", "report") or path.name.endswith(".meta.json")
+
+
+def test_results_equal_a_local_run(runs):
+    on_slurm, local, _ = runs
+    tables = sorted(p.relative_to(local) for p in (local / "results").rglob("*") if p.suffix in (".tsv", ".json")
+                    and "logs" not in p.parts and "benchmarks" not in p.parts and p.name != "qc.json")
+    tables = [t for t in tables if not _differs_by_design(t)]
+    for kind in ("ingest", "qc", "clinical", "segmentation", "features", "models"):
+        assert any(t.parts[1] == kind for t in tables), (kind, tables)
+    for table in tables:
+        assert (on_slurm / table).read_bytes() == (local / table).read_bytes(), table
+    table = "results/features/features.parquet"
+    pd.testing.assert_frame_equal(pd.read_parquet(on_slurm / table), pd.read_parquet(local / table))
+    qc = pd.concat([pd.read_csv(local / f"results/qc/{c}/patients.tsv", sep="\t") for c in CENTERS])
+    assert (qc["status"] == "included").sum() == len(CENTERS) * PATIENTS
+    images = sorted(p.relative_to(local) for folder in ("ingest", "segmentation")
+                    for p in (local / "results" / folder).rglob("*.nii.gz"))
+    assert len(images) >= 2 * len(CENTERS) * PATIENTS  # CTs, masks, and every patient's segmentation
+    for image in images:
+        mine, theirs = _nifti(on_slurm / image), _nifti(local / image)
+        assert (mine[0] == theirs[0]).all() and mine[1:] == theirs[1:], image
+    for qc_json in (local / "results" / "ingest").rglob("qc.json"):
+        other = on_slurm / qc_json.relative_to(local)
+        assert _without_timings(json.loads(other.read_text())) == _without_timings(json.loads(qc_json.read_text()))
+    assert (on_slurm / "results" / "report" / "report.html").stat().st_size > 0
+
+
+def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, runs):
+    on_slurm, _, _ = runs
+    (on_slurm / "demo" / "clinical" / "C.csv").write_text("this is not a clinical table\n1\n")
+    code, output = _snakemake_slurm(on_slurm, cluster, "results/clinical/C.tsv", timeout=300)
+    assert code != 0, output[-3000:]
+    assert "Error in rule clinical_table" in output, output[-3000:]
+    failed = _slurm_jobs(cluster, _run_ids(output))
+    assert list(failed["state"]) == ["FAILED"], failed
+    job = failed["job"].iloc[0]
+    log = on_slurm / ".snakemake" / "slurm_logs" / "rule_clinical_table" / "C" / f"{job}.log"
+    assert str(log) in output
+    # the job's traceback, in the rule's log and the SLURM log, both printed (show-failed-logs in the profile)
+    rule_log = (on_slurm / "results" / "logs" / "clinical" / "C.log").read_text()
+    assert f"SLURM job {job} on " in rule_log and "Traceback" in rule_log, rule_log
+    error = [line for line in rule_log.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    assert error and error[-1] in log.read_text(), rule_log
+    assert "Logfile results/logs/clinical/C.log:" in output and f"Logfile {log}:" in output, output[-3000:]
+    assert output.count(error[-1]) >= 2, output[-3000:]
+
+
+# ---------------------------------------------------------------- the profiles, resolved by dry runs (no cluster)
+
+def _dry_run(tmp_path: Path, profile: Path, gpu: bool) -> str:
+    _tiny_study(tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["segmentation"]["gpu"] = gpu
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run = subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+         str(tmp_path / "config.yaml"), "--workflow-profile", str(profile), "--dry-run", "--cores", "2"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout + run.stderr
+
+
+def _job_resources(output: str, rule: str) -> dict[str, str]:
+    match = re.search(rf"^(?:rule|checkpoint) {rule}:\n(?:    .*\n)*?    resources: (.*)$", output, re.MULTILINE)
+    assert match, f"no {rule} job in the dry run"
+    return dict(item.split("=", 1) for item in match.group(1).split(", "))
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_slurm_profile_sizes_every_rule_and_asks_a_gpu_for_nnunet(tmp_path, gpu):
+    output = _dry_run(tmp_path, SLURM_PROFILE, gpu)
+    assert "Using workflow specific profile" in output
+    profile = _profile()["set-resources"]
+    for rule in ("demo_cohort", "discover", "clinical_table", "center_qc", "nnunet_dataset", "nnunet_plan",
+                 "nnunet_train", "segment_center"):
+        resources = _job_resources(output, rule)
+        for key, value in profile[rule].items():
+            assert resources.get(key) == str(value), (rule, key, resources)
+    for rule in ("nnunet_train", "segment_center"):
+        # the plugin turns gpu=N into sbatch --gpus=N
+        assert (_job_resources(output, rule).get("gpu") == "1") == gpu, rule
+
+
+def test_local_profile_is_picked_up_by_name(tmp_path):
+    output = _dry_run(tmp_path, LOCAL_PROFILE, gpu=False)
+    profile = yaml.safe_load((LOCAL_PROFILE / "config.yaml").read_text())
+    assert _job_resources(output, "nnunet_plan")["mem_mb"] == str(profile["set-resources"]["nnunet_plan"]["mem_mb"])
+    assert _job_resources(output, "discover")["mem_mb"] == str(profile["default-resources"]["mem_mb"])

@@ -1,0 +1,1228 @@
+"""Evaluation of the fitted models from their predictions: metrics tables and figures per model x cohort.
+
+Input, one row per patient x model (x split x endpoint), columns as documented in `PREDICTION_COLUMNS`:
+
+    patient, center, cohort (training|validation|test), split, endpoint (binary|survival),
+    model (clinical|radiomic|deep|combined), score (linear predictor, higher = more risk),
+    probability (binary), outcome (0/1, binary), time (months), event (0/1, survival)
+
+The minimal form is patient, cohort, model, score and outcome (or time and event); missing columns get
+defaults (one center 'all', split 0, endpoint from the outcome columns, probability = expit(score)).
+
+Every cut-off (Youden on the training probability; survival risk groups; the Cox recalibration that turns a
+survival score into an event probability by a horizon) is learnt on `reference_cohort` of the same split and
+applied unchanged to the other cohorts. With several splits (k-fold, repeated random splits) every split is
+evaluated on its own and `summary_*.csv` aggregate the splits as mean and 2.5/97.5 percentiles; figures show
+the first split.
+
+Outputs under `out_dir`: CSV tables (`manifest.json` lists them with titles), `figures/*.png|pdf`, and
+`cohorts.csv` (patient, split, cohort, center) for the report.
+
+    radstudy evaluate --predictions results/models/predictions.tsv --out results/evaluation \\
+        [--coefficients results/models/coefficients.tsv --design results/models/design.tsv] \\
+        [--clinical results/clinical/clinical.tsv --flow results/qc/patient_flow.tsv ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+
+from radstudy.evaluate import metrics as M
+from radstudy.tables import read_table as _read_table
+
+log = logging.getLogger("radstudy.evaluate.performance")
+
+PREDICTION_COLUMNS = ["patient", "center", "cohort", "split", "endpoint", "model", "score", "probability",
+                      "outcome", "time", "event"]
+MODEL_ORDER = ["clinical", "radiomic", "deep", "combined"]
+COHORT_ORDER = ["training", "validation", "test"]
+MODEL_COLORS = {"clinical": "#1b9e77", "radiomic": "#7570b3", "deep": "#e6ab02", "combined": "#d95f02"}
+_EXTRA_COLORS = ["#e7298a", "#66a61e", "#a6761d", "#1f78b4", "#666666", "#b15928"]
+INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """TSV (or CSV by suffix) with 'NA' as missing; identifiers as written (numeric ids stay numeric)."""
+    return _read_table(path, id_columns=())
+
+
+def normalise_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Complete the documented columns; one row per patient x model x split x endpoint."""
+    df = predictions.copy()
+    missing = {"patient", "cohort", "model", "score"} - set(df.columns)
+    if missing:
+        raise KeyError(f"predictions lack required column(s) {sorted(missing)}; have {list(df.columns)}")
+    if "endpoint" not in df.columns:
+        parts = []
+        if "outcome" in df.columns and df["outcome"].notna().any():
+            parts.append(df.assign(endpoint="binary"))
+        if {"time", "event"} <= set(df.columns) and df["time"].notna().any():
+            parts.append(df.assign(endpoint="survival"))
+        if not parts:
+            raise KeyError("predictions need 'outcome' (binary) or 'time' and 'event' (survival) columns")
+        df = pd.concat(parts, ignore_index=True)
+    for col, default in (("center", "all"), ("split", 0), ("probability", np.nan), ("outcome", np.nan),
+                         ("time", np.nan), ("event", np.nan)):
+        if col not in df.columns:
+            df[col] = default
+    df["patient"] = df["patient"].astype(str)
+    df["model"] = df["model"].astype(str)
+    df["cohort"] = df["cohort"].astype(str)
+    df["endpoint"] = df["endpoint"].astype(str)
+    df["score"] = pd.to_numeric(df["score"], errors="coerce")
+    binary = df["endpoint"] == "binary"
+    no_prob = binary & df["probability"].isna()
+    if no_prob.any():
+        log.info("%d binary prediction(s) without probability: using expit(score)", int(no_prob.sum()))
+        df.loc[no_prob, "probability"] = expit(df.loc[no_prob, "score"].astype(float))
+    unknown = set(df["endpoint"]) - {"binary", "survival"}
+    if unknown:
+        raise ValueError(f"unknown endpoint(s) {sorted(unknown)}: expected binary or survival")
+    bad = binary & ~df["outcome"].isin([0, 1, True, False])
+    if bad.any():
+        raise ValueError(f"binary outcome must be 0/1; patient {df.loc[bad, 'patient'].iloc[0]} has "
+                         f"{df.loc[bad, 'outcome'].iloc[0]!r}")
+    surv = df["endpoint"] == "survival"
+    bad = surv & (df["time"].isna() | ~df["event"].isin([0, 1, True, False]))
+    if bad.any():
+        raise ValueError(f"survival rows need time and 0/1 event; patient {df.loc[bad, 'patient'].iloc[0]} lacks them")
+    dup = df.duplicated(["patient", "model", "split", "endpoint"])
+    if dup.any():
+        r = df[dup].iloc[0]
+        raise ValueError(f"patient {r['patient']} has several predictions of model {r['model']} "
+                         f"(split {r['split']}, endpoint {r['endpoint']})")
+    return df[PREDICTION_COLUMNS + [c for c in df.columns if c not in PREDICTION_COLUMNS]]
+
+
+def ordered(values, order) -> list:
+    values = list(dict.fromkeys(values))
+    return [v for v in order if v in values] + sorted(v for v in values if v not in order)
+
+
+def model_colors(models) -> dict:
+    colors = dict(MODEL_COLORS)
+    extra = iter(_EXTRA_COLORS * 4)
+    for m in models:
+        if m not in colors:
+            colors[m] = next(extra)
+    return colors
+
+
+@dataclass
+class LinearModel:
+    """A fitted linear model (logistic for binary, Cox for survival) with the design matrix of its inputs."""
+
+    endpoint: str
+    model: str
+    intercept: float
+    coefficients: pd.Series  # feature -> coefficient
+    design: pd.DataFrame  # index: patient; columns: the features
+    log1p: tuple[str, ...] = ()  # predictors that enter as log(1 + x) (models.clinical.log_transform)
+
+    @classmethod
+    def from_tables(cls, coefficients: pd.DataFrame, design: pd.DataFrame, endpoint: str,
+                    model: str = "combined") -> LinearModel:
+        need = {"feature", "coefficient"}
+        if not need <= set(coefficients.columns):
+            raise KeyError(f"coefficients table needs columns {sorted(need)} (and endpoint, model); "
+                           f"has {list(coefficients.columns)}")
+        rows = coefficients
+        if "endpoint" in rows.columns:
+            rows = rows[rows["endpoint"].astype(str) == endpoint]
+        if "model" in rows.columns:
+            rows = rows[rows["model"].astype(str) == model]
+        if rows.empty:
+            raise KeyError(f"no coefficients for endpoint {endpoint!r}, model {model!r}")
+        is_icpt = rows["feature"].astype(str).str.lower().isin(INTERCEPT_NAMES)
+        coefs = rows.loc[~is_icpt].set_index("feature")["coefficient"].astype(float)
+        coefs = coefs[coefs != 0]
+        intercept = float(rows.loc[is_icpt, "coefficient"].sum())
+        design = design.copy()
+        if "patient" in design.columns:
+            design = design.set_index("patient")
+        design.index = design.index.astype(str)
+        lacking = [f for f in coefs.index if f not in design.columns]
+        if lacking:
+            raise KeyError(f"design matrix lacks predictor column(s) {lacking} of the {endpoint} {model} model")
+        x = design[list(coefs.index)].apply(pd.to_numeric, errors="coerce")
+        return cls(endpoint=endpoint, model=model, intercept=intercept, coefficients=coefs, design=x)
+
+    def linear_predictor(self) -> pd.Series:
+        return self.intercept + self.design @ self.coefficients
+
+
+def load_linear_models(coefficients_tsv, design, model: str = "combined", endpoints=("binary", "survival")):
+    """LinearModels of `model` per endpoint found in the coefficients table.
+
+    `design`: one table for all endpoints (path or DataFrame) or {endpoint: path}.
+    """
+    coefs = read_table(coefficients_tsv) if not isinstance(coefficients_tsv, pd.DataFrame) else coefficients_tsv
+    designs = design if isinstance(design, dict) else {e: design for e in endpoints}
+    found = []
+    eps = coefs["endpoint"].astype(str).unique() if "endpoint" in coefs.columns else list(designs)
+    for ep in eps:
+        if ep not in designs:
+            continue
+        d = designs[ep]
+        d = read_table(d) if not isinstance(d, pd.DataFrame) else d
+        try:
+            found.append(LinearModel.from_tables(coefs, d, ep, model))
+        except KeyError as exc:
+            log.warning("%s", exc)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Outputs:
+    out_dir: Path
+    make_figures: bool = True
+    tables: dict = field(default_factory=dict)
+    figures: list = field(default_factory=list)
+
+    def table(self, name: str, df: pd.DataFrame, title: str, section: str) -> None:
+        if df is None or df.empty:
+            return
+        path = self.out_dir / f"{name}.csv"
+        df.to_csv(path, index=False)
+        self.tables[name] = {"path": path.name, "title": title, "section": section}
+
+    def figure(self, fig, name: str, caption: str, section: str, **meta) -> None:
+        import matplotlib.pyplot as plt
+
+        save_figure(fig, self.out_dir, name)
+        self.figures.append({"name": name, "png": f"figures/{name}.png", "pdf": f"figures/{name}.pdf",
+                             "caption": caption, "section": section, **meta})
+
+
+def save_figure(fig, out_dir: Path, name: str) -> Path:
+    """`out_dir/figures/{name}.png` (150 dpi) and `.pdf`; layout fitted once (no second 'tight' render)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    fig_dir = Path(out_dir) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tight_layout's notice on colorbar axes (SHAP)
+        fig.tight_layout()
+    fig.savefig(fig_dir / f"{name}.png", dpi=150)
+    fig.savefig(fig_dir / f"{name}.pdf")
+    plt.close(fig)
+    return fig_dir / f"{name}.png"
+
+
+def _seed(seed: int, *keys) -> np.random.Generator:
+    return np.random.default_rng([seed] + [zlib.crc32(str(k).encode()) for k in keys])
+
+
+def _fmt_p(p) -> str:
+    if p is None or not np.isfinite(p):
+        return "NA"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_ci(est, lo, hi, digits: int = 3) -> str:
+    if est is None or not np.isfinite(est):
+        return "NA"
+    if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{est:.{digits}f}"
+    return f"{est:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def _cohort_frames(df: pd.DataFrame, models) -> tuple[pd.DataFrame, dict]:
+    """Per-patient outcome table and per-model score/probability series, indexed by patient."""
+    base = df.drop_duplicates("patient").set_index("patient")[["center", "outcome", "time", "event"]]
+    per_model = {m: df[df["model"] == m].set_index("patient")[["score", "probability"]] for m in models}
+    return base, per_model
+
+
+def _binary_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dict, out: _Outputs, colors, first: bool):
+    rows, comps, reclass, cutoffs, cal_rows, dca_rows = [], [], [], [], [], []
+    ref_df = df[df["cohort"] == ref]
+    cut = {}
+    for m in models:
+        r = ref_df[ref_df["model"] == m].dropna(subset=["probability"])
+        if r["outcome"].nunique() == 2:
+            cut[m] = M.youden_cutoff(r["outcome"].astype(int), r["probability"])
+            cutoffs.append({"endpoint": "binary", "split": split, "model": m, "method": "youden (probability)",
+                            "learnt_on": ref, "cutoff": cut[m], "n": len(r)})
+    ref_prev = float(ref_df.drop_duplicates("patient")["outcome"].mean()) if len(ref_df) else np.nan
+    nri_cutoffs = cfg["nri_cutoffs"] if cfg["nri_cutoffs"] is not None else [round(ref_prev, 3)]
+    plots = {}
+    for c in cohorts:
+        cdf = df[df["cohort"] == c]
+        base, per = _cohort_frames(cdf, models)
+        y_all = base["outcome"].astype(int)
+        counts = M.bootstrap_counts(len(base), cfg["n_bootstrap"], _seed(cfg["seed"], "binary", split, c),
+                                    strata=y_all.values)
+        pos = {p: i for i, p in enumerate(base.index)}
+        plots[c] = {}
+        for m in models:
+            s = per[m].dropna()
+            if s.empty:
+                continue
+            idx = np.array([pos[p] for p in s.index])
+            y = y_all.values[idx]
+            row = {"endpoint": "binary", "split": split, "cohort": c, "model": m, "n": len(y), "events": int(y.sum())}
+            if len(np.unique(y)) < 2:
+                rows.append(row)
+                log.warning("binary: cohort %s (split %s) has a single outcome class: no AUC", c, split)
+                continue
+            prob, score = s["probability"].values, s["score"].values
+            d = M.auc_delong(y, score)
+            boot = M.bootstrap_auc(y, score, counts[:, idx])
+            lo, hi = M.percentile_ci(boot)
+            row.update({"auc": d["auc"], "auc_se": d["se"], "auc_ci_low": d["ci_low"], "auc_ci_high": d["ci_high"],
+                        "auc_boot_ci_low": lo, "auc_boot_ci_high": hi})
+            if m in cut:
+                cls = M.classification_metrics(y, prob, cut[m])
+                row.update({k: v for k, v in cls.items()})
+            row["brier"] = M.brier_score(y, prob)
+            row.update(M.calibration_intercept_slope(y, prob))
+            row.update(M.hosmer_lemeshow(y, prob, g=10))
+            rows.append(row)
+            curve = M.calibration_curve(y, prob, n_bins=cfg["calibration_bins"])
+            cal_rows.append(curve.assign(endpoint="binary", split=split, cohort=c, model=m))
+            nb = M.net_benefit(y, prob)
+            dca_rows.append(nb.assign(endpoint="binary", split=split, cohort=c, model=m))
+            plots[c][m] = {"y": y, "score": score, "prob": prob, "row": row, "curve": curve, "nb": nb}
+        for i, a in enumerate(models):
+            for b in models[i + 1:]:
+                both = per[a].dropna().index.intersection(per[b].dropna().index)
+                yy = y_all.loc[both].values
+                if len(both) < 3 or len(np.unique(yy)) < 2:
+                    continue
+                t = M.delong_test(yy, per[a].loc[both, "score"].values, per[b].loc[both, "score"].values)
+                comps.append({"endpoint": "binary", "split": split, "cohort": c, "model_a": a, "model_b": b,
+                              "n": len(both), **t, "test": "DeLong (paired)"})
+        if "clinical" in models:
+            for m in models:
+                if m == "clinical":
+                    continue
+                both = per[m].dropna().index.intersection(per["clinical"].dropna().index)
+                yy = y_all.loc[both].values
+                if len(both) < 3 or len(np.unique(yy)) < 2:
+                    continue
+                idx = np.array([pos[p] for p in both])
+                r = M.reclassification(yy, per["clinical"].loc[both, "probability"].values,
+                                       per[m].loc[both, "probability"].values, cutoffs=nri_cutoffs,
+                                       counts=counts[:, idx])
+                reclass.append({"endpoint": "binary", "split": split, "cohort": c, "horizon": np.nan,
+                                "model_new": m, "model_old": "clinical", **r})
+    if first and out.make_figures:
+        _plot_binary(plots, models, cohorts, colors, split, out)
+    return rows, comps, reclass, cutoffs, cal_rows, dca_rows
+
+
+def _survival_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dict, out: _Outputs, colors, first: bool):
+    rows, comps, reclass, cutoffs, cal_rows, dca_rows, td_rows = [], [], [], [], [], [], []
+    horizons = list(cfg["horizons"])
+    ref_df = df[df["cohort"] == ref]
+    ref_base = ref_df.drop_duplicates("patient")
+    cut, recal = {}, {}
+    for m in models:
+        r = ref_df[ref_df["model"] == m].dropna(subset=["score"])
+        if r.empty or r["event"].sum() == 0:
+            continue
+        t, e, s = r["time"].values, r["event"].values, r["score"].values
+        cut[m] = M.survival_cutoff(t, e, s, method=cfg["survival_cutoff"],
+                                   horizon=horizons[len(horizons) // 2] if horizons else None)
+        recal[m] = M.CoxRecalibration.fit(t, e, s)
+        cutoffs.append({"endpoint": "survival", "split": split, "model": m, "method": cfg["survival_cutoff"],
+                        "learnt_on": ref, "cutoff": cut[m], "n": len(r), "cox_beta": recal[m].beta})
+    tr_t, tr_e = ref_base["time"].values.astype(float), ref_base["event"].values.astype(bool)
+    tau = max(horizons) if horizons else None
+    plots = {}
+    for c in cohorts:
+        cdf = df[df["cohort"] == c]
+        base, per = _cohort_frames(cdf, models)
+        t_all, e_all = base["time"].values.astype(float), base["event"].values.astype(bool)
+        counts = M.bootstrap_counts(len(base), cfg["n_bootstrap"], _seed(cfg["seed"], "survival", split, c),
+                                    strata=e_all)
+        pos = {p: i for i, p in enumerate(base.index)}
+        in_follow_up = [h for h in horizons if h < t_all.max()]
+        grid = np.quantile(t_all[e_all], np.linspace(0.05, 0.95, 25)) if e_all.sum() >= 5 else np.array([])
+        grid = grid[grid < t_all.max()]
+        plots[c] = {"models": {}, "horizons": in_follow_up, "train": (tr_t, tr_e)}
+        boot_c = {}
+        for m in models:
+            s = per[m]["score"].dropna()
+            if s.empty:
+                continue
+            idx = np.array([pos[p] for p in s.index])
+            t, e, score = t_all[idx], e_all[idx], s.values
+            row = {"endpoint": "survival", "split": split, "cohort": c, "model": m, "n": len(t), "events": int(e.sum())}
+            if e.sum() == 0:
+                rows.append(row)
+                continue
+            cnt = counts[:, idx]
+            hc = M.harrell_c(t, e, score)
+            boot_c[m] = (s.index, M.harrell_c(t, e, score, counts=cnt))
+            row.update({"c_harrell": hc})
+            row["c_harrell_ci_low"], row["c_harrell_ci_high"] = M.percentile_ci(boot_c[m][1])
+            row["c_uno"] = M.uno_c(tr_t, tr_e, t, e, score, tau=tau)
+            row["c_uno_ci_low"], row["c_uno_ci_high"] = M.percentile_ci(M.uno_c(tr_t, tr_e, t, e, score, tau=tau, counts=cnt))
+            row["c_uno_tau"] = tau
+            if horizons:
+                td = M.time_dependent_auc(tr_t, tr_e, t, e, score, horizons)
+                td_b = M.time_dependent_auc(tr_t, tr_e, t, e, score, horizons, counts=cnt)
+                for k, h in enumerate(horizons):
+                    lo, hi = M.percentile_ci(td_b[:, k])
+                    row[f"td_auc_{h:g}"] = td[k]
+                    row[f"td_auc_{h:g}_ci_low"], row[f"td_auc_{h:g}_ci_high"] = lo, hi
+                    td_rows.append({"endpoint": "survival", "split": split, "cohort": c, "model": m, "time": h,
+                                    "auc": td[k], "ci_low": lo, "ci_high": hi, "horizon": True})
+            curve = M.time_dependent_auc(tr_t, tr_e, t, e, score, grid) if len(grid) else np.array([])
+            td_rows += [{"endpoint": "survival", "split": split, "cohort": c, "model": m, "time": g, "auc": a,
+                         "horizon": False} for g, a in zip(grid, curve)]
+            hr = M.cox_hazard_ratio(t, e, score)
+            row.update({"hr_per_unit": hr["hr"], "hr_per_unit_ci_low": hr["hr_ci_low"],
+                        "hr_per_unit_ci_high": hr["hr_ci_high"], "hr_per_unit_p": hr["hr_p"]})
+            km = None
+            if m in cut:
+                high = score >= cut[m]
+                km = M.kaplan_meier_groups(t, e, high, cfg["at_risk_times"])
+                g = M.cox_hazard_ratio(t, e, high.astype(float))
+                row.update({"cutoff": cut[m], "n_high": int(high.sum()), "n_low": int((~high).sum()),
+                            "logrank_chi2": km["logrank_chi2"], "logrank_p": km["logrank_p"],
+                            "hr_high_vs_low": g["hr"], "hr_high_vs_low_ci_low": g["hr_ci_low"],
+                            "hr_high_vs_low_ci_high": g["hr_ci_high"], "hr_high_vs_low_p": g["hr_p"],
+                            "median_low": km["median"].get("low", np.nan), "median_high": km["median"].get("high", np.nan)})
+                for k, at in enumerate(cfg["at_risk_times"]):
+                    row[f"at_risk_low_{at:g}"] = km["at_risk"]["low"][k]
+                    row[f"at_risk_high_{at:g}"] = km["at_risk"]["high"][k]
+            risks, cals, nbs = {}, {}, {}
+            if m in recal:
+                for h in in_follow_up:
+                    risks[h] = recal[m].risk(score, h)
+                    cals[h] = M.survival_calibration(t, e, risks[h], h, n_groups=cfg["survival_calibration_groups"])
+                    cal_rows.append(cals[h].assign(endpoint="survival", split=split, cohort=c, model=m, horizon=h))
+                    nbs[h] = M.net_benefit_survival(t, e, risks[h], h)
+                    dca_rows.append(nbs[h].assign(endpoint="survival", split=split, cohort=c, model=m, horizon=h))
+            rows.append(row)
+            plots[c]["models"][m] = {"t": t, "e": e, "score": score, "row": row, "km": km, "risks": risks, "cal": cals, "nb": nbs,
+                                     "td_grid": grid, "td_curve": curve}
+        for i, a in enumerate(models):
+            for b in models[i + 1:]:
+                if a not in boot_c or b not in boot_c:
+                    continue
+                both = boot_c[a][0].intersection(boot_c[b][0])
+                if not (len(both) == len(boot_c[a][0]) == len(boot_c[b][0])):
+                    continue  # paired bootstrap difference only on identical patients
+                ca, cb = plots[c]["models"][a]["row"]["c_harrell"], plots[c]["models"][b]["row"]["c_harrell"]
+                diff = boot_c[a][1] - boot_c[b][1]
+                lo, hi = M.percentile_ci(diff)
+                p = min(1.0, 2 * min(np.mean(diff <= 0), np.mean(diff >= 0)))
+                comps.append({"endpoint": "survival", "split": split, "cohort": c, "model_a": a, "model_b": b,
+                              "n": len(both), "c_a": ca, "c_b": cb, "difference": ca - cb, "ci_low": lo, "ci_high": hi,
+                              "p": p, "test": "paired bootstrap of Harrell's C"})
+        if "clinical" in models and "clinical" in recal:
+            for m in models:
+                if m == "clinical" or m not in recal:
+                    continue
+                both = per[m]["score"].dropna().index.intersection(per["clinical"]["score"].dropna().index)
+                idx = np.array([pos[p] for p in both])
+                t, e = t_all[idx], e_all[idx]
+                for h in in_follow_up:
+                    status, known = M.status_at_horizon(t, e, h)
+                    if known.sum() < 3 or len(np.unique(status[known])) < 2:
+                        continue
+                    p_old = recal["clinical"].risk(per["clinical"].loc[both, "score"].values, h)
+                    p_new = recal[m].risk(per[m].loc[both, "score"].values, h)
+                    r = M.reclassification(status[known], p_old[known], p_new[known],
+                                           cutoffs=cfg["nri_cutoffs"] or [round(float(np.median(p_old)), 3)],
+                                           counts=counts[:, idx][:, known])
+                    reclass.append({"endpoint": "survival", "split": split, "cohort": c, "horizon": h,
+                                    "model_new": m, "model_old": "clinical", **r})
+    if first and out.make_figures:
+        _plot_survival(plots, models, cohorts, colors, split, cfg, out)
+    return rows, comps, reclass, cutoffs, cal_rows, dca_rows, td_rows
+
+
+def summarise_splits(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Long table per endpoint x model x cohort x metric: value over splits (mean, 2.5 and 97.5 percentiles)."""
+    keys = ["endpoint", "model", "cohort"]
+    skip = {"split"}
+    value_cols = [c for c in metrics.columns if c not in keys and c not in skip
+                  and pd.api.types.is_numeric_dtype(metrics[c])]
+    rows = []
+    for key, g in metrics.groupby(keys, sort=False):
+        n_splits = g["split"].nunique()
+        for col in value_cols:
+            v = g[col].dropna().astype(float)
+            if v.empty:
+                continue
+            rows.append({**dict(zip(keys, key)), "metric": col, "n_splits": n_splits, "mean": v.mean(),
+                         "p2_5": np.percentile(v, 2.5) if n_splits > 1 else np.nan,
+                         "p97_5": np.percentile(v, 97.5) if n_splits > 1 else np.nan})
+    return pd.DataFrame(rows)
+
+
+_BINARY_HEADLINE = [("AUC (95% CI)", "auc", "auc_ci_low", "auc_ci_high"),
+                    ("AUC bootstrap CI", "auc", "auc_boot_ci_low", "auc_boot_ci_high"),
+                    ("Accuracy", "accuracy", "accuracy_ci_low", "accuracy_ci_high"),
+                    ("Sensitivity", "sensitivity", "sensitivity_ci_low", "sensitivity_ci_high"),
+                    ("Specificity", "specificity", "specificity_ci_low", "specificity_ci_high"),
+                    ("PPV", "ppv", "ppv_ci_low", "ppv_ci_high"), ("NPV", "npv", "npv_ci_low", "npv_ci_high"),
+                    ("Brier", "brier", None, None),
+                    ("Calibration intercept", "calibration_intercept", "calibration_intercept_ci_low",
+                     "calibration_intercept_ci_high"),
+                    ("Calibration slope", "calibration_slope", "calibration_slope_ci_low", "calibration_slope_ci_high"),
+                    ("Hosmer-Lemeshow P", "hl_p", None, None)]
+
+
+def _survival_headline(horizons):
+    return ([("Harrell C (95% CI)", "c_harrell", "c_harrell_ci_low", "c_harrell_ci_high"),
+             ("Uno C (95% CI)", "c_uno", "c_uno_ci_low", "c_uno_ci_high")]
+            + [(f"AUC({h:g})", f"td_auc_{h:g}", f"td_auc_{h:g}_ci_low", f"td_auc_{h:g}_ci_high") for h in horizons]
+            + [("HR per unit score", "hr_per_unit", "hr_per_unit_ci_low", "hr_per_unit_ci_high"),
+               ("HR high vs low", "hr_high_vs_low", "hr_high_vs_low_ci_low", "hr_high_vs_low_ci_high"),
+               ("Log-rank P", "logrank_p", None, None)])
+
+
+def headline_table(metrics: pd.DataFrame, spec, models, cohorts) -> pd.DataFrame:
+    """One formatted row per model x cohort: 'estimate (low-high)'.
+
+    One split: the within-split CIs. Several: mean over splits (2.5-97.5 percentiles over splits).
+    """
+    rows = []
+    n_splits = metrics["split"].nunique()
+    for c in cohorts:
+        for m in models:
+            g = metrics[(metrics["cohort"] == c) & (metrics["model"] == m)]
+            if g.empty:
+                continue
+            row = {"cohort": c, "model": m, "n": int(g["n"].iloc[0]) if n_splits == 1 else f"{g['n'].mean():.0f}",
+                   "events": int(g["events"].iloc[0]) if n_splits == 1 else f"{g['events'].mean():.0f}"}
+            for label, est, lo, hi in spec:
+                if est not in g.columns:
+                    continue
+                v = g[est].dropna().astype(float)
+                if v.empty:
+                    row[label] = "NA"
+                elif est.endswith("_p") and n_splits == 1:
+                    row[label] = _fmt_p(v.iloc[0])
+                elif n_splits == 1:
+                    row[label] = _fmt_ci(v.iloc[0], g[lo].iloc[0] if lo else None, g[hi].iloc[0] if hi else None)
+                elif "bootstrap" not in label:
+                    row[label.replace(" (95% CI)", "")] = _fmt_ci(v.mean(), np.percentile(v, 2.5), np.percentile(v, 97.5))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def reclassification_table(reclass: pd.DataFrame) -> pd.DataFrame:
+    """Formatted NRI (continuous, categorical) and IDI per endpoint x horizon x cohort x model pair."""
+    rows = []
+    for r in reclass.to_dict("records"):
+        row = {"endpoint": r["endpoint"], "horizon": "" if pd.isna(r["horizon"]) else f"{r['horizon']:g}",
+               "cohort": r["cohort"], "split": r["split"], "comparison": f"{r['model_new']} vs {r['model_old']}",
+               "n": r["n"], "events": r["events"]}
+        for name, label in (("nri_continuous", "NRI continuous"), ("nri_categorical", "NRI categorical"), ("idi", "IDI")):
+            if name in r and pd.notna(r.get(name)):
+                row[label] = _fmt_ci(r[name], r[f"{name}_ci_low"], r[f"{name}_ci_high"])
+                row[f"{label} P"] = _fmt_p(r[f"{name}_p"])
+        row["risk cut-offs"] = r.get("nri_cutoffs", "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=(12, 24, 36), n_bootstrap: int = 2000,
+             seed: int = 20240601, reference_cohort: str = "training", linear_models=(),
+             survival_cutoff: str = "median", nri_cutoffs=None, calibration_bins: int = 10,
+             survival_calibration_groups: int = 4, figures: bool = True) -> dict:
+    """Evaluate every model on every cohort (and split); write tables, figures and `manifest.json`.
+
+    linear_models: `LinearModel`s (the combined model per endpoint, from its coefficients and design matrix)
+    for the SHAP figures and the nomogram. nri_cutoffs: risk-category cut-offs of the categorical NRI
+    (default: the event rate of the reference cohort for binary, the clinical model's median risk for survival).
+    Returns {"tables": {name: path}, "figures": [...], "metrics": {endpoint: DataFrame}}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preds = normalise_predictions(predictions)
+    out = _Outputs(out_dir, make_figures=figures)
+    models = ordered(preds["model"], MODEL_ORDER)
+    cohorts = ordered(preds["cohort"], COHORT_ORDER)
+    colors = model_colors(models)
+    horizons = [float(h) for h in horizons_months]
+    max_t = preds["time"].max() if preds["time"].notna().any() else 60
+    step = 12 if max_t > 24 else max(1, round(max_t / 5))
+    cfg = {"n_bootstrap": n_bootstrap, "seed": seed, "nri_cutoffs": nri_cutoffs, "horizons": horizons,
+           "survival_cutoff": survival_cutoff, "calibration_bins": calibration_bins,
+           "survival_calibration_groups": survival_calibration_groups,
+           "at_risk_times": [float(x) for x in np.arange(0, max_t + 1e-9, step)]}
+    if reference_cohort not in cohorts:
+        raise ValueError(f"reference cohort {reference_cohort!r} not among the cohorts {cohorts}")
+
+    out.table("cohorts", preds.drop_duplicates(["patient", "split"])[["patient", "split", "cohort", "center"]],
+              "Patients per split and cohort", "design")
+    results: dict = {"metrics": {}}
+    all_comps, all_reclass, all_cutoffs = [], [], []
+    for endpoint in ordered(preds["endpoint"], ["binary", "survival"]):
+        edf = preds[preds["endpoint"] == endpoint]
+        e_models = ordered(edf["model"], MODEL_ORDER)
+        e_cohorts = ordered(edf["cohort"], COHORT_ORDER)
+        rows, cal, dca, td = [], [], [], []
+        for k, split in enumerate(sorted(edf["split"].unique(), key=str)):
+            sdf = edf[edf["split"] == split]
+            s_cohorts = [c for c in e_cohorts if c in set(sdf["cohort"])]
+            if reference_cohort not in s_cohorts:
+                log.warning("%s split %s has no %s cohort: skipped", endpoint, split, reference_cohort)
+                continue
+            if endpoint == "binary":
+                r, cp, rc, ct, cl, dc = _binary_split(sdf, split, e_models, s_cohorts, reference_cohort, cfg, out,
+                                                      colors, first=(k == 0))
+            else:
+                r, cp, rc, ct, cl, dc, tdr = _survival_split(sdf, split, e_models, s_cohorts, reference_cohort, cfg,
+                                                             out, colors, first=(k == 0))
+                td += tdr
+            rows += r
+            all_comps += cp
+            all_reclass += rc
+            all_cutoffs += ct
+            cal += cl
+            dca += dc
+        met = pd.DataFrame(rows)
+        if met.empty:
+            continue
+        results["metrics"][endpoint] = met
+        label = "binary endpoint" if endpoint == "binary" else "survival endpoint"
+        out.table(f"metrics_{endpoint}", met, f"All metrics, {label}, per model x cohort x split", endpoint)
+        spec = _BINARY_HEADLINE if endpoint == "binary" else _survival_headline(horizons)
+        out.table(f"summary_{endpoint}", headline_table(met, spec, e_models, e_cohorts),
+                  f"Performance, {label}" + (" (mean and 2.5-97.5 percentiles over splits)"
+                                              if met["split"].nunique() > 1 else " (95% CI)"), endpoint)
+        if met["split"].nunique() > 1:
+            out.table(f"summary_{endpoint}_splits", summarise_splits(met),
+                      f"Metrics aggregated over splits, {label}", endpoint)
+        if cal:
+            out.table(f"calibration_{endpoint}", pd.concat(cal, ignore_index=True),
+                      f"Calibration by risk group, {label}", endpoint)
+        if dca:
+            out.table(f"decision_curve_{endpoint}", pd.concat(dca, ignore_index=True),
+                      f"Decision curve (net benefit), {label}", endpoint)
+        if td:
+            out.table("time_dependent_auc", pd.DataFrame(td), "Time-dependent AUC (cumulative/dynamic, IPCW)", endpoint)
+    comps = pd.DataFrame(all_comps)
+    for ep in ("binary", "survival"):
+        if not comps.empty and (comps["endpoint"] == ep).any():
+            sub = comps[comps["endpoint"] == ep].dropna(axis=1, how="all")
+            title = ("DeLong tests between models (paired, same patients)" if ep == "binary"
+                     else "Harrell's C differences between models (paired bootstrap)")
+            out.table(f"comparisons_{ep}", sub, title, ep)
+    reclass = pd.DataFrame(all_reclass)
+    out.table("reclassification", reclass, "NRI and IDI of each model over the clinical model (all columns)",
+              "reclassification")
+    out.table("summary_reclassification", reclassification_table(reclass),
+              "NRI and IDI of each model over the clinical model (95% CI; P from the asymptotic z)", "reclassification")
+    out.table("cutoffs", pd.DataFrame(all_cutoffs), f"Cut-offs learnt on the {reference_cohort} cohort", "cutoffs")
+
+    for lm in linear_models:
+        _explain(lm, preds, reference_cohort, cfg, out)
+
+    manifest = {"tables": out.tables, "figures": out.figures,
+                "settings": {"horizons_months": horizons, "n_bootstrap": n_bootstrap, "seed": seed,
+                             "reference_cohort": reference_cohort, "survival_cutoff": survival_cutoff,
+                             "models": models, "cohorts": cohorts,
+                             "endpoints": ordered(preds["endpoint"], ["binary", "survival"]),
+                             "n_splits": int(preds["split"].nunique()), "n_patients": int(preds["patient"].nunique())}}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
+    results.update({"tables": {k: out_dir / v["path"] for k, v in out.tables.items()}, "figures": out.figures,
+                    "manifest": out_dir / "manifest.json"})
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------------
+
+def _ax_style(ax, xlabel, ylabel, title=None):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.25, linewidth=0.5)
+
+
+def _yerr(df: pd.DataFrame) -> np.ndarray:
+    return np.clip([df["observed"] - df["observed_ci_low"], df["observed_ci_high"] - df["observed"]], 0, None)
+
+
+def _plot_binary(plots, models, cohorts, colors, split, out: _Outputs):
+    import matplotlib.pyplot as plt
+
+    for c in cohorts:
+        res = plots.get(c, {})
+        if not res:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for m in models:
+            if m not in res:
+                continue
+            fpr, tpr, _ = M.roc_curve_points(res[m]["y"], res[m]["score"])
+            r = res[m]["row"]
+            ax.plot(fpr, tpr, color=colors[m], lw=1.8,
+                    label=f"{m}: AUC {r['auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        _ax_style(ax, "1 - specificity", "Sensitivity", f"ROC, {c} cohort")
+        ax.legend(loc="lower right", fontsize=8, title="AUC (95% CI, DeLong)", title_fontsize=8)
+        out.figure(fig, f"roc_binary_{c}", f"ROC curves of the binary endpoint, {c} cohort; AUC with DeLong 95% CI.",
+                   "binary", cohort=c, kind="roc", split=str(split))
+
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for m in models:
+            if m not in res:
+                continue
+            cv, r = res[m]["curve"], res[m]["row"]
+            ax.errorbar(cv["predicted"], cv["observed"],
+                        yerr=_yerr(cv),
+                        fmt="o", ms=3.5, color=colors[m], alpha=0.7, capsize=2, lw=0.8)
+            sm = M.lowess_curve(res[m]["y"], res[m]["prob"])
+            ax.plot(sm["predicted"], sm["observed"], color=colors[m], lw=1.6,
+                    label=f"{m}: slope {r['calibration_slope']:.2f}, intercept {r['calibration_intercept']:.2f}, "
+                          f"HL P {r['hl_p']:.3f}")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="ideal")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        _ax_style(ax, "Predicted probability", "Observed proportion", f"Calibration, {c} cohort")
+        ax.legend(loc="upper left", fontsize=7)
+        out.figure(fig, f"calibration_binary_{c}",
+                   f"Calibration, {c} cohort: deciles of predicted probability (observed with Wilson 95% CI) and a "
+                   f"locally weighted smooth; slope/intercept from logistic recalibration; Hosmer-Lemeshow (g=10).",
+                   "binary", cohort=c, kind="calibration", split=str(split))
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        top = 0.05
+        for m in models:
+            if m not in res:
+                continue
+            nb = res[m]["nb"]
+            ax.plot(nb["threshold"], nb["net_benefit"], color=colors[m], lw=1.6, label=m)
+            top = max(top, nb["net_benefit"].max())
+        nb = next(iter(res.values()))["nb"]
+        ax.plot(nb["threshold"], nb["treat_all"], color="grey", lw=1.2, label="treat all")
+        ax.axhline(0, color="black", lw=1.0, label="treat none")
+        ax.set_ylim(-0.05, top * 1.15 + 0.01)
+        ax.set_xlim(0, 1)
+        _ax_style(ax, "Threshold probability", "Net benefit", f"Decision curves, {c} cohort")
+        ax.legend(fontsize=8)
+        out.figure(fig, f"decision_curve_binary_{c}", f"Decision curve analysis of the binary endpoint, {c} cohort.",
+                   "binary", cohort=c, kind="decision", split=str(split))
+
+        m = "combined" if "combined" in res else list(res)[-1]
+        nb = res[m]["nb"]
+        n = len(res[m]["y"])
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.plot(nb["threshold"], nb["n_high_risk"] * 1000 / n, color=colors[m], lw=1.8, label="number high risk")
+        ax.plot(nb["threshold"], nb["n_high_risk_events"] * 1000 / n, color=colors[m], lw=1.4, ls="--",
+                label="number high risk with event")
+        ax.set_xlim(0, 1)
+        _ax_style(ax, "Threshold probability", "Number per 1,000 patients", f"Clinical impact, {m} model, {c} cohort")
+        ax.legend(fontsize=8)
+        out.figure(fig, f"clinical_impact_binary_{c}", f"Clinical impact curve of the {m} model, {c} cohort.",
+                   "binary", cohort=c, kind="clinical_impact", split=str(split))
+
+
+def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
+    import matplotlib.pyplot as plt
+
+    at_times = cfg["at_risk_times"]
+    for c in cohorts:
+        res = plots.get(c, {}).get("models", {})
+        if not res:
+            continue
+        km_models = [m for m in models if m in res and res[m]["km"] is not None]
+        if km_models:
+            n = len(km_models)
+            fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 5.2), gridspec_kw={"height_ratios": [4, 1]}, squeeze=False)
+            for j, m in enumerate(km_models):
+                ax, tab = axes[0, j], axes[1, j]
+                km, r = res[m]["km"], res[m]["row"]
+                for grp, ls in (("low", "-"), ("high", "-")):
+                    if grp not in km["curves"]:
+                        continue
+                    cv = km["curves"][grp]
+                    col = colors[m] if grp == "high" else "#4d4d4d"
+                    ax.step(cv["time"], cv["survival"], where="post", color=col, lw=1.6, ls=ls,
+                            label=f"{grp} risk (n={km['n'][grp]})")
+                    ax.fill_between(cv["time"], cv["ci_low"], cv["ci_high"], step="post", color=col, alpha=0.12)
+                p = km["logrank_p"]
+                ptxt = "<0.0001" if p < 1e-4 else f"{p:.4f}"
+                ax.text(0.03, 0.05, f"log-rank P {ptxt}\nHR {r['hr_high_vs_low']:.2f} "
+                        f"({r['hr_high_vs_low_ci_low']:.2f}-{r['hr_high_vs_low_ci_high']:.2f})",
+                        transform=ax.transAxes, fontsize=8)
+                ax.set_ylim(0, 1.02)
+                t_end = at_times[-1] if at_times else float(max(res[m]["t"]))
+                ax.set_xlim(-0.06 * t_end, 1.03 * t_end)
+                ax.set_xticks(at_times)
+                _ax_style(ax, "", "Event-free survival probability" if j == 0 else "", f"{m} model, {c} cohort")
+                ax.legend(fontsize=7, loc="upper right")
+                tab.set_xlim(ax.get_xlim())
+                tab.set_ylim(-0.5, 1.5)
+                for k, at in enumerate(at_times):
+                    tab.text(at, 1, str(km["at_risk"]["low"][k]), ha="center", va="center", fontsize=7, color="#4d4d4d")
+                    tab.text(at, 0, str(km["at_risk"]["high"][k]), ha="center", va="center", fontsize=7, color=colors[m])
+                tab.set_yticks([1, 0])
+                tab.set_yticklabels(["low", "high"], fontsize=7)
+                tab.set_xticks(at_times)
+                tab.tick_params(axis="x", labelsize=7)
+                tab.set_xlabel("Time (months)")
+                tab.set_title("Number at risk", fontsize=8, loc="left")
+                for side in ("top", "right", "left"):
+                    tab.spines[side].set_visible(False)
+            out.figure(fig, f"km_survival_{c}",
+                       f"Kaplan-Meier curves of high- vs low-risk patients ({cfg['survival_cutoff']} cut-off learnt on the "
+                       f"training cohort), {c} cohort, with log-rank P, hazard ratio and numbers at risk.",
+                       "survival", cohort=c, kind="km", split=str(split))
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for m in models:
+            if m not in res or not len(res[m]["td_grid"]):
+                continue
+            ax.plot(res[m]["td_grid"], res[m]["td_curve"], color=colors[m], lw=1.5, label=m)
+            r = res[m]["row"]
+            for h in cfg["horizons"]:
+                key = f"td_auc_{h:g}"
+                if key in r and np.isfinite(r[key]):
+                    ax.errorbar([h], [r[key]], yerr=[[r[key] - r[f"{key}_ci_low"]], [r[f"{key}_ci_high"] - r[key]]],
+                                fmt="o", color=colors[m], ms=4, capsize=3)
+        ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+        ax.set_ylim(0.3, 1.0)
+        _ax_style(ax, "Time (months)", "Time-dependent AUC", f"Cumulative/dynamic AUC(t), {c} cohort")
+        ax.legend(fontsize=8)
+        out.figure(fig, f"td_auc_survival_{c}", f"Time-dependent AUC (IPCW) over follow-up, {c} cohort; "
+                   f"points: horizons with bootstrap 95% CI.", "survival", cohort=c, kind="td_auc", split=str(split))
+
+        hs = plots[c]["horizons"]
+        if hs:
+            fig, axes = plt.subplots(1, len(hs), figsize=(4 * len(hs), 4), squeeze=False)
+            for j, h in enumerate(hs):
+                ax = axes[0, j]
+                for m in models:
+                    if m not in res:
+                        continue
+                    d = res[m]
+                    fpr, tpr = M.time_dependent_roc(*plots[c]["train"], d["t"], d["e"], d["score"], h)
+                    key = f"td_auc_{h:g}"
+                    ax.plot(fpr, tpr, color=colors[m], lw=1.5,
+                            label=f"{m}: {d['row'].get(key, np.nan):.3f}")
+                ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+                _ax_style(ax, "1 - specificity", "Sensitivity" if j == 0 else "", f"{h:g} months, {c} cohort")
+                ax.legend(fontsize=7, loc="lower right", title="AUC(t)", title_fontsize=7)
+            out.figure(fig, f"td_roc_survival_{c}", f"Time-dependent ROC curves at the horizons, {c} cohort.",
+                       "survival", cohort=c, kind="td_roc", split=str(split))
+
+            fig, axes = plt.subplots(1, len(hs), figsize=(4 * len(hs), 4), squeeze=False)
+            for j, h in enumerate(hs):
+                ax = axes[0, j]
+                for m in models:
+                    if m not in res or h not in res[m]["risks"]:
+                        continue
+                    d = res[m]
+                    cal = d["cal"][h]
+                    ax.errorbar(cal["predicted"], cal["observed"],
+                                yerr=_yerr(cal),
+                                fmt="o-", ms=4, color=colors[m], capsize=2, lw=1, label=m)
+                ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+                ax.set_xlim(0, 1)
+                ax.set_ylim(0, 1)
+                _ax_style(ax, f"Predicted event probability by {h:g} months",
+                          "Observed (1 - Kaplan-Meier)" if j == 0 else "", f"{h:g} months, {c} cohort")
+                ax.legend(fontsize=7)
+            out.figure(fig, f"calibration_survival_{c}",
+                       f"Calibration at the horizons, {c} cohort: risk quartiles, predicted (Cox recalibration of the "
+                       f"score on the training cohort) vs observed (Kaplan-Meier, 95% CI).",
+                       "survival", cohort=c, kind="calibration", split=str(split))
+
+            fig, axes = plt.subplots(1, len(hs), figsize=(4 * len(hs), 4), squeeze=False)
+            for j, h in enumerate(hs):
+                ax = axes[0, j]
+                top, all_line = 0.05, None
+                for m in models:
+                    if m not in res or h not in res[m]["risks"]:
+                        continue
+                    d = res[m]
+                    nb = d["nb"][h]
+                    ax.plot(nb["threshold"], nb["net_benefit"], color=colors[m], lw=1.5, label=m)
+                    top = max(top, nb["net_benefit"].max())
+                    all_line = nb
+                if all_line is not None:
+                    ax.plot(all_line["threshold"], all_line["treat_all"], color="grey", lw=1.1, label="treat all")
+                ax.axhline(0, color="black", lw=1, label="treat none")
+                ax.set_ylim(-0.05, top * 1.15 + 0.01)
+                ax.set_xlim(0, 1)
+                _ax_style(ax, "Threshold probability", "Net benefit" if j == 0 else "", f"{h:g} months, {c} cohort")
+                ax.legend(fontsize=7)
+            out.figure(fig, f"decision_curve_survival_{c}", f"Decision curves at the horizons, {c} cohort.",
+                       "survival", cohort=c, kind="decision", split=str(split))
+
+
+# --------------------------------------------------------------------------------------------------
+# explanation: SHAP and nomogram of a linear (combined) model
+# --------------------------------------------------------------------------------------------------
+
+def linear_shap(lm: LinearModel, background: pd.DataFrame, explain: pd.DataFrame):
+    """Interventional SHAP values of a linear model (log-odds / log-hazard scale): shap.LinearExplainer."""
+    import shap
+
+    bg = background.dropna()
+    x = explain.dropna()
+    explainer = shap.LinearExplainer((lm.coefficients.values, lm.intercept), shap.maskers.Independent(bg.values, max_samples=len(bg)))
+    values = explainer(x.values)
+    values.feature_names = list(lm.coefficients.index)
+    return values, x
+
+
+def plot_nomogram(lm: LinearModel, reference: pd.DataFrame, *, outcome_axes: dict | None = None, title: str = ""):
+    """Nomogram of a linear model: a points scale per predictor, total points, and outcome axes.
+
+    reference: the training rows of the design matrix (ranges of the predictors). outcome_axes:
+    {label: function(linear predictor) -> probability}; default the logistic probability.
+    Points: the predictor with the widest effect range |beta| x (max - min) spans 0-100 points.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    coefs = lm.coefficients
+    lo, hi = reference[coefs.index].min(), reference[coefs.index].max()
+    # One axis per predictor; the 0/1 dummies of one categorical variable (`var[level]`) share one axis whose
+    # ticks are its levels (the reference level: all dummies 0).
+    axes: dict[str, list[str]] = {}
+    level: dict[str, str] = {}  # dummy column -> its level
+    for f in coefs.index:
+        m = re.fullmatch(r"(.+)\[(.+)\]", str(f))
+        if m is not None and set(np.unique(reference[f].dropna())) <= {0, 1}:
+            level[f] = m.group(2)
+        axes.setdefault(m.group(1) if f in level else str(f), []).append(f)
+    ref = pd.Series(np.where(coefs > 0, lo, hi), index=coefs.index, dtype=float)
+    spans = coefs.abs() * (hi - lo)
+    for name, members in axes.items():
+        if members[0] in level:  # categorical: levels at 0 (reference) and each coefficient
+            c = coefs[members]
+            lowest = c.idxmin() if c.min() < 0 else None
+            ref[members] = [1.0 if f == lowest else 0.0 for f in members]
+            spans[members] = max(0.0, c.max()) - min(0.0, c.min())
+    spans = spans.replace(0, np.nan)
+    scale = 100.0 / spans.max()
+    max_points = float(sum(spans[m[0]] for m in axes.values() if np.isfinite(spans[m[0]])) * scale)
+    lp0 = lm.intercept + float((coefs * ref).sum())
+    if outcome_axes is None:
+        outcome_axes = {"Predicted probability": expit}
+    rows = ["Points"] + list(axes) + ["Total points"] + list(outcome_axes)
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1))
+    ax.set_xlim(-35, 105)
+    ax.set_ylim(-len(rows) + 0.3, 0.8)
+    ax.axis("off")
+
+    def axis_row(y, label, positions, labels, min_gap: float = 4.5, every_label: bool = False):
+        ax.text(-33, y, label, ha="left", va="center", fontsize=9, fontweight="bold" if label in ("Points", "Total points") else None)
+        if len(positions):
+            ax.plot([min(positions), max(positions)], [y, y], color="black", lw=1)
+        last = -np.inf
+        for x, t in sorted(zip(positions, labels)):
+            ax.plot([x, x], [y, y + 0.12], color="black", lw=0.8)
+            if x - last >= min_gap:  # label only ticks far enough apart to stay readable
+                ax.text(x, y + 0.18, t, ha="center", va="bottom", fontsize=7)
+                last = x
+            elif every_label:  # a categorical level: always labelled, below the line when the one above is near
+                ax.text(x, y - 0.1, t, ha="center", va="top", fontsize=7)
+
+    axis_row(0, "Points", np.arange(0, 101, 10), [str(v) for v in range(0, 101, 10)])
+    for i, (name, members) in enumerate(axes.items(), start=1):
+        if members[0] in level:
+            c = coefs[members]
+            base = min(0.0, c.min())
+            levels = ["ref"] + [level[f] for f in members]
+            axis_row(-i, name, scale * (np.r_[0.0, c.to_numpy()] - base), levels, every_label=True)
+            continue
+        f = members[0]
+        vals = np.unique(reference[f].dropna())
+        if f in lm.log1p:  # ticks in the variable's own units (1, 2, 5, 10, ...), placed at log(1 + x)
+            raw = np.r_[0.0, [m * 10.0 ** k for k in range(-2, 8) for m in (1, 2, 5)]]
+            raw = raw[(np.log1p(raw) >= lo[f] - 1e-12) & (np.log1p(raw) <= hi[f] + 1e-12)]
+            pts = scale * coefs[f] * (np.log1p(raw) - ref[f])
+            axis_row(-i, f"{f} (log scale)", pts, [f"{v:g}" for v in raw])
+            continue
+        if len(vals) <= 6:
+            ticks = vals
+        else:
+            n_bins = max(2, int(spans[f] * scale / 10))
+            ticks = MaxNLocator(nbins=n_bins).tick_values(lo[f], hi[f])
+            ticks = ticks[(ticks >= lo[f] - 1e-12) & (ticks <= hi[f] + 1e-12)]
+        pts = scale * coefs[f] * (ticks - ref[f])
+        axis_row(-i, f, pts, [f"{v:g}" for v in ticks])
+    y_total = -(len(axes) + 1)
+    total_ticks = np.linspace(0, max_points, 9)
+    to_x = 100.0 / max_points
+    axis_row(y_total, "Total points", total_ticks * to_x, [f"{v:.0f}" for v in total_ticks])
+    for k, (label, fn) in enumerate(outcome_axes.items(), start=1):
+        lp_at = lambda tp: lp0 + tp / scale  # noqa: E731  linear predictor at a total of points
+        probs = fn(lp_at(np.linspace(0, max_points, 400)))
+        nice = np.array([0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
+        nice = nice[(nice >= probs.min()) & (nice <= probs.max())]
+        order = np.argsort(probs)
+        xs = np.interp(nice, probs[order], np.linspace(0, max_points, 400)[order]) * to_x
+        axis_row(y_total - k, label, xs, [f"{p:g}" for p in nice])
+    if title:
+        ax.set_title(title, fontsize=11)
+    table = pd.DataFrame({"feature": coefs.index, "coefficient": coefs.values, "min": lo.values, "max": hi.values,
+                          "zero_points_at": ref.values, "points_per_unit": (scale * coefs).values,
+                          "max_points": (spans * scale).values,
+                          "scale": ["log(1 + x)" if f in lm.log1p else "x" for f in coefs.index]})
+    return fig, table
+
+
+def _explain(lm: LinearModel, preds: pd.DataFrame, reference_cohort: str, cfg: dict, out: _Outputs) -> None:
+    import matplotlib.pyplot as plt
+    import shap
+
+    ep = preds[preds["endpoint"] == lm.endpoint]
+    first_split = sorted(ep["split"].unique(), key=str)[0] if len(ep) else None
+    train_ids = set(ep.loc[(ep["cohort"] == reference_cohort) & (ep["split"] == first_split), "patient"])
+    design = lm.design
+    train = design[design.index.isin(train_ids)]
+    if train.dropna().empty:
+        log.warning("no %s patients in the %s design matrix: using all rows as reference", reference_cohort, lm.endpoint)
+        train = design
+    values, x = linear_shap(lm, train, design)
+    scale = "log-odds" if lm.endpoint == "binary" else "log relative hazard"
+    sv = pd.DataFrame(values.values, index=x.index, columns=lm.coefficients.index)
+    out.table(f"shap_values_{lm.endpoint}", sv.reset_index().rename(columns={"index": "patient"}),
+              f"SHAP values of the {lm.model} model ({lm.endpoint}, {scale} scale)", "explain")
+    mean_abs = sv.abs().mean().sort_values(ascending=False)
+    out.table(f"shap_importance_{lm.endpoint}", mean_abs.rename_axis("feature").reset_index(name="mean_abs_shap"),
+              f"Mean |SHAP| of the {lm.model} model ({lm.endpoint})", "explain")
+    if out.make_figures:
+        n_show = min(20, len(lm.coefficients))
+        fig = plt.figure(figsize=(7, 0.4 * n_show + 1.5))
+        shap.plots.beeswarm(values, max_display=n_show, show=False, ax=fig.gca(), plot_size=None)
+        fig.gca().set_xlabel(f"SHAP value ({scale})")
+        fig.gca().set_title(f"SHAP, {lm.model} model ({lm.endpoint})", fontsize=10)
+        out.figure(fig, f"shap_beeswarm_{lm.endpoint}",
+                   f"SHAP values of the {lm.model} model per patient and predictor ({scale}; reference: "
+                   f"{reference_cohort} cohort).", "explain", endpoint=lm.endpoint, kind="shap_beeswarm")
+        fig, ax = plt.subplots(figsize=(7, 0.4 * n_show + 1.5))
+        ax.barh(mean_abs.index[:n_show][::-1], mean_abs.values[:n_show][::-1], color=MODEL_COLORS["combined"])
+        _ax_style(ax, f"mean |SHAP value| ({scale})", "", f"Predictor importance, {lm.model} model ({lm.endpoint})")
+        out.figure(fig, f"shap_bar_{lm.endpoint}", f"Mean absolute SHAP value per predictor, {lm.model} model.",
+                   "explain", endpoint=lm.endpoint, kind="shap_bar")
+    if lm.endpoint == "binary":
+        axes = {"Predicted probability": expit}
+    else:
+        tr = ep[(ep["cohort"] == reference_cohort) & (ep["split"] == first_split)].drop_duplicates("patient")
+        tr = tr[tr["patient"].isin(train.dropna().index)]
+        eta = lm.linear_predictor().reindex(tr["patient"]).values
+        axes = {}
+        for h in cfg["horizons"]:
+            if len(tr) and h < tr["time"].max():
+                h0 = M.breslow_cumhaz(tr["time"].values, tr["event"].values, eta, h)
+                axes[f"{h:g}-month event probability"] = (lambda lp, h0=h0: 1 - np.exp(-h0 * np.exp(lp)))
+        if not axes:
+            axes = {"Linear predictor": lambda lp: expit(lp)}
+    if out.make_figures:
+        fig, table = plot_nomogram(lm, train.dropna(), outcome_axes=axes,
+                                   title=f"Nomogram of the {lm.model} model ({lm.endpoint} endpoint)")
+        out.figure(fig, f"nomogram_{lm.endpoint}", f"Nomogram of the {lm.model} model ({lm.endpoint}): read each "
+                   f"predictor's points, add them, and read the outcome below the total.", "explain",
+                   endpoint=lm.endpoint, kind="nomogram")
+        out.table(f"nomogram_{lm.endpoint}", table, f"Nomogram scales of the {lm.model} model ({lm.endpoint})", "explain")
+
+
+# --------------------------------------------------------------------------------------------------
+# a simulated study (tests, benchmark): predictions of fitted models with known structure
+# --------------------------------------------------------------------------------------------------
+
+def simulate_study(n_patients: int = 300, seed: int = 0, n_splits: int = 1) -> dict:
+    """A synthetic four-center study with both endpoints and four fitted models per split.
+
+    Returns DataFrames: predictions (documented columns), coefficients and design (combined models, split 0),
+    clinical (Table 1 columns), flow (patient_flow.tsv form) and dsc (segmentation evaluation).
+    Center C4 is the external test cohort; C1-C3 are split 70/30 into training/validation per split.
+    """
+    from lifelines import CoxPHFitter
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    n = n_patients
+    center = rng.choice(["C1", "C2", "C3", "C4"], size=n, p=[0.3, 0.25, 0.25, 0.2])
+    patient = [f"{c}-{i:04d}" for i, c in enumerate(center, start=1)]
+    clin = pd.DataFrame({
+        "patient": patient, "center": center, "age": rng.normal(63, 11, n).round(0),
+        "sex": rng.choice(["M", "F"], n, p=[0.6, 0.4]), "tumour_site": rng.choice(["colon", "rectum"], n),
+        "t_stage": rng.choice(["T1", "T2", "T3", "T4"], n, p=[0.05, 0.2, 0.5, 0.25]),
+        "n_stage": rng.choice(["N0", "N1", "N2"], n, p=[0.45, 0.35, 0.2]),
+        "cea": np.exp(rng.normal(1.3, 1.0, n)).round(1), "ca19_9": np.exp(rng.normal(2.7, 0.9, n)).round(1),
+        "afp": np.exp(rng.normal(0.9, 0.5, n)).round(1), "dissected_lymph_nodes": rng.poisson(15, n).astype(float),
+        "perineural_invasion": rng.binomial(1, 0.3, n), "tumour_nodules": rng.binomial(1, 0.25, n)})
+    rad = rng.normal(size=(n, 6))
+    deep = rad[:, :3] @ rng.normal(0.5, 0.2, (3, 3)) + rng.normal(size=(n, 3))
+    clin_lp = (0.9 * clin["perineural_invasion"] + 0.7 * clin["tumour_nodules"] + 0.8 * np.log(clin["afp"])
+               - 0.04 * (clin["dissected_lymph_nodes"] - 15))
+    rad_lp = rad @ np.array([0.9, -0.7, 0.5, 0.0, 0.0, 0.3])
+    risk = (clin_lp + rad_lp).values
+    clin["synchronous_lm"] = rng.binomial(1, expit(-1.6 + risk))
+    event_time = rng.exponential(1 / (0.012 * np.exp(0.8 * risk)))
+    censor = rng.uniform(18, 72, n)
+    clin["mfs_months"] = np.minimum(event_time, censor).round(1).clip(0.5)
+    clin["mfs_event"] = (event_time <= censor).astype(int)
+    feats = pd.DataFrame(np.column_stack([rad, deep]), columns=[f"rad_{i}" for i in range(1, 7)] + ["deep_1", "deep_2", "deep_3"])
+    x_all = pd.concat([clin[["patient"]], feats,
+                       pd.DataFrame({"log_afp": np.log(clin["afp"]), "dissected_lymph_nodes": clin["dissected_lymph_nodes"],
+                                     "perineural_invasion": clin["perineural_invasion"],
+                                     "tumour_nodules": clin["tumour_nodules"]})], axis=1)
+    clinical_vars = ["log_afp", "dissected_lymph_nodes", "perineural_invasion", "tumour_nodules"]
+    model_vars = {"clinical": clinical_vars, "radiomic": [f"rad_{i}" for i in range(1, 7)],
+                  "deep": ["deep_1", "deep_2", "deep_3"]}
+    external = center == "C4"
+    rows, coef_rows, design = [], [], None
+    for split in range(n_splits):
+        srng = np.random.default_rng([seed, split])
+        cohort = np.where(external, "test", np.where(srng.random(n) < 0.7, "training", "validation"))
+        train = cohort == "training"
+        x = x_all.copy()
+        for endpoint in ("binary", "survival"):
+            lps = {}
+            for name, cols in list(model_vars.items()) + [("combined", clinical_vars + ["rad_score"])]:
+                if name == "combined":
+                    x["rad_score"] = lps["radiomic"]
+                xs = x[cols].values
+                if endpoint == "binary":
+                    fit = LogisticRegression(C=1e4, max_iter=1000).fit(xs[train], clin["synchronous_lm"][train])
+                    beta, icpt = fit.coef_[0], float(fit.intercept_[0])
+                else:
+                    df = pd.DataFrame(xs[train], columns=cols).assign(t=clin["mfs_months"][train].values,
+                                                                      e=clin["mfs_event"][train].values)
+                    cph = CoxPHFitter(penalizer=0.01).fit(df, "t", "e")
+                    beta, icpt = cph.params_[cols].values, 0.0
+                lps[name] = icpt + xs @ beta
+                if split == 0 and name in ("combined", "clinical"):
+                    coef_rows += [{"endpoint": endpoint, "model": name, "feature": f, "coefficient": float(b)}
+                                  for f, b in zip(cols, beta)]
+                    coef_rows.append({"endpoint": endpoint, "model": name, "feature": "(Intercept)", "coefficient": icpt})
+                part = pd.DataFrame({"patient": patient, "center": center, "cohort": cohort, "split": split,
+                                     "endpoint": endpoint, "model": name, "score": lps[name]})
+                if endpoint == "binary":
+                    part["probability"] = expit(lps[name])
+                    part["outcome"] = clin["synchronous_lm"].values
+                else:
+                    part["time"] = clin["mfs_months"].values
+                    part["event"] = clin["mfs_event"].values
+                rows.append(part)
+            if split == 0 and endpoint == "binary":
+                design = x[["patient"] + clinical_vars + ["rad_score"]].copy()
+    flow = (clin.groupby("center").size().rename("included").reset_index()
+            .assign(role=lambda d: np.where(d["center"] == "C4", "external", "development")))
+    flow["excluded:no_matching_series"] = rng.integers(0, 3, len(flow))
+    flow["delivered"] = flow["included"] + flow["excluded:no_matching_series"]
+    flow["excluded"] = flow["excluded:no_matching_series"]
+    flow = flow[["center", "role", "delivered", "included", "excluded", "excluded:no_matching_series"]]
+    flow.loc[len(flow)] = {"center": "total", "role": "", **flow.drop(columns=["center", "role"]).sum().to_dict()}
+    dsc = pd.concat([pd.DataFrame({"patient": patient, "center": center, "region": region,
+                                   "dsc": np.clip(rng.normal(mu, 0.06, n), 0, 1),
+                                   "hd95": np.abs(rng.normal(hd, hd / 3, n)),
+                                   "volume_manual_ml": vol, "volume_auto_ml": vol * rng.normal(1, 0.08, n)})
+                     for region, mu, hd, vol in (("tumour", 0.84, 6.0, np.exp(rng.normal(3, 0.8, n))),
+                                                 ("liver", 0.96, 3.0, rng.normal(1500, 200, n)))], ignore_index=True)
+    return {"predictions": pd.concat(rows, ignore_index=True), "coefficients": pd.DataFrame(coef_rows),
+            "design": design, "clinical": clin, "flow": flow, "dsc": dsc}
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """`radstudy evaluate ...` (evaluation tables and figures, then the HTML report)."""
+    p = subparsers.add_parser("evaluate", help="metrics, figures and the HTML report from model predictions",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--predictions", required=True, help="predictions table (TSV/CSV)")
+    p.add_argument("--out", required=True, help="evaluation folder (tables, figures/, report.html)")
+    p.add_argument("--horizons", type=float, nargs="+", default=[12, 24, 36], help="months (default: %(default)s)")
+    p.add_argument("--n-bootstrap", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=20240601)
+    p.add_argument("--reference-cohort", default="training")
+    p.add_argument("--survival-cutoff", choices=["median", "maxstat", "youden"], default="median")
+    p.add_argument("--nri-cutoffs", type=float, nargs="*", default=None, help="risk categories of the categorical NRI")
+    p.add_argument("--coefficients", help="coefficients.tsv (endpoint, model, feature, coefficient; intercept row)")
+    p.add_argument("--design", nargs="*", default=[],
+                   help="design matrix TSV(s) of the combined model's inputs (patient + predictors): PATH or ENDPOINT=PATH")
+    p.add_argument("--explain-model", default="combined", help="model of the SHAP and nomogram figures")
+    p.add_argument("--no-figures", action="store_true")
+    report = p.add_argument_group("report")
+    report.add_argument("--report", help="HTML report path (default: OUT/report.html); 'none' to skip")
+    report.add_argument("--study-name", default="radstudy")
+    report.add_argument("--design-text", help="text or a file with the study design description")
+    report.add_argument("--flow", help="results/qc/patient_flow.tsv")
+    report.add_argument("--clinical", help="results/clinical/clinical.tsv (Table 1)")
+    report.add_argument("--cohorts", help="cohorts table (patient, split, cohort); default: from the predictions")
+    report.add_argument("--dsc", help="results/segmentation/dsc.tsv")
+    report.add_argument("--tables", nargs="*", default=[], help="further TSVs to show (selected features, ...)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    preds = read_table(args.predictions)
+    linear_models = []
+    if args.coefficients and args.design:
+        if any("=" in item for item in args.design):
+            designs = dict(item.split("=", 1) for item in args.design)
+        else:
+            designs = args.design[0]
+        linear_models = load_linear_models(args.coefficients, designs, model=args.explain_model)
+    evaluate(preds, args.out, horizons_months=args.horizons, n_bootstrap=args.n_bootstrap, seed=args.seed,
+             reference_cohort=args.reference_cohort, linear_models=linear_models, survival_cutoff=args.survival_cutoff,
+             nri_cutoffs=args.nri_cutoffs, figures=not args.no_figures)
+    if (args.report or "").lower() != "none":
+        from radstudy.report.html import write_report
+
+        design_text = args.design_text
+        if design_text and os.path.isfile(design_text):
+            design_text = Path(design_text).read_text()
+        write_report(args.out, args.report or Path(args.out) / "report.html", study_name=args.study_name,
+                     design_text=design_text, flow_tsv=args.flow, clinical_tsv=args.clinical,
+                     cohorts_tsv=args.cohorts, dsc_tsv=args.dsc, extra_tables=args.tables,
+                     coefficients_tsv=args.coefficients)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m radstudy.evaluate.performance [evaluate] --predictions ... --out ...`"""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="radstudy")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(["evaluate", *argv]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,650 @@
+"""Reading DICOM image series: scan a folder, group and select series, check geometry, read voxels.
+
+The ingestion stage calls, per patient and channel:
+
+    headers, bad_files = scan_folder(folder)
+    series = select_series(group_series(headers), selector, patient=pseudonym)
+    geometry = check_geometry(series, patient=pseudonym)
+    image = read_series(geometry, patient=pseudonym)
+
+Every unusable input raises `PatientExcluded` with a reason code and a message naming the patient
+(pseudonym) and the file relative to the patient's folder. Raw PatientIDs never leave `_read_header`:
+headers keep only a hash, so that objects which end up in logs or exceptions carry no identifier.
+RTSTRUCT and label-mask handling lives in `radstudy.ingest.masks` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from radstudy.errors import (
+    AMBIGUOUS_SERIES,
+    GEOMETRY_GAP,
+    GEOMETRY_MIXED,
+    GEOMETRY_ORIENTATION,
+    GEOMETRY_SPACING,
+    GEOMETRY_TILT,
+    NO_MATCHING_SERIES,
+    PIXEL_DATA_ERROR,
+    ConfigError,
+    PatientExcluded,
+)
+from radstudy.ingest.masks import ROI, RTStruct, check_same_grid, rasterise_roi, read_label_mask, read_rtstruct  # noqa: F401 (re-export)
+
+# Files that sit beside DICOM in patient folders and are not DICOM by design (masks, notes, tables).
+NON_DICOM_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".json", ".csv", ".txt")
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+# Only these tags are parsed; pixel data is never read while scanning.
+_HEADER_TAGS = [
+    "SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
+    "Modality", "SeriesDescription", "SeriesNumber", "ImageType", "PatientID",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+    "InstanceNumber", "SliceThickness", "RescaleSlope", "RescaleIntercept",
+    "Manufacturer", "ConvolutionKernel", "BitsStored", "PixelRepresentation", "NumberOfFrames",
+]
+
+# Geometry tolerances that are not study settings.
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines; 1e-3 is ~0.06 degrees
+PIXEL_SPACING_TOLERANCE = 1e-3  # relative
+DUPLICATE_POSITION_MM = 1e-2  # two slices closer than this occupy the same position
+# A slice may sit at most this fraction of a pixel off the line through the first slice along the
+# normal: beyond it, stacking the slices orthogonally would misplace voxels (gantry tilt).
+TILT_TOLERANCE_PIXELS = 0.1
+
+SELECTOR_DEFAULTS = {
+    "modality": "CT",
+    "description": None,
+    "exclude_image_type": ["LOCALIZER"],
+    "min_slices": 10,
+    "choose": "most_slices",
+}
+CHOOSE_RULES = ("most_slices", "first", "error")
+
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header fields of one DICOM file needed for series selection and geometry."""
+
+    path: Path
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str | None
+    modality: str
+    sop_class_uid: str
+    series_description: str
+    series_number: int | None
+    image_type: tuple[str, ...]
+    patient_key: str  # sha256(PatientID) hex[:16]; the raw ID is never stored
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None  # DICOM order: (row spacing, column spacing)
+    rows: int | None
+    columns: int | None
+    instance_number: int | None
+    slice_thickness: float | None
+    rescale_slope: float
+    rescale_intercept: float
+    manufacturer: str
+    convolution_kernel: str
+    relative_path: str = ""  # relative to the scanned folder; what error messages name
+    bits_stored: int | None = None
+    pixel_representation: int | None = None  # 0 unsigned, 1 two's complement
+    number_of_frames: int = 1
+
+    @property
+    def has_pixels(self) -> bool:
+        return self.rows is not None and self.columns is not None
+
+
+def patient_key(patient_id: str) -> str:
+    """The hash that stands for a PatientID in memory objects (equal IDs give equal keys)."""
+    return hashlib.sha256(patient_id.strip().encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def scan_folder(folder: Path) -> tuple[list[DicomHeader], list[tuple[str, str]]]:
+    """Read the headers of every DICOM file under `folder` (any layout, any file names).
+
+    Returns the headers of the readable DICOM files and (relative path, short reason) for every
+    other file. Mask and table files (NON_DICOM_SUFFIXES), hidden files and DICOMDIR are skipped
+    silently: they are expected beside the images and are not errors.
+    """
+    folder = Path(folder)
+    headers: list[DicomHeader] = []
+    bad_files: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            relative = path.relative_to(folder).as_posix()
+            if _skipped_by_name(name) or not path.is_file():
+                continue
+            header, problem = _read_header(path, relative)
+            if header is not None:
+                headers.append(header)
+            elif problem is not None:  # None, None: a DICOMDIR
+                bad_files.append((relative, problem))
+    return headers, bad_files
+
+
+def _skipped_by_name(name: str) -> bool:
+    lower = name.lower()
+    return lower.startswith(".") or lower == "dicomdir" or lower.endswith(NON_DICOM_SUFFIXES)
+
+
+def _looks_like_dicom(path: Path) -> tuple[bool, bool]:
+    """(is DICOM, has the Part-10 preamble), from the first bytes only.
+
+    Files without the 128-byte preamble + "DICM" are still common (old exports); they start directly
+    with a little-endian group 0x0002 or 0x0008 tag. Anything else is not opened as DICOM, so that
+    random files are never parsed with force=True.
+    """
+    with open(path, "rb") as stream:
+        start = stream.read(132)
+    if len(start) == 132 and start[128:132] == b"DICM":
+        return True, True
+    if len(start) >= 8 and start[:2] in (b"\x02\x00", b"\x08\x00"):
+        return True, False
+    return False, False
+
+
+def _read_header(path: Path, relative: str) -> tuple[DicomHeader | None, str | None]:
+    """The header of one file, or (None, reason); (None, None) for a DICOMDIR."""
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file"
+        is_dicom, has_preamble = _looks_like_dicom(path)
+        if not is_dicom:
+            return None, "not a DICOM file"
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=not has_preamble)
+    except Exception as error:  # damaged files raise many types (struct.error, EOFError, ...): one scan must not stop
+        return None, f"unreadable DICOM header ({type(error).__name__})"
+    media_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    if str(media_class or "") == DICOMDIR_SOP_CLASS:
+        return None, None
+    try:
+        return _header_from_dataset(ds, path, relative), None
+    except _MissingTag as missing:
+        return None, f"DICOM without {missing}"
+    except Exception as error:  # malformed values (text in a number, ...)
+        return None, f"malformed DICOM header ({type(error).__name__})"
+
+
+class _MissingTag(Exception):
+    pass
+
+
+def _header_from_dataset(ds: pydicom.Dataset, path: Path, relative: str) -> DicomHeader:
+    def required(keyword: str) -> str:
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value:
+            raise _MissingTag(keyword)
+        return value
+
+    return DicomHeader(
+        path=path,
+        sop_instance_uid=required("SOPInstanceUID"),
+        series_uid=required("SeriesInstanceUID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID") or None,
+        modality=_text(ds, "Modality").upper(),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        series_description=_text(ds, "SeriesDescription"),
+        series_number=_integer(ds, "SeriesNumber"),
+        image_type=tuple(v.strip().upper() for v in _multi(ds, "ImageType")),
+        patient_key=patient_key(_text(ds, "PatientID")),
+        position=_floats(ds, "ImagePositionPatient", 3),
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        pixel_spacing=_floats(ds, "PixelSpacing", 2),
+        rows=_integer(ds, "Rows"),
+        columns=_integer(ds, "Columns"),
+        instance_number=_integer(ds, "InstanceNumber"),
+        slice_thickness=_float(ds, "SliceThickness"),
+        rescale_slope=_float(ds, "RescaleSlope") or 1.0,  # absent (or a nonsensical 0) means identity
+        rescale_intercept=_float(ds, "RescaleIntercept") or 0.0,
+        manufacturer=_text(ds, "Manufacturer"),
+        convolution_kernel="\\".join(_multi(ds, "ConvolutionKernel")),
+        relative_path=relative,
+        bits_stored=_integer(ds, "BitsStored"),
+        pixel_representation=_integer(ds, "PixelRepresentation"),
+        number_of_frames=_integer(ds, "NumberOfFrames") or 1,
+    )
+
+
+def _text(ds, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _multi(ds, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def _integer(ds, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return int(value)
+
+
+def _float(ds, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
+    values = _multi(ds, keyword)
+    if len(values) != count:
+        return None  # absent or malformed: the series then fails the geometry check, naming the file
+    return tuple(float(v) for v in values)
+
+
+# --------------------------------------------------------------------------- series
+
+
+@dataclass
+class Series:
+    """The files sharing one SeriesInstanceUID and modality (an RTSTRUCT is a series of its own)."""
+
+    uid: str
+    modality: str
+    description: str
+    image_type: tuple[str, ...]
+    headers: list[DicomHeader]
+    series_number: int | None = None
+    frame_of_reference_uid: str | None = None
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.headers)
+
+    @property
+    def is_image(self) -> bool:
+        """Files with pixel data (Rows/Columns); RTSTRUCT, SR, RTPLAN... have none."""
+        return any(h.has_pixels for h in self.headers)
+
+    def summary(self) -> str:
+        number = "?" if self.series_number is None else self.series_number
+        image_type = "\\".join(self.image_type) or "-"
+        kind = f"{self.n_slices} slices" if self.is_image else f"{self.n_slices} file(s), no pixel data"
+        return f"#{number} {self.modality} '{self.description}' [{image_type}] {kind}"
+
+
+def group_series(headers: list[DicomHeader]) -> list[Series]:
+    """Group headers by (SeriesInstanceUID, Modality), ordered by SeriesNumber then UID."""
+    groups: dict[tuple[str, str], list[DicomHeader]] = {}
+    for header in headers:
+        groups.setdefault((header.series_uid, header.modality), []).append(header)
+    series = [
+        Series(
+            uid=uid,
+            modality=modality,
+            description=_most_common(h.series_description for h in members),
+            image_type=_most_common(h.image_type for h in members),
+            headers=members,
+            series_number=_most_common(h.series_number for h in members),
+            frame_of_reference_uid=_most_common(h.frame_of_reference_uid for h in members),
+        )
+        for (uid, modality), members in groups.items()
+    ]
+    series.sort(key=_series_order)
+    return series
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _series_order(series: Series):
+    return (series.series_number is None, series.series_number or 0, series.uid)
+
+
+def validate_selector(selector: dict | None) -> dict:
+    """The selector with defaults filled in; ConfigError on unknown keys or bad values."""
+    selector = dict(selector or {})
+    unknown = set(selector) - set(SELECTOR_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"series selector: unknown key(s) {sorted(unknown)}; allowed: {sorted(SELECTOR_DEFAULTS)}")
+    merged = {**SELECTOR_DEFAULTS, **selector}
+    if merged["choose"] not in CHOOSE_RULES:
+        raise ConfigError(f"series selector: choose must be one of {CHOOSE_RULES}, not {merged['choose']!r}")
+    if merged["description"] is not None:
+        try:
+            re.compile(merged["description"])
+        except re.error as error:
+            raise ConfigError(f"series selector: description is not a valid regex: {error}") from None
+    if isinstance(merged["exclude_image_type"], str):
+        merged["exclude_image_type"] = [merged["exclude_image_type"]]
+    if not isinstance(merged["min_slices"], int) or merged["min_slices"] < 1:
+        raise ConfigError(f"series selector: min_slices must be an integer >= 1, not {merged['min_slices']!r}")
+    return merged
+
+
+def select_series(series: list[Series], selector: dict, *, patient: str) -> Series:
+    """The one image series that `selector` picks (see SELECTOR_DEFAULTS for the keys).
+
+    Files whose ImageType contains an excluded value are dropped file by file, since some scanners
+    store the localizer inside the axial series. Then series are kept when they have pixel data and
+    match modality, description (case-insensitive regex search) and min_slices. Among several,
+    `choose` decides: "most_slices" (a tie is ambiguous), "first" (lowest SeriesNumber) or "error".
+    """
+    rules = validate_selector(selector)
+    excluded_types = {t.upper() for t in rules["exclude_image_type"] or []}
+    description = re.compile(rules["description"], re.IGNORECASE) if rules["description"] else None
+
+    candidates = []
+    for one in series:
+        if not one.is_image or one.modality != str(rules["modality"]).upper():
+            continue
+        if description is not None and not description.search(one.description):
+            continue
+        kept = [h for h in one.headers if not excluded_types.intersection(h.image_type)]
+        if len(kept) < rules["min_slices"]:
+            continue
+        candidates.append(replace(one, headers=kept, image_type=_most_common(h.image_type for h in kept)))
+
+    if not candidates:
+        listing = "; ".join(s.summary() for s in series) or "no DICOM series at all"
+        raise PatientExcluded(
+            NO_MATCHING_SERIES,
+            f"patient {patient}: no series matches selector {_describe(rules)}; series present: {listing}",
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    if rules["choose"] == "first":
+        return min(candidates, key=_series_order)
+    if rules["choose"] == "most_slices":
+        most = max(s.n_slices for s in candidates)
+        tied = [s for s in candidates if s.n_slices == most]
+        if len(tied) == 1:
+            return tied[0]
+        candidates = tied
+    raise PatientExcluded(
+        AMBIGUOUS_SERIES,
+        f"patient {patient}: {len(candidates)} series match selector {_describe(rules)} "
+        f"(choose={rules['choose']}): " + "; ".join(s.summary() for s in candidates),
+    )
+
+
+def _describe(rules: dict) -> str:
+    shown = {k: v for k, v in rules.items() if k != "choose" and v not in (None, [])}
+    return ", ".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass
+class SeriesGeometry:
+    """The checked voxel grid of one image series; `files` and `headers` are sorted along the normal."""
+
+    files: list[Path]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]  # (x: along a row, y: along a column, z: measured slice distance)
+    direction: tuple[float, ...]  # 9 floats, row-major, columns = row, column, normal directions (SimpleITK)
+    size: tuple[int, int, int]  # (columns, rows, slices)
+    headers: list[DicomHeader] = field(default_factory=list, repr=False)
+    slice_positions: tuple[float, ...] = ()  # mm along the normal, ascending
+
+
+def check_geometry(
+    series: Series, *, patient: str, spacing_tolerance: float = 0.01, gap_factor: float = 1.5
+) -> SeriesGeometry:
+    """Sort the slices along the slice normal and check that they form one regular grid.
+
+    Sorting uses the position projected on the normal (row x column direction), never file names or
+    InstanceNumber, which scanners and exports number in either direction.
+    """
+    headers = series.headers
+    if not headers:
+        raise PatientExcluded(GEOMETRY_MIXED, f"patient {patient}: series {series.summary()} has no files")
+    for header in headers:
+        if header.number_of_frames != 1:
+            raise PatientExcluded(GEOMETRY_MIXED, f"patient {patient}: multi-frame image ({header.number_of_frames} "
+                                  "frames) in the series; only single-frame slices are supported", file=header.relative_path)
+        missing = [name for name, value in (
+            ("ImagePositionPatient", header.position), ("ImageOrientationPatient", header.orientation),
+            ("PixelSpacing", header.pixel_spacing), ("Rows", header.rows), ("Columns", header.columns),
+        ) if value is None]
+        if missing:
+            raise PatientExcluded(GEOMETRY_MIXED, f"patient {patient}: slice lacks {', '.join(missing)}",
+                                  file=header.relative_path)
+
+    first = headers[0]
+    orientation = np.asarray(first.orientation, dtype=float)
+    for header in headers[1:]:
+        if np.max(np.abs(np.asarray(header.orientation) - orientation)) > ORIENTATION_TOLERANCE:
+            raise PatientExcluded(
+                GEOMETRY_ORIENTATION,
+                f"patient {patient}: slice orientation {_fmt(header.orientation)} differs from "
+                f"{_fmt(first.orientation)} ({first.relative_path})",
+                file=header.relative_path,
+            )
+        if (header.rows, header.columns) != (first.rows, first.columns) or not np.allclose(
+            header.pixel_spacing, first.pixel_spacing, rtol=PIXEL_SPACING_TOLERANCE, atol=0
+        ):
+            raise PatientExcluded(
+                GEOMETRY_MIXED,
+                f"patient {patient}: slice matrix {header.rows}x{header.columns} spacing {_fmt(header.pixel_spacing)} "
+                f"differs from {first.rows}x{first.columns} spacing {_fmt(first.pixel_spacing)} ({first.relative_path})",
+                file=header.relative_path,
+            )
+
+    row_dir, col_dir = _unit(orientation[:3]), _unit(orientation[3:])
+    normal = _unit(np.cross(row_dir, col_dir))
+    positions = np.array([h.position for h in headers], dtype=float)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    headers = [headers[i] for i in order]
+    positions, along = positions[order], along[order]
+    distances = np.diff(along)
+
+    for i in np.flatnonzero(distances < DUPLICATE_POSITION_MM):
+        raise PatientExcluded(
+            GEOMETRY_MIXED,
+            f"patient {patient}: two slices at the same position {along[i]:.3f} mm "
+            f"({headers[i].relative_path} and {headers[i + 1].relative_path}): mixed or duplicated series",
+            file=headers[i + 1].relative_path,
+        )
+
+    pixel = min(first.pixel_spacing)
+    offsets = positions - positions[0]
+    in_plane = offsets - np.outer(offsets @ normal, normal)
+    drift = np.linalg.norm(in_plane, axis=1)
+    if drift.size and drift.max() > TILT_TOLERANCE_PIXELS * pixel:
+        worst = int(np.argmax(drift))
+        raise PatientExcluded(
+            GEOMETRY_TILT,
+            f"patient {patient}: slices are not stacked along the slice normal (gantry tilt?): "
+            f"{drift[worst]:.3f} mm in-plane shift over {along[worst] - along[0]:.2f} mm",
+            file=headers[worst].relative_path,
+        )
+
+    if len(headers) > 1:
+        z_spacing = float((along[-1] - along[0]) / (len(headers) - 1))
+        typical = float(np.median(distances))
+        gaps = np.flatnonzero(distances >= gap_factor * typical)
+        if gaps.size:
+            missing = []
+            for i in gaps:
+                n_missing = max(int(round(distances[i] / typical)) - 1, 1)
+                step = distances[i] / (n_missing + 1)
+                missing += [along[i] + step * k for k in range(1, n_missing + 1)]
+            i = int(gaps[0])
+            raise PatientExcluded(
+                GEOMETRY_GAP,
+                f"patient {patient}: missing slice(s) at {', '.join(f'{p:.2f}' for p in missing)} mm along the "
+                f"slice normal (slice distance {typical:.3f} mm; first gap of {distances[i]:.3f} mm between "
+                f"{headers[i].relative_path} and {headers[i + 1].relative_path})",
+                file=headers[i + 1].relative_path,
+            )
+        deviating = np.flatnonzero(np.abs(distances - typical) > spacing_tolerance * typical)
+        if deviating.size:
+            i = int(deviating[0])
+            raise PatientExcluded(
+                GEOMETRY_SPACING,
+                f"patient {patient}: slice distances vary from {distances.min():.3f} to {distances.max():.3f} mm "
+                f"(median {typical:.3f}, tolerance {spacing_tolerance:.0%}); first irregular distance "
+                f"{distances[i]:.3f} mm between {headers[i].relative_path} and {headers[i + 1].relative_path}",
+                file=headers[i + 1].relative_path,
+            )
+    else:  # a single slice has no measured distance
+        z_spacing = first.slice_thickness or 1.0
+
+    row_spacing, column_spacing = first.pixel_spacing
+    direction = np.column_stack([row_dir, col_dir, normal])
+    return SeriesGeometry(
+        files=[h.path for h in headers],
+        origin=tuple(float(v) for v in positions[0]),
+        spacing=(float(column_spacing), float(row_spacing), z_spacing),
+        direction=tuple(float(v) for v in direction.ravel()),
+        size=(int(first.columns), int(first.rows), len(headers)),
+        headers=headers,
+        slice_positions=tuple(float(v) for v in along),
+    )
+
+
+def _unit(vector) -> np.ndarray:
+    vector = np.asarray(vector, dtype=float)
+    return vector / np.linalg.norm(vector)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+# --------------------------------------------------------------------------- voxels
+
+
+def output_pixel_type(headers: list[DicomHeader]) -> tuple[int, bool]:
+    """(pixel type to read, whether the HU range must be checked while reading).
+
+    HU are integers when every slope and intercept is integral: int16 when the stored bit range maps
+    into int16; otherwise (e.g. signed 16-bit data with intercept -1024, which cannot fit in theory
+    although real CT values do) int16 after checking the actual values. Else float32.
+    """
+    integral = all(_is_integral(h.rescale_slope) and _is_integral(h.rescale_intercept) for h in headers)
+    if not integral:
+        return sitk.sitkFloat32, False
+    for header in headers:
+        low, high = _stored_range(header)
+        if low is None:
+            return sitk.sitkInt16, True
+        ends = (header.rescale_slope * low + header.rescale_intercept, header.rescale_slope * high + header.rescale_intercept)
+        if min(ends) < INT16_MIN or max(ends) > INT16_MAX:
+            return sitk.sitkInt16, True
+    return sitk.sitkInt16, False
+
+
+def _is_integral(value: float) -> bool:
+    return abs(value - round(value)) < 1e-9
+
+
+def _stored_range(header: DicomHeader) -> tuple[int | None, int | None]:
+    if header.bits_stored is None or header.pixel_representation is None or not 1 <= header.bits_stored <= 32:
+        return None, None
+    if header.pixel_representation == 1:
+        return -(2 ** (header.bits_stored - 1)), 2 ** (header.bits_stored - 1) - 1
+    return 0, 2**header.bits_stored - 1
+
+
+def read_series(geometry: SeriesGeometry, *, patient: str) -> sitk.Image:
+    """The series in HU (rescale applied) as sitkInt16, or sitkFloat32 when HU are not integral or
+    exceed int16; origin, spacing and direction are those that `check_geometry` measured."""
+    pixel_type, check_range = output_pixel_type(geometry.headers)
+    image = _read_checked_int16(geometry, patient) if check_range else None
+    if image is None:  # no check needed, or values beyond int16
+        image = _read_files(geometry, geometry.headers, sitk.sitkFloat32 if check_range else pixel_type, patient)
+    image.SetOrigin(geometry.origin)
+    image.SetSpacing(geometry.spacing)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+# Slab size for range-checked reading: int32 slabs of this many bytes on top of the int16 volume.
+CHECK_SLAB_BYTES = 32 * 2**20
+
+
+def _read_checked_int16(geometry: SeriesGeometry, patient: str) -> sitk.Image | None:
+    """The series as int16 if all its HU fit, else None.
+
+    Reading everything as int32 and casting would hold 3x the int16 volume; reading in int32 slabs
+    into one int16 array keeps the peak near 2x (the array, and SimpleITK's copy of it).
+    """
+    columns, rows, n_slices = geometry.size
+    per_slab = max(1, CHECK_SLAB_BYTES // (rows * columns * 4))
+    volume = np.empty((n_slices, rows, columns), dtype=np.int16)
+    low_high = sitk.MinimumMaximumImageFilter()
+    for start in range(0, n_slices, per_slab):
+        slab = _read_files(geometry, geometry.headers[start : start + per_slab], sitk.sitkInt32, patient)
+        low_high.Execute(slab)
+        if low_high.GetMinimum() < INT16_MIN or low_high.GetMaximum() > INT16_MAX:
+            return None
+        volume[start : start + slab.GetSize()[2]] = sitk.GetArrayViewFromImage(slab)
+    image = sitk.GetImageFromArray(volume)
+    del volume
+    return image
+
+
+def _read_files(geometry: SeriesGeometry, headers: list[DicomHeader], pixel_type: int, patient: str) -> sitk.Image:
+    """ImageSeriesReader on `headers`' files (in this order), converting to `pixel_type` inside the
+    reader so that no second full-size buffer is made."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames([str(h.path) for h in headers])
+    reader.SetOutputPixelType(pixel_type)
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        bad = _find_undecodable_file(headers)
+        raise PatientExcluded(
+            PIXEL_DATA_ERROR,
+            f"patient {patient}: pixel data cannot be decoded" + (f" in {bad}" if bad else " (series read failed)"),
+            file=bad,
+        ) from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise PatientExcluded(PIXEL_DATA_ERROR, f"patient {patient}: image has "
+                              f"{image.GetNumberOfComponentsPerPixel()} components per pixel, not grey values",
+                              file=headers[0].relative_path)
+    if image.GetDimension() == 2:  # a one-file read comes back as a 2D image
+        image = sitk.JoinSeries(image)
+    expected = (geometry.size[0], geometry.size[1], len(headers))
+    if tuple(image.GetSize()) != expected:
+        raise PatientExcluded(PIXEL_DATA_ERROR, f"patient {patient}: decoded size {image.GetSize()} differs from "
+                              f"the headers' {expected}", file=headers[0].relative_path)
+    return image
+
+
+def _find_undecodable_file(headers: list[DicomHeader]) -> str | None:
+    """The first file whose pixel data GDCM cannot decode (only called after a failed read)."""
+    for header in headers:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(header.path))
+        try:
+            reader.Execute()
+        except RuntimeError:
+            return header.relative_path
+    return None

@@ -1,0 +1,559 @@
+"""The study report: ONE self-contained HTML file (figures embedded as PNG, tables as HTML).
+
+Sections: study design and patient flow, Table 1, segmentation quality, selected features and model
+coefficients (any TSVs given), performance tables (from the evaluation's `manifest.json`), figures per
+endpoint and cohort, explanation (SHAP, nomogram), settings and software versions. Every table the report
+computes (Table 1, segmentation summary, flow) is also written as CSV and every figure as PNG + PDF into the
+evaluation folder. A missing optional input leaves its section with a sentence saying so.
+
+    radstudy report --evaluation results/evaluation --out results/evaluation/report.html \\
+        [--clinical results/clinical/clinical.tsv --flow results/qc/patient_flow.tsv --dsc ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+log = logging.getLogger("radstudy.report.html")
+
+COHORT_ORDER = ["training", "validation", "test"]
+ID_COLUMNS = {"patient", "center", "split", "cohort", "has_clinical_record"}
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:auto;padding:0 24px 60px;
+color:#222;line-height:1.45}
+h1{border-bottom:3px solid #d95f02;padding-bottom:6px} h2{border-bottom:1px solid #ccc;margin-top:42px}
+h3{margin-top:28px;color:#333} nav{background:#f6f6f6;padding:8px 14px;border-radius:6px;font-size:14px}
+nav a{margin-right:14px} table{border-collapse:collapse;margin:10px 0 18px;font-size:12.5px}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;white-space:nowrap} th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left} .tbl{overflow-x:auto} .note{color:#666;font-size:13px}
+.missing{color:#a33;font-style:italic} figure{display:inline-block;margin:10px 12px 18px 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:12.5px;color:#444;max-width:720px}
+.caption{font-size:13px;color:#444;margin:2px 0}
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 1
+# --------------------------------------------------------------------------------------------------
+
+def _is_categorical(s: pd.Series) -> bool:
+    if not pd.api.types.is_numeric_dtype(s):
+        return True
+    return s.dropna().nunique() <= 2
+
+
+def _normal(groups: list[np.ndarray]) -> bool:
+    """Shapiro-Wilk P > 0.05 in every group with 3-5000 values (else treated as non-normal)."""
+    for g in groups:
+        if len(g) < 3:
+            return False
+        if stats.shapiro(g[:5000]).pvalue <= 0.05:
+            return False
+    return True
+
+
+def format_p(p) -> str:
+    if p is None or not np.isfinite(p):
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def table1(clinical: pd.DataFrame, groups: pd.Series, variables=None, categorical=None) -> pd.DataFrame:
+    """Patient characteristics per group (cohort) with tests as the seed studies report them.
+
+    Continuous: mean +- SD and t-test (2 groups) / one-way ANOVA when every group passes Shapiro-Wilk,
+    else median [IQR] and Mann-Whitney U / Kruskal-Wallis. Categorical (non-numeric, or at most two values):
+    n (%) and chi-square, or Fisher's exact test for 2x2 tables with an expected count below 5.
+    """
+    data = clinical.copy()
+    data["patient"] = data["patient"].astype(str)
+    data = data.set_index("patient")
+    grp = groups.copy()
+    grp.index = grp.index.astype(str)
+    data = data.loc[data.index.intersection(grp.index)]
+    g = grp.reindex(data.index)
+    levels = [c for c in COHORT_ORDER if c in set(g)] + sorted(set(g) - set(COHORT_ORDER))
+    variables = variables or [c for c in data.columns if c not in ID_COLUMNS or (c == "center" and data[c].nunique() > 1)]
+    categorical = set(categorical or [])
+    header = ["Overall"] + levels
+    rows = [{"Variable": "Patients, n", "Level": "", "Overall": str(len(data)),
+             **{lv: str(int((g == lv).sum())) for lv in levels}, "P": "", "Test": ""}]
+    for var in variables:
+        s = data[var]
+        missing = int(s.isna().sum())
+        if var in categorical or _is_categorical(s):
+            s = s.astype("string")
+            cats = sorted(s.dropna().unique())
+            tab = pd.crosstab(s, g).reindex(index=cats, columns=levels, fill_value=0)
+            p, test = np.nan, ""
+            if tab.shape[0] > 1 and tab.shape[1] > 1 and tab.values.sum() > 0:
+                tab_ok = tab.loc[tab.sum(axis=1) > 0, tab.sum(axis=0) > 0]
+                if tab_ok.shape == (2, 2) and (stats.contingency.expected_freq(tab_ok.values) < 5).any():
+                    p, test = stats.fisher_exact(tab_ok.values).pvalue, "Fisher"
+                elif min(tab_ok.shape) > 1:
+                    p, test = stats.chi2_contingency(tab_ok.values, correction=tab_ok.shape == (2, 2))[1], "chi-square"
+            total = s.notna().sum()
+            rows.append({"Variable": var + (f" (missing {missing})" if missing else ""), "Level": "", "Overall": "",
+                         **{lv: "" for lv in levels}, "P": format_p(p), "Test": test})
+            for cat in cats:
+                n_all = int((s == cat).sum())
+                row = {"Variable": "", "Level": str(cat), "Overall": f"{n_all} ({100 * n_all / max(total, 1):.1f}%)",
+                       "P": "", "Test": ""}
+                for lv in levels:
+                    n_lv = int(tab.loc[cat, lv])
+                    row[lv] = f"{n_lv} ({100 * n_lv / max(int(tab[lv].sum()), 1):.1f}%)"
+                rows.append(row)
+        else:
+            x = pd.to_numeric(s, errors="coerce")
+            parts = [x[g == lv].dropna().values.astype(float) for lv in levels]
+            parts_ok = [v for v in parts if len(v)]
+            normal = _normal(parts_ok)
+            if normal:
+                fmt = lambda v: f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else ""  # noqa: E731
+                label, test = "mean ± SD", ("t-test" if len(parts_ok) == 2 else "ANOVA")
+                p = (stats.ttest_ind(*parts_ok).pvalue if len(parts_ok) == 2
+                     else stats.f_oneway(*parts_ok).pvalue) if len(parts_ok) > 1 else np.nan
+            else:
+                fmt = (lambda v: f"{np.median(v):.1f} [{np.percentile(v, 25):.1f}, {np.percentile(v, 75):.1f}]"  # noqa: E731
+                       if len(v) else "")
+                label, test = "median [IQR]", ("Mann-Whitney U" if len(parts_ok) == 2 else "Kruskal-Wallis")
+                p = (stats.mannwhitneyu(*parts_ok).pvalue if len(parts_ok) == 2
+                     else stats.kruskal(*parts_ok).pvalue) if len(parts_ok) > 1 else np.nan
+            rows.append({"Variable": var + (f" (missing {missing})" if missing else ""), "Level": label,
+                         "Overall": fmt(x.dropna().values.astype(float)),
+                         **{lv: fmt(v) for lv, v in zip(levels, parts)}, "P": format_p(p), "Test": test})
+    return pd.DataFrame(rows, columns=["Variable", "Level", *header, "P", "Test"])
+
+
+# --------------------------------------------------------------------------------------------------
+# segmentation quality and patient flow
+# --------------------------------------------------------------------------------------------------
+
+def _med_iqr(v: pd.Series) -> str:
+    v = v.dropna()
+    return f"{v.median():.3f} [{v.quantile(0.25):.3f}, {v.quantile(0.75):.3f}]" if len(v) else ""
+
+
+def segmentation_summary(dsc: pd.DataFrame) -> pd.DataFrame:
+    """Per region x center (and all centers): DSC mean ± SD and median [IQR], HD95, volumes auto vs manual."""
+    rows = []
+    keys = [("all", dsc)] + ([(c, g) for c, g in dsc.groupby("center")] if "center" in dsc.columns else [])
+    for region, rg in dsc.groupby("region", sort=True):
+        for center, _ in keys:
+            g = rg if center == "all" else rg[rg["center"] == center]
+            if g.empty:
+                continue
+            row = {"region": region, "center": center, "n": len(g),
+                   "DSC mean ± SD": f"{g['dsc'].mean():.3f} ± {g['dsc'].std(ddof=1):.3f}" if len(g) > 1 else f"{g['dsc'].mean():.3f}",
+                   "DSC median [IQR]": _med_iqr(g["dsc"])}
+            if "hd95" in g.columns:
+                row["HD95 mm median [IQR]"] = _med_iqr(g["hd95"])
+            if {"volume_auto_ml", "volume_manual_ml"} <= set(g.columns):
+                a, m = g["volume_auto_ml"].astype(float), g["volume_manual_ml"].astype(float)
+                ok = a.notna() & m.notna()
+                if ok.sum() > 2:
+                    row["volume auto/manual r"] = f"{np.corrcoef(a[ok], m[ok])[0, 1]:.3f}"
+                    row["volume difference % median"] = f"{np.median(100 * (a[ok] - m[ok]) / m[ok].where(m[ok] > 0)):.1f}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _figure_file(fig, out_dir: Path, name: str) -> Path:
+    from radstudy.evaluate.performance import save_figure
+
+    return save_figure(fig, out_dir, name)
+
+
+def plot_segmentation(dsc: pd.DataFrame, out_dir: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    regions = sorted(dsc["region"].unique())
+    has_vol = {"volume_auto_ml", "volume_manual_ml"} <= set(dsc.columns)
+    fig, axes = plt.subplots(1, 2 if has_vol else 1, figsize=(11 if has_vol else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    centers = sorted(dsc["center"].unique()) if "center" in dsc.columns else ["all"]
+    width = 0.8 / len(centers)
+    for k, c in enumerate(centers):
+        sub = dsc if c == "all" else dsc[dsc["center"] == c]
+        data = [sub.loc[sub["region"] == r, "dsc"].dropna().values for r in regions]
+        ax.boxplot(data, positions=np.arange(len(regions)) + (k - (len(centers) - 1) / 2) * width, widths=width * 0.9,
+                   patch_artist=True, boxprops={"facecolor": plt.cm.tab10(k), "alpha": 0.6}, showfliers=True,
+                   flierprops={"markersize": 3})
+        ax.plot([], [], color=plt.cm.tab10(k), lw=6, alpha=0.6, label=c)
+    ax.set_xticks(np.arange(len(regions)))
+    ax.set_xticklabels(regions)
+    ax.set_ylabel("Dice similarity coefficient")
+    ax.set_ylim(0, 1)
+    ax.set_title("Automatic vs manual segmentation", fontsize=10)
+    ax.legend(fontsize=8, title="center")
+    ax.grid(alpha=0.25)
+    if has_vol:
+        ax = axes[0, 1]
+        for k, r in enumerate(regions):
+            sub = dsc[dsc["region"] == r]
+            ax.scatter(sub["volume_manual_ml"], sub["volume_auto_ml"], s=10, alpha=0.6, label=r, color=plt.cm.Set1(k))
+        lim = [0, np.nanmax(dsc[["volume_auto_ml", "volume_manual_ml"]].values) * 1.05]
+        ax.plot(lim, lim, ls="--", color="grey", lw=0.8)
+        ax.set_xscale("symlog")
+        ax.set_yscale("symlog")
+        ax.set_xlabel("Manual volume (mL)")
+        ax.set_ylabel("Automatic volume (mL)")
+        ax.set_title("Volumes", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.25)
+    return _figure_file(fig, out_dir, "segmentation_quality")
+
+
+def plot_flow(flow: pd.DataFrame, cohort_counts: dict, out_dir: Path) -> Path:
+    """A CONSORT-like diagram: delivered -> excluded (reasons) -> included -> cohorts."""
+    import matplotlib.pyplot as plt
+
+    centers = flow[flow["center"].astype(str) != "total"]
+    total = flow[flow["center"].astype(str) == "total"]
+    tot = total.iloc[0] if len(total) else centers.sum(numeric_only=True)
+    reasons = [c for c in flow.columns if c.startswith("excluded:")]
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    ax.axis("off")
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+
+    def box(x, y, text, w=4.2, h=1.3, fc="#f5f5f5"):
+        ax.add_patch(plt.Rectangle((x - w / 2, y - h / 2), w, h, fc=fc, ec="#444"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=8.5, wrap=True)
+
+    per_center = ", ".join(f"{r.center}: {int(r.delivered)}" for r in centers.itertuples())
+    box(3, 9, f"Patients delivered: {int(tot['delivered'])}\n({per_center})", w=5.6)
+    excl = [f"{c.split(':', 1)[1]}: {int(tot[c])}" for c in reasons if tot.get(c, 0)]
+    box(7.8, 6.9, f"Excluded: {int(tot.get('excluded', 0))}\n" + "\n".join(excl[:6]), w=3.8,
+        h=1.2 + 0.25 * min(len(excl), 6), fc="#fbeaea")
+    box(3, 5, f"Included: {int(tot['included'])}", w=4.0, fc="#eaf3fb")
+    ax.annotate("", xy=(3, 5.65), xytext=(3, 8.35), arrowprops={"arrowstyle": "->"})
+    ax.annotate("", xy=(5.9, 6.9), xytext=(3, 6.9), arrowprops={"arrowstyle": "->"})
+    if cohort_counts:
+        xs = np.linspace(1.5, 8.5, len(cohort_counts))
+        for x, (c, n) in zip(xs, cohort_counts.items()):
+            box(x, 1.6, f"{c}\nn = {n}", w=2.2, h=1.1, fc="#eef7ee")
+            ax.annotate("", xy=(x, 2.15), xytext=(3, 4.35), arrowprops={"arrowstyle": "->", "color": "#666"})
+    return _figure_file(fig, out_dir, "patient_flow")
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------------
+# Study history: which centers (role, patients) each report covered, and what changed since the last one
+# --------------------------------------------------------------------------------------------------
+HISTORY_COLUMNS = ["reported", "center", "role", "delivered", "included", "excluded"]
+
+
+def center_rows(flow: pd.DataFrame) -> pd.DataFrame:
+    """One row per center of a patient-flow table (center, role, delivered, included, excluded)."""
+    rows = flow[flow["center"].astype(str) != "total"].copy()
+    rows["center"] = rows["center"].astype(str)
+    for c in ("delivered", "included", "excluded"):
+        rows[c] = pd.to_numeric(rows.get(c, 0), errors="coerce").fillna(0).astype(int)
+    rows["role"] = rows.get("role", pd.Series("", index=rows.index)).fillna("").astype(str)
+    return rows[["center", "role", "delivered", "included", "excluded"]].reset_index(drop=True)
+
+
+def study_changes(flow: pd.DataFrame, history_tsv, now: str) -> tuple[list[str], pd.DataFrame]:
+    """Compare this report's centers with the previous report recorded in `history_tsv` (one row per center
+    and report; appended to here when anything changed). Returns (sentences, history table)."""
+    current = center_rows(flow)
+    path = Path(history_tsv)
+    history = pd.read_csv(path, sep="\t", dtype={"center": str}) if path.is_file() else \
+        pd.DataFrame(columns=HISTORY_COLUMNS)
+    if history.empty:
+        previous, when = None, None
+    else:
+        when = history["reported"].iloc[-1]
+        previous = history[history["reported"] == when].set_index("center")
+    changes = []
+    if previous is None:
+        changes.append(f"First report of this study: {len(current)} center(s), "
+                       f"{int(current['included'].sum())} patient(s) included.")
+    else:
+        cur = current.set_index("center")
+        for c in cur.index:
+            r = cur.loc[c]
+            if c not in previous.index:
+                role = "an external test center" if r["role"] == "external" else f"a {r['role']} center"
+                changes.append(f"Center {c} added as {role}: {r['delivered']} patient(s) delivered, "
+                               f"{r['included']} included.")
+                continue
+            p = previous.loc[c]
+            if str(p["role"]) != r["role"]:
+                changes.append(f"Center {c} changed role: {p['role']} -> {r['role']}.")
+            for k in ("delivered", "included"):
+                if int(p[k]) != int(r[k]):
+                    changes.append(f"Center {c}: {k} patients {int(p[k])} -> {int(r[k])}.")
+        for c in previous.index:
+            if c not in cur.index:
+                changes.append(f"Center {c} ({previous.loc[c, 'role']}) is no longer in the study.")
+    changed = previous is None or bool(changes)
+    if previous is not None:
+        changes.insert(0, f"Changes since the previous report ({when}):" if changed else
+                       f"Centers and patient counts unchanged since the previous report ({when}).")
+    if changed:
+        history = pd.concat([history, current.assign(reported=now)[HISTORY_COLUMNS]], ignore_index=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        history.to_csv(path, sep="\t", index=False)
+    return changes, history
+
+
+def _p_column(name: str) -> bool:
+    n = name.lower()
+    return n == "p" or n.endswith("_p") or n in ("p_value", "pvalue", "hl_p", "logrank_p")
+
+
+def html_table(df: pd.DataFrame, max_rows: int = 400, digits: int = 3) -> str:
+    """A DataFrame as an HTML table: P values as '<0.001', floats to `digits` decimals."""
+    if df is None or df.empty:
+        return '<p class="missing">Empty table.</p>'
+    shown = df.head(max_rows).copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            if _p_column(str(col)):
+                shown[col] = shown[col].map(format_p)
+            elif shown[col].dropna().map(float.is_integer).all():  # counts, horizons read back as floats
+                shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
+            else:
+                shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else (f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.4g}"))
+    note = f'<p class="note">First {max_rows} of {len(df)} rows; the CSV has all.</p>' if len(df) > max_rows else ""
+    return '<div class="tbl">' + shown.to_html(index=False, escape=True, na_rep="", border=0) + "</div>" + note
+
+
+def _img(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _png_width(path: Path) -> int:
+    head = Path(path).read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else 900
+
+
+def _figure_html(path: Path, caption: str) -> str:
+    # shown at 2/3 of the 150-dpi pixel size (about the size on paper), never wider than the page
+    width = int(_png_width(path) * 2 / 3)
+    return (f'<figure style="width:{width}px;max-width:100%"><img src="{_img(path)}" alt="{html.escape(caption)}" '
+            f'style="width:100%"><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">{html.escape(what)}</p>'
+
+
+def _read(path) -> pd.DataFrame:
+    path = Path(path)
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
+    return pd.read_csv(path, sep=sep, na_values=["NA", ""])
+
+
+def _versions() -> str:
+    from radstudy import __version__
+
+    names = ["numpy", "scipy", "pandas", "scikit-learn", "scikit-survival", "lifelines", "shap",
+             "dcurves", "matplotlib"]
+    found = [f"radstudy {__version__}"]  # from the package itself: per-rule envs do not install it
+    for n in names:
+        try:
+            found.append(f"{n} {metadata.version(n)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def _groups_for_table1(evaluation_dir: Path, cohorts_tsv) -> pd.Series | None:
+    """patient -> cohort of the first split, from a cohorts table or the evaluation's cohorts.csv."""
+    src = Path(cohorts_tsv) if cohorts_tsv else evaluation_dir / "cohorts.csv"
+    if not src.is_file():
+        return None
+    c = _read(src)
+    if "split" in c.columns:
+        first = sorted(c["split"].unique(), key=str)[0]
+        c = c[c["split"] == first]
+    c["patient"] = c["patient"].astype(str)
+    return c.drop_duplicates("patient").set_index("patient")["cohort"]
+
+
+def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", design_text: str | None = None,
+                 flow_tsv=None, clinical_tsv=None, cohorts_tsv=None, dsc_tsv=None, extra_tables=(),
+                 coefficients_tsv=None, table1_variables=None, table1_categorical=None) -> Path:
+    """Write the single-file HTML report of an evaluation folder (see module docstring).
+
+    extra_tables: TSV/CSV paths (selected features, coefficients, ...) or {title: path}, shown as tables.
+    """
+    ev = Path(evaluation_dir)
+    ev.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((ev / "manifest.json").read_text()) if (ev / "manifest.json").is_file() else None
+    settings = (manifest or {}).get("settings", {})
+    figures = (manifest or {}).get("figures", [])
+    tables = (manifest or {}).get("tables", {})
+    toc, body = [], []
+
+    def section(anchor: str, title: str, content: str):
+        toc.append(f'<a href="#{anchor}">{html.escape(title)}</a>')
+        body.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>\n{content}')
+
+    def figs(select) -> str:
+        chosen = [f for f in figures if select(f) and (ev / f["png"]).is_file()]
+        return "".join(_figure_html(ev / f["png"], f["caption"]) for f in chosen)
+
+    def manifest_table(name: str) -> str:
+        t = tables.get(name)
+        if not t or not (ev / t["path"]).is_file():
+            return ""
+        return f'<h3>{html.escape(t["title"])}</h3><p class="caption">CSV: {html.escape(t["path"])}</p>' + \
+            html_table(pd.read_csv(ev / t["path"]))
+
+    # study design ------------------------------------------------------------------------------
+    parts = []
+    if design_text:
+        parts.append("".join(f"<p>{html.escape(p)}</p>" for p in design_text.strip().split("\n\n")))
+    if settings:
+        parts.append("<ul>" + "".join(f"<li><b>{html.escape(k.replace('_', ' '))}</b>: {html.escape(str(v))}</li>"
+                                      for k, v in settings.items()) + "</ul>")
+    if not parts:
+        parts.append(_missing("No study design description and no evaluation settings were provided."))
+    section("design", "Study design", "".join(parts))
+
+    # patient flow --------------------------------------------------------------------------------
+    groups = _groups_for_table1(ev, cohorts_tsv)
+    if flow_tsv and Path(flow_tsv).is_file():
+        flow = _read(flow_tsv)
+        flow.to_csv(ev / "patient_flow.csv", index=False)
+        counts = groups.value_counts().reindex([c for c in COHORT_ORDER if c in set(groups)] +
+                                               sorted(set(groups) - set(COHORT_ORDER))).to_dict() if groups is not None else {}
+        content = html_table(flow)
+        try:
+            content = _figure_html(plot_flow(flow, counts, ev), "Patient flow (delivered, excluded with reasons, "
+                                   "included, cohorts of the first split).") + content
+        except Exception as exc:  # a diagram must not cost the report; the table stays
+            log.warning("patient-flow diagram not drawn: %s", exc)
+        changes, history = study_changes(flow, ev / "history.tsv", datetime.now(timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"))
+        content = "".join(f"<p>{html.escape(c)}</p>" for c in changes) + content
+        if history["reported"].nunique() > 1:
+            content += ('<h3>Study history</h3><p class="caption">Centers covered by each report that changed them '
+                        '(CSV: history.tsv)</p>' + html_table(history))
+        section("flow", "Patient flow", content)
+    else:
+        section("flow", "Patient flow", _missing("No patient-flow table (results/qc/patient_flow.tsv) was provided."))
+
+    # Table 1 ---------------------------------------------------------------------------------------
+    if clinical_tsv and Path(clinical_tsv).is_file() and groups is not None:
+        t1 = table1(_read(clinical_tsv), groups, table1_variables, table1_categorical)
+        t1.to_csv(ev / "table1.csv", index=False)
+        section("table1", "Table 1: patient characteristics",
+                '<p class="caption">Per cohort (first split). Continuous: mean ± SD with t-test/ANOVA when normal '
+                '(Shapiro-Wilk), else median [IQR] with Mann-Whitney U/Kruskal-Wallis; categorical: n (%) with '
+                'chi-square or Fisher. CSV: table1.csv</p>' + html_table(t1))
+    else:
+        why = "no clinical table" if not (clinical_tsv and Path(clinical_tsv).is_file()) else "no cohort assignment"
+        section("table1", "Table 1: patient characteristics", _missing(f"Not available: {why} was provided."))
+
+    # segmentation ----------------------------------------------------------------------------------
+    if dsc_tsv and Path(dsc_tsv).is_file():
+        dsc = _read(dsc_tsv)
+        summary = segmentation_summary(dsc)
+        summary.to_csv(ev / "segmentation_quality.csv", index=False)
+        content = html_table(summary)
+        try:
+            content = _figure_html(plot_segmentation(dsc, ev), "Dice similarity coefficient of the automatic "
+                                   "segmentation against the manual masks per region and center; volumes.") + content
+        except Exception as exc:
+            log.warning("segmentation figure not drawn: %s", exc)
+        section("segmentation", "Segmentation quality", content)
+    else:
+        section("segmentation", "Segmentation quality", _missing("No segmentation evaluation (dsc.tsv) was provided."))
+
+    # features and coefficients ---------------------------------------------------------------------
+    items = list(extra_tables.items()) if isinstance(extra_tables, dict) else [(Path(p).stem, p) for p in extra_tables]
+    if coefficients_tsv:
+        items.append(("model coefficients", coefficients_tsv))
+    content = []
+    for title, path in items:
+        if path and Path(path).is_file():
+            content.append(f"<h3>{html.escape(str(title).replace('_', ' '))}</h3>"
+                           f'<p class="caption">{html.escape(str(path))}</p>' + html_table(_read(path)))
+        else:
+            content.append(_missing(f"{title}: file {path} not found."))
+    section("models", "Selected features and model coefficients",
+            "".join(content) if content else _missing("No feature-selection or coefficient tables were provided."))
+
+    # performance -------------------------------------------------------------------------------------
+    if manifest is None:
+        section("performance", "Model performance", _missing(f"No evaluation found ({ev / 'manifest.json'})."))
+    else:
+        perf = []
+        for ep in settings.get("endpoints", []):
+            perf.append(f"<h3>{'Binary endpoint' if ep == 'binary' else 'Time-to-event endpoint'}</h3>")
+            perf.append(manifest_table(f"summary_{ep}"))
+            perf.append(manifest_table(f"comparisons_{ep}"))
+        perf += [manifest_table("summary_reclassification"), manifest_table("cutoffs")]
+        rest = [n for n in tables if n.startswith(("metrics_", "summary_")) and n.endswith(("_splits",))]
+        perf += [manifest_table(n) for n in rest]
+        perf.append('<p class="note">All tables: ' + ", ".join(html.escape(t["path"]) for t in tables.values()) + "</p>")
+        section("performance", "Model performance", "".join(perf))
+
+        for ep in settings.get("endpoints", []):
+            content = []
+            for c in settings.get("cohorts", []):
+                block = figs(lambda f, c=c, ep=ep: f.get("section") == ep and f.get("cohort") == c)
+                if block:
+                    content.append(f"<h3>{html.escape(c)} cohort</h3>{block}")
+            title = "Figures: binary endpoint" if ep == "binary" else "Figures: time-to-event endpoint"
+            section(f"figures_{ep}", title, "".join(content) or _missing("No figures were drawn."))
+        block = figs(lambda f: f.get("section") == "explain")
+        explain_tables = "".join(manifest_table(n) for n in tables if n.startswith(("shap_importance", "nomogram_")))
+        section("explain", "Explanation: SHAP and nomogram",
+                (block + explain_tables) or _missing("No combined-model coefficients and design matrix were given: "
+                                                     "no SHAP or nomogram."))
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section("software", "Software", f"<p>{html.escape(_versions())}</p><p class='note'>Generated {now}.</p>")
+    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(study_name)}</title>"
+           f"<style>{CSS}</style></head><body><h1>{html.escape(study_name)}: study report</h1>"
+           f"<nav>{''.join(toc)}</nav>{''.join(body)}</body></html>")
+    out_html = Path(out_html)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    out_html.write_text(doc, encoding="utf-8")
+    return out_html
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("report", help="single-file HTML report of an evaluation folder")
+    p.add_argument("--evaluation", required=True, help="evaluation folder (with manifest.json)")
+    p.add_argument("--out", required=True, help="HTML file")
+    p.add_argument("--study-name", default="radstudy")
+    p.add_argument("--design-text")
+    p.add_argument("--flow")
+    p.add_argument("--clinical")
+    p.add_argument("--cohorts")
+    p.add_argument("--dsc")
+    p.add_argument("--coefficients")
+    p.add_argument("--tables", nargs="*", default=[])
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    design_text = args.design_text
+    if design_text and Path(design_text).is_file():
+        design_text = Path(design_text).read_text()
+    write_report(args.evaluation, args.out, study_name=args.study_name, design_text=design_text, flow_tsv=args.flow,
+                 clinical_tsv=args.clinical, cohorts_tsv=args.cohorts, dsc_tsv=args.dsc, extra_tables=args.tables,
+                 coefficients_tsv=args.coefficients)
+    return 0

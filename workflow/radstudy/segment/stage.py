@@ -1,0 +1,229 @@
+"""The segmentation stage at file level: which patients train nnU-Net, which are segmented, what is written.
+
+The nnU-Net mechanics live in `radstudy.segment.nnunet`; this module turns the study's tables and config into its
+calls, and its results into the files the later stages and the report read:
+
+    results/segmentation/split.tsv                 annotated patients: train | holdout
+    results/segmentation/{center}/{patient}.nii.gz automatic label map (post-processed) on the image grid
+    results/segmentation/{center}/qc.tsv           per patient: volumes, QC flags, status
+    results/segmentation/dsc.tsv (+ dsc.png/.pdf)  holdout patients: automatic vs manual, per region
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import SimpleITK as sitk
+
+from radstudy.segment import nnunet as segment
+from radstudy.config import Study
+from radstudy.errors import REASONS, SEGMENTATION_QC, ConfigError
+from radstudy.ingest.patient import MASK_FILE, image_file, label_volumes
+
+log = logging.getLogger(__name__)
+
+
+def _cfg(study: Study) -> dict:
+    return study.config["segmentation"]
+
+
+def device(study: Study) -> str:
+    return "cuda" if _cfg(study)["gpu"] else "cpu"
+
+
+def dataset_name(study: Study) -> str:
+    return segment.dataset_folder_name(_cfg(study)["dataset_id"], _cfg(study)["dataset_name"])
+
+
+def trained_model_folder(study: Study, results_dir: str | Path) -> Path:
+    """Where `train` puts the model: results_dir/Dataset.../RadstudyTrainer__nnUNetPlans__{configuration}."""
+    return Path(results_dir) / dataset_name(study) / f"RadstudyTrainer__{segment.PLANS_NAME}__{_cfg(study)['configuration']}"
+
+
+TRAIN_CENTERS_FILE = "radstudy_train_centers.txt"  # in the raw dataset folder: the centers it was built from
+
+
+def eligible_train_centers(study: Study) -> list[str]:
+    """Centers whose annotations `segmentation.train_centers` selects (development, all, or a list of ids)."""
+    spec = _cfg(study)["train_centers"]
+    ids = [c.id for c in study.centers]
+    if isinstance(spec, list):
+        unknown = sorted(set(spec) - set(ids))
+        if unknown:
+            raise ConfigError(f"segmentation.train_centers names unknown center(s) {', '.join(unknown)} "
+                              f"(centers: {', '.join(ids)})")
+        return [c for c in ids if c in spec]
+    return [c.id for c in study.centers if spec == "all" or c.role == "development"]
+
+
+def train_centers(study: Study, raw_dataset_dir: str | Path) -> list[str]:
+    """Centers whose annotated patients train nnU-Net: the eligible ones, frozen to those the existing dataset was
+    built from (TRAIN_CENTERS_FILE in `raw_dataset_dir`) unless `segmentation.retrain_on_new_centers` or an explicit
+    list in `train_centers`. So a center added to the sheet does not retrain nnU-Net unless the config asks."""
+    eligible = eligible_train_centers(study)
+    record = Path(raw_dataset_dir) / TRAIN_CENTERS_FILE
+    if isinstance(_cfg(study)["train_centers"], list) or _cfg(study)["retrain_on_new_centers"] or not record.is_file():
+        return eligible
+    frozen = set(record.read_text().split())
+    return [c for c in eligible if c in frozen]
+
+
+def _cases(study: Study, patients: pd.DataFrame, ingest_root: Path, with_mask: bool) -> list[dict]:
+    channels = list(study.config["ingest"]["channels"])
+    cases = []
+    for row in patients.itertuples():
+        folder = ingest_root / row.center / row.patient
+        case = {"patient": row.patient, "center": row.center,
+                "images": {c: str(folder / image_file(c)) for c in channels}}
+        if with_mask:
+            case["mask"] = str(folder / MASK_FILE)
+        cases.append(case)
+    return cases
+
+
+def _included(qc_tables: list[str | Path]) -> pd.DataFrame:
+    table = pd.concat([pd.read_csv(t, sep="\t", dtype={"file": str}) for t in qc_tables], ignore_index=True)
+    return table[table["status"] == "included"]
+
+
+def build_dataset(study: Study, qc_tables: list[str | Path], ingest_root: str | Path, raw_dir: str | Path,
+                  out_split: str | Path, centers: list[str] | None = None) -> dict:
+    """nnU-Net raw dataset from the annotated, included patients of the training `centers` (default: the eligible
+    ones); split.tsv lists them, and the centers are recorded in the dataset folder (see `train_centers`)."""
+    cfg = _cfg(study)
+    centers = eligible_train_centers(study) if centers is None else list(centers)
+    patients = _included(qc_tables)
+    annotated = patients[patients["annotated"].astype(str) == "True"]
+    annotated = annotated[annotated["center"].astype(str).isin(centers)]
+    if annotated.empty:
+        raise ValueError("no annotated patient to train nnU-Net on: deliver manual masks or set segmentation.model_folder")
+    split = segment.build_raw_dataset(
+        _cases(study, annotated, Path(ingest_root), with_mask=True), Path(raw_dir), dataset_id=cfg["dataset_id"],
+        name=cfg["dataset_name"], channels=list(study.config["ingest"]["channels"]),
+        labels=study.config["ingest"]["labels"], holdout_fraction=cfg["holdout_fraction"], seed=study.seed,
+    )
+    (Path(split["dataset_dir"]) / TRAIN_CENTERS_FILE).write_text("".join(f"{c}\n" for c in centers))
+    rows = [{"patient": p, "set": s} for s in ("train", "holdout") for p in split[s]]
+    table = pd.DataFrame(rows).merge(annotated[["patient", "center"]], on="patient").sort_values(["set", "patient"])
+    Path(out_split).parent.mkdir(parents=True, exist_ok=True)
+    table[["patient", "center", "set"]].to_csv(out_split, sep="\t", index=False)
+    log.info("nnU-Net dataset: %d training and %d holdout patients", len(split["train"]), len(split["holdout"]))
+    return split
+
+
+def holdout_only_split(study: Study, qc_tables: list[str | Path], out_split: str | Path) -> None:
+    """With a trained model given in the config, every annotated patient is a holdout patient (none trained it)."""
+    annotated = _included(qc_tables)
+    annotated = annotated[annotated["annotated"].astype(str) == "True"]
+    Path(out_split).parent.mkdir(parents=True, exist_ok=True)
+    annotated.assign(set="holdout")[["patient", "center", "set"]].to_csv(out_split, sep="\t", index=False)
+
+
+def plan(study: Study, raw_dir: str | Path, preprocessed_dir: str | Path) -> Path:
+    cfg = _cfg(study)
+    return segment.plan_and_preprocess(
+        Path(raw_dir), Path(preprocessed_dir), dataset_id=cfg["dataset_id"], configuration=cfg["configuration"],
+        features_per_stage=cfg["features_per_stage"], batch_size=cfg["batch_size"], patch_size=cfg["patch_size"],
+        num_processes=1,
+        threads=cfg["threads"],
+    )
+
+
+def train(study: Study, preprocessed_dir: str | Path, results_dir: str | Path) -> Path:
+    cfg = _cfg(study)
+    return segment.train(
+        Path(preprocessed_dir), Path(results_dir), dataset_id=cfg["dataset_id"], configuration=cfg["configuration"],
+        epochs=cfg["epochs"], iterations_per_epoch=cfg["iterations_per_epoch"],
+        early_stopping_patience=cfg["early_stopping_patience"], device=device(study), seed=study.seed,
+        threads=cfg["threads"], compile=False, foreground_oversampling=cfg["foreground_oversampling"],
+    )
+
+
+def segment_center(study: Study, center_id: str, qc_table: str | Path, ingest_root: str | Path,
+                   model_folder: str | Path, out_dir: str | Path) -> pd.DataFrame:
+    """Segment every included patient of one center with the model loaded once; post-process and QC each."""
+    cfg = _cfg(study)
+    labels = study.config["ingest"]["labels"]
+    out_dir = Path(out_dir)
+    patients = _included([qc_table])
+    cases = _cases(study, patients, Path(ingest_root), with_mask=False)
+    log.info("center %s: segmenting %d patients with %s on %s", center_id, len(cases), model_folder, device(study))
+    outputs = segment.predict(Path(model_folder), cases, out_dir, device=device(study), tta=cfg["tta"], npp=0, nps=0,
+                              threads=cfg["threads"])
+    rows = []
+    for case, path in zip(cases, outputs):
+        mask = segment.postprocess(sitk.ReadImage(str(path)), labels, largest_component=cfg["largest_component"])
+        sitk.WriteImage(mask, str(path), useCompression=True)
+        flags = segment.qc_segmentation(mask, labels, min_ml=cfg["qc"]["min_ml"], max_ml=cfg["qc"]["max_ml"],
+                                        region_check=cfg["qc"]["region_check"])
+        volumes = {f"volume_{region}_ml": v["volume_ml"] for region, v in label_volumes(mask, labels).items()}
+        excluded = bool(flags) and cfg["qc"]["on_flag"] == "exclude"
+        if flags:
+            log.warning("%s: segmentation QC flags %s (%s)", case["patient"], flags, "excluded" if excluded else "kept")
+        rows.append({
+            "patient": case["patient"], "center": center_id, **volumes, "flags": ";".join(flags),
+            "status": "excluded" if excluded else "included", "stage": "segmentation" if excluded else "",
+            "reason": SEGMENTATION_QC if excluded else "", "reason_text": REASONS[SEGMENTATION_QC] if excluded else "",
+            "message": f"{case['patient']}: automatic segmentation flagged {', '.join(flags)}" if flags else "",
+        })
+    table = pd.DataFrame(rows, columns=["patient", "center", *[f"volume_{r}_ml" for r in labels], "flags", "status",
+                                        "stage", "reason", "reason_text", "message"])
+    table.to_csv(out_dir / "qc.tsv", sep="\t", index=False)
+    return table
+
+
+def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_root: str | Path, ingest_root: str | Path,
+                     out_tsv: str | Path, out_figure: str | Path) -> pd.DataFrame:
+    """DSC, HD95 and volumes of the automatic vs the manual masks of the holdout patients."""
+    labels = study.config["ingest"]["labels"]
+    split = pd.read_csv(split_tsv, sep="\t")
+    rows = []
+    for row in split[split["set"] == "holdout"].itertuples():
+        auto_path = Path(segmentation_root) / row.center / f"{row.patient}.nii.gz"
+        if not auto_path.exists():  # segmented patients only (a holdout patient may be excluded later)
+            continue
+        manual = sitk.ReadImage(str(Path(ingest_root) / row.center / row.patient / MASK_FILE))
+        for result in segment.evaluate(sitk.ReadImage(str(auto_path)), manual, labels):
+            rows.append({"patient": row.patient, "center": row.center, "region": result["region"],
+                         "dsc": round(result["dsc"], 4), "hd95": round(result["hd95"], 3),
+                         "volume_auto_ml": round(result["volume_auto_ml"], 3),
+                         "volume_manual_ml": round(result["volume_manual_ml"], 3)})
+    table = pd.DataFrame(rows, columns=["patient", "center", "region", "dsc", "hd95", "volume_auto_ml", "volume_manual_ml"])
+    Path(out_tsv).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_tsv, sep="\t", index=False)
+    _dsc_figure(table, Path(out_figure))
+    if not table.empty:
+        log.info("holdout DSC medians: %s", table.groupby("region")["dsc"].median().round(3).to_dict())
+    return table
+
+
+def _dsc_figure(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regions = list(dict.fromkeys(table["region"])) if not table.empty else []
+    colours = {center: f"C{k}" for k, center in enumerate(sorted(table["center"].unique()))}  # one colour per center
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric, label in zip(axes, ["dsc", "hd95"], ["Dice similarity coefficient", "95% Hausdorff distance (mm)"]):
+        for i, region in enumerate(regions):
+            sub = table[table["region"] == region]
+            for j, (center, group) in enumerate(sub.groupby("center")):
+                x = i + (j - (sub["center"].nunique() - 1) / 2) * 0.15
+                ax.scatter([x] * len(group), group[metric], s=18, label=center if i == 0 else None, alpha=0.8,
+                           color=colours[center])
+            ax.hlines(sub[metric].median(), i - 0.3, i + 0.3, color="black", linewidth=1.5)
+        ax.set_xticks(range(len(regions)), regions)
+        ax.set_ylabel(label)
+        if metric == "dsc":
+            ax.set_ylim(0, 1.02)
+    if regions:
+        axes[0].legend(title="center", fontsize=8, frameon=False)
+    fig.suptitle(f"Automatic vs manual segmentation, holdout patients (n={table['patient'].nunique() if regions else 0}); bar: median")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)
