@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   install into .venv (if needed) and run the demo study end to end
-#   make test   install with the test dependencies and run the test suite
+#   make test   install with the test dependencies, lint the workflow and run the test suite
+# For development: make test-fast (the suite without the slow tests: no workflow run, no nnU-Net training)
 # Switches: TORCH=cuda (CUDA build of torch, for a machine with an NVIDIA GPU), CORES=N, PYTHON=python3.11
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -12,17 +13,20 @@ CONSTRAINTS := requirements/constraints.txt
 PIP := $(VENV)/bin/python -m pip
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test lint clean-results
+.PHONY: demo test test-fast install install-test lint clean-results
 
 demo: install
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
 
-test: install-test
+test: install-test lint
 	$(BIN)/pytest
 
+test-fast: install-test
+	$(BIN)/pytest -m "not slow"
+
 lint: install-test
-	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
 
 install: $(VENV)/.installed-$(TORCH)
 

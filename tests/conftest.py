@@ -18,3 +18,11 @@ def reference_dir() -> Path:
     if not SHARED_REFERENCE.is_dir():
         pytest.skip("../shared/reference is absent")
     return SHARED_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_nnunet(tmp_path_factory) -> dict:
+    """The suite's one tiny trained nnU-Net (tests/tiny_nnunet.py): {root, cases, split, plans_file, model}."""
+    from tiny_nnunet import train_tiny_nnunet
+
+    return train_tiny_nnunet(tmp_path_factory.mktemp("tiny_nnunet"))

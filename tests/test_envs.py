@@ -423,7 +423,7 @@ def test_checker_detects_a_broken_env(tmp_path):
         f"rule demo: {missing} lacks PyYAML (`import yaml` at {module}:5)"]
 
     wrong = _write(tmp_path / "wrong.yaml", "channels: [conda-forge]\ndependencies:\n  - python=3.11\n"
-                                            f"  - numpy=1.0.0\n  - pyyaml\n")
+                                            "  - numpy=1.0.0\n  - pyyaml\n")
     problems = env_problems("demo", wrong, module)
     assert any("'pyyaml' is not pinned" in p for p in problems), problems
     _write(wrong, f"channels: [conda-forge]\ndependencies:\n  - python=3.11\n  - numpy=1.0.0\n"

@@ -322,41 +322,11 @@ def test_gpu_request_follows_the_config(tmp_path, device, gpu, wanted):
 
 
 # ============================================================================ nnU-Net backbone (slow: a real training)
-def _nnunet_case(rng, folder: Path, patient: str) -> dict:
-    shape = (12, 48, 48)
-    z, y, x = np.ogrid[:12, :48, :48]
-    liver = ((z - 6) / 5) ** 2 + ((y - 24) / 14) ** 2 + ((x - 22) / 13) ** 2 <= 1
-    cy, cx = 24 + rng.integers(-3, 4), 22 + rng.integers(-3, 4)
-    tumour = (((z - 6) / 2.5) ** 2 + ((y - cy) / 5) ** 2 + ((x - cx) / 5) ** 2 <= 1) & liver
-    image = np.full(shape, -1000.0, np.float32)
-    image[2:11, 4:44, 4:44] = 50.0
-    image[liver], image[tumour] = 130.0, 20.0
-    image += rng.normal(0, 12, shape).astype(np.float32)
-    mask = np.zeros(shape, np.uint8)
-    mask[liver], mask[tumour] = 1, 2
-    folder.mkdir(parents=True, exist_ok=True)
-    for array, name in ((np.round(image).astype(np.int16), "image_CT.nii.gz"), (mask, "mask_manual.nii.gz")):
-        sitk.WriteImage(_image(array, spacing=(1.5, 1.5, 3.0), origin=(-40.0, 12.5, 100.0)), str(folder / name), True)
-    (folder / "qc.json").write_text("{}")
-    return {"patient": patient, "center": "A", "images": {"CT": folder / "image_CT.nii.gz"},
-            "mask": folder / "mask_manual.nii.gz"}
-
-
 @pytest.fixture(scope="module")
-def nnunet_model(tmp_path_factory):
-    """Ingest-shaped data -> raw dataset -> plans (a small 2d network) -> a few training iterations on CPU."""
-    root = tmp_path_factory.mktemp("deep_nnunet")
-    rng = np.random.default_rng(5)
-    cases = [_nnunet_case(rng, root / "ingest" / "A" / f"A-{i:04d}", f"A-{i:04d}") for i in range(1, 4)]
-    segment.build_raw_dataset(cases, root / "raw", dataset_id=502, name="DeepTest", channels=["CT"], labels=LABELS,
-                              holdout_fraction=0.0, seed=3)
-    segment.plan_and_preprocess(root / "raw", root / "preprocessed", dataset_id=502, configuration="2d",
-                                features_per_stage=[4, 8, 16, 16], batch_size=4, patch_size=[48, 48], num_processes=1,
-                                threads=1)
-    model = segment.train(root / "preprocessed", root / "results", dataset_id=502, configuration="2d", epochs=1,
-                          iterations_per_epoch=2, val_iterations_per_epoch=1, early_stopping_patience=None,
-                          device="cpu", seed=11, threads=1)
-    return {"root": root, "cases": cases, "model": model}
+def nnunet_model(tiny_nnunet):
+    """The suite's shared tiny nnU-Net (tests/conftest.py), with three of its center C1 patients."""
+    cases = [c for c in tiny_nnunet["cases"] if c["center"] == "C1"][:3]
+    return {"root": tiny_nnunet["root"], "cases": cases, "model": tiny_nnunet["model"]}
 
 
 @pytest.mark.slow
@@ -403,11 +373,11 @@ def test_nnunet_encoder_features(nnunet_model, tmp_path):
     np.testing.assert_allclose(values, pooled, rtol=1e-5, atol=1e-6)
 
 
-def _write_study(root: Path, model: Path) -> tuple:
+def _write_study(root: Path, model: Path, center: str) -> tuple:
     config = copy.deepcopy(DEFAULT)
     config["centers"] = str(root / "centers.tsv")
     config["features"]["deep"].update(crop_size=[8, 32, 32], device="cpu")
-    (root / "centers.tsv").write_text(f"id\trole\tdicom_root\tclinical\nA\tdevelopment\t{root}\t{root}/c.csv\n")
+    (root / "centers.tsv").write_text(f"id\trole\tdicom_root\tclinical\n{center}\tdevelopment\t{root}\t{root}/c.csv\n")
     return load_study(config, base_dir=root), model
 
 
@@ -417,21 +387,22 @@ def test_center_job_and_study_table(nnunet_model, tmp_path):
     root = tmp_path
     ingest = root / "ingest"
     shutil.copytree(nnunet_model["root"] / "ingest", ingest)
-    segmentation = root / "segmentation" / "A"
+    center = nnunet_model["cases"][0]["center"]
+    segmentation = root / "segmentation" / center
     segmentation.mkdir(parents=True)
     patients = [c["patient"] for c in nnunet_model["cases"]]
     for patient in patients:  # the manual masks stand in for the automatic ones
-        shutil.copy(ingest / "A" / patient / "mask_manual.nii.gz", segmentation / f"{patient}.nii.gz")
+        shutil.copy(ingest / center / patient / "mask_manual.nii.gz", segmentation / f"{patient}.nii.gz")
     empty = sitk.ReadImage(str(segmentation / f"{patients[1]}.nii.gz"))
     empty = sitk.Cast(empty * sitk.Cast(empty != 2, empty.GetPixelID()), empty.GetPixelID())  # no tumour left
     sitk.WriteImage(empty, str(segmentation / f"{patients[1]}.nii.gz"))
     pd.DataFrame({"patient": patients + ["A-0099"], "status": ["included"] * 3 + ["excluded"]}).to_csv(
         segmentation / "qc.tsv", sep="\t", index=False)
-    study, model = _write_study(root, nnunet_model["model"])
+    study, model = _write_study(root, nnunet_model["model"], center)
     out = root / "features" / "deep"
     out.mkdir(parents=True)
-    table = features_stage.deep_center(study, "A", segmentation, ingest, root / "segmentation", model,
-                                       out / "A.parquet", out / "A.issues.tsv")
+    table = features_stage.deep_center(study, center, segmentation, [ingest / center / p for p in patients], model,
+                                       out / "A.parquet", out / "A.issues.tsv", out / "A.meta.json")
     assert table["patient"].tolist() == patients  # QC-passed patients only
     deep_cols = [c for c in table.columns if "_deep_nnunet_" in c]
     assert np.isnan(table.loc[1, deep_cols].to_numpy(float)).all()
@@ -443,11 +414,12 @@ def test_center_job_and_study_table(nnunet_model, tmp_path):
 
     rows = []
     for i, patient in enumerate(patients):  # radiomics rows as radiomics_patient writes them
-        row = features._row(patient, "A", {"tumour_CT_original_firstorder_Mean": float(i)}, {}, "nan")
+        row = features._row(patient, center, {"tumour_CT_original_firstorder_Mean": float(i)}, {}, "nan")
         rows.append(root / f"{patient}.parquet")
         features.write_row(row, rows[-1])
     study_table = features_stage.study_table(study, rows, root / "features.parquet", root / "qc.tsv",
-                                             deep_tables=[out / "A.parquet"], deep_issues=[out / "A.issues.tsv"])
+                                             deep_tables=[out / "A.parquet"], deep_issues=[out / "A.issues.tsv"],
+                                             deep_meta=[out / "A.meta.json"])
     written = pd.read_parquet(root / "features.parquet")
     pd.testing.assert_frame_equal(written, study_table)
     assert written["tumour_CT_original_firstorder_Mean"].tolist() == [0.0, 1.0, 2.0]  # radiomics unchanged

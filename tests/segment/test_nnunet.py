@@ -17,83 +17,15 @@ import pytest
 import SimpleITK as sitk
 
 from radstudy.segment import nnunet as segment
+from tiny_nnunet import LABELS, SHAPE, SPACING, ellipsoid, synthetic_case, write  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
-LABELS = {"liver": 1, "tumour": 2}
-SHAPE = (32, 64, 64)  # z, y, x
-SPACING = (1.5, 1.5, 3.0)  # x, y, z (mm)
-
-
-# ----------------------------------------------------------------------------- synthetic ingest outputs
-def _ellipsoid(shape, centre, radii):
-    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    distance = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
-    return distance + ((x - centre[2]) / radii[2]) ** 2 <= 1
-
-
-def _synthetic_case(rng: np.random.Generator, offset_hu: float):
-    """A CT-like volume (HU): air, a body, a bright 'liver' ellipsoid with a darker 'tumour' blob, noise."""
-    image = np.full(SHAPE, -1000.0, dtype=np.float32)
-    body = _ellipsoid(SHAPE, (16, 32, 32), (20, 28, 30))
-    image[body] = 50.0  # soft tissue: between tumour and liver after CT normalisation
-    liver_centre = (16 + rng.integers(-2, 3), 30 + rng.integers(-4, 5), 26 + rng.integers(-4, 5))
-    liver = _ellipsoid(SHAPE, liver_centre, (9 + rng.integers(0, 3), 14 + rng.integers(0, 4), 13 + rng.integers(0, 4)))
-    tumour_centre = (liver_centre[0], liver_centre[1] + rng.integers(-3, 4), liver_centre[2] + rng.integers(-3, 4))
-    tumour = _ellipsoid(SHAPE, tumour_centre, (3.5, 6 + rng.integers(0, 3), 6 + rng.integers(0, 3))) & liver
-    image[liver] = 130.0
-    image[tumour] = 20.0
-    image += offset_hu + rng.normal(0, 12, SHAPE).astype(np.float32)
-    mask = np.zeros(SHAPE, np.uint8)
-    mask[liver] = 1
-    mask[tumour] = 2
-    return image, mask
-
-
-def _write(array, path: Path, pixel=None):
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(SPACING)
-    img.SetOrigin((-40.0, 12.5, 100.0))
-    if pixel is not None:
-        img = sitk.Cast(img, pixel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(path), True)
-
-
-def _make_ingest(root: Path, per_center: int = 4) -> list[dict]:
-    rng = np.random.default_rng(7)
-    cases = []
-    for center, offset in (("C1", 0.0), ("C2", 25.0)):
-        for i in range(1, per_center + 1):
-            patient = f"{center}-{i:04d}"
-            folder = root / "ingest" / center / patient
-            image, mask = _synthetic_case(rng, offset)
-            _write(np.round(image).astype(np.int16), folder / "image_CT.nii.gz")
-            _write(mask, folder / "mask_manual.nii.gz")
-            (folder / "qc.json").write_text("{}")
-            cases.append({"patient": patient, "center": center, "images": {"CT": folder / "image_CT.nii.gz"},
-                          "mask": folder / "mask_manual.nii.gz"})
-    return cases
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Ingest-shaped data -> raw dataset -> plans -> a tiny training; shared by the slow tests."""
-    root = tmp_path_factory.mktemp("segment")
-    cases = _make_ingest(root)
-    split = segment.build_raw_dataset(cases, root / "nnUNet_raw", dataset_id=501, name="RadstudyTest",
-                                      channels=["CT"], labels=LABELS, holdout_fraction=0.25, seed=3)
-    plans_file = segment.plan_and_preprocess(root / "nnUNet_raw", root / "nnUNet_preprocessed", dataset_id=501,
-                                             configuration="2d", features_per_stage=8, num_processes=1)
-    model = segment.train(root / "nnUNet_preprocessed", root / "nnUNet_results", dataset_id=501,
-                          configuration="2d", epochs=2, iterations_per_epoch=10, val_iterations_per_epoch=2,
-                          early_stopping_patience=None, device="cpu", seed=11, threads=1)
-    return {"root": root, "cases": cases, "split": split, "plans_file": plans_file, "model": model}
 
 
 # ----------------------------------------------------------------------------- slow: real nnU-Net
 @pytest.mark.slow
-def test_raw_dataset_plans_and_training(trained):
-    root, split = trained["root"], trained["split"]
+def test_raw_dataset_plans_and_training(tiny_nnunet):
+    root, split = tiny_nnunet["root"], tiny_nnunet["split"]
     dataset = root / "nnUNet_raw" / "Dataset501_RadstudyTest"
     assert split["dataset"] == dataset.name
     # holdout per center: round(4 * 0.25) = 1 of each center's 4 annotated patients
@@ -112,17 +44,17 @@ def test_raw_dataset_plans_and_training(trained):
     assert label.GetPixelID() == sitk.sitkUInt8
     assert set(np.unique(sitk.GetArrayViewFromImage(label))) == {0, 1, 2}
     # the same split again (seeded)
-    again = segment.split_holdout(trained["cases"], holdout_fraction=0.25, seed=3)
+    again = segment.split_holdout(tiny_nnunet["cases"], holdout_fraction=0.25, seed=3)
     assert again == (split["train"], split["holdout"])
 
-    plans = json.loads(trained["plans_file"].read_text())
+    plans = json.loads(tiny_nnunet["plans_file"].read_text())
     config = plans["configurations"]["2d"]
     n_stages = config["architecture"]["arch_kwargs"]["n_stages"]
     assert config["architecture"]["arch_kwargs"]["features_per_stage"] == [min(8 * 2**i, 128) for i in range(n_stages)]
     assert plans["radstudy_overrides"]["2d"]["features_per_stage"][0] == 8
-    assert (trained["plans_file"].parent / "nnUNetPlans.planned.json").exists()
+    assert (tiny_nnunet["plans_file"].parent / "nnUNetPlans.planned.json").exists()
 
-    model = trained["model"]
+    model = tiny_nnunet["model"]
     assert model.name == "RadstudyTrainer__nnUNetPlans__2d"
     assert (model / "fold_all" / "checkpoint_final.pth").exists()
     assert (model / "plans.json").exists() and (model / "dataset.json").exists()
@@ -135,9 +67,9 @@ def test_raw_dataset_plans_and_training(trained):
 
 
 @pytest.mark.slow
-def test_predict_holdout_one_call(trained, tmp_path):
-    holdout = [c for c in trained["cases"] if c["patient"] in trained["split"]["holdout"]]
-    out = segment.predict(trained["model"], holdout, tmp_path / "C-all", device="cpu", npp=1, nps=1, threads=1)
+def test_predict_holdout_one_call(tiny_nnunet, tmp_path):
+    holdout = [c for c in tiny_nnunet["cases"] if c["patient"] in tiny_nnunet["split"]["holdout"]]
+    out = segment.predict(tiny_nnunet["model"], holdout, tmp_path / "C-all", device="cpu", npp=1, nps=1, threads=1)
     assert [p.name for p in out] == [f"{c['patient']}.nii.gz" for c in holdout]
     for case, path in zip(holdout, out):
         seg, image = sitk.ReadImage(str(path)), sitk.ReadImage(str(case["images"]["CT"]))
@@ -152,7 +84,7 @@ def test_predict_holdout_one_call(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_user_model_folder_without_scan(trained, tmp_path):
+def test_predict_user_model_folder_without_scan(tiny_nnunet, tmp_path):
     """A results folder trained elsewhere with the stock trainer (copied, no preprocessed data around),
     predicted in a fresh process, sequentially, with TTA: no trainer-name module scan (no timm, no nnU-Net
     trainer variants imported)."""
@@ -160,7 +92,7 @@ def test_predict_user_model_folder_without_scan(trained, tmp_path):
 
     # as nnU-Net's stock trainer leaves it: its trainer name in the checkpoint, a dataset.json without our keys
     user_model = tmp_path / "their_results" / "Dataset501_Other" / "nnUNetTrainer__nnUNetPlans__2d"
-    shutil.copytree(trained["model"], user_model)
+    shutil.copytree(tiny_nnunet["model"], user_model)
     checkpoint = user_model / "fold_all" / "checkpoint_final.pth"
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     saved["trainer_name"] = "nnUNetTrainer"
@@ -168,7 +100,7 @@ def test_predict_user_model_folder_without_scan(trained, tmp_path):
     info = json.loads((user_model / "dataset.json").read_text())
     del info["radstudy_channels"]
     (user_model / "dataset.json").write_text(json.dumps(info))
-    case = next(c for c in trained["cases"] if c["patient"] in trained["split"]["holdout"])
+    case = next(c for c in tiny_nnunet["cases"] if c["patient"] in tiny_nnunet["split"]["holdout"])
     script = textwrap.dedent(f"""
         import json, sys
         from radstudy.segment import nnunet as segment
@@ -356,9 +288,9 @@ def test_build_raw_dataset_two_channels_and_checks(tmp_path):
             mask = np.zeros((4, 8, 8), np.uint8)
             mask[1:3, 2:6, 2:6] = 1
             mask[2, 3:5, 3:5] = 2
-            _write(np.full((4, 8, 8), 100, np.int16), folder / "image_venous.nii.gz")
-            _write(np.full((4, 8, 8), 60.0, np.float32), folder / "image_arterial.nii.gz")
-            _write(mask, folder / "mask_manual.nii.gz", sitk.sitkInt16)
+            write(np.full((4, 8, 8), 100, np.int16), folder / "image_venous.nii.gz")
+            write(np.full((4, 8, 8), 60.0, np.float32), folder / "image_arterial.nii.gz")
+            write(mask, folder / "mask_manual.nii.gz", sitk.sitkInt16)
             cases.append({"patient": patient, "center": center, "mask": folder / "mask_manual.nii.gz",
                           "images": {"venous": folder / "image_venous.nii.gz",
                                      "arterial": folder / "image_arterial.nii.gz"}})
@@ -380,7 +312,7 @@ def test_build_raw_dataset_two_channels_and_checks(tmp_path):
     bad = dict(cases[0], mask=tmp_path / "bad.nii.gz")
     wrong = np.zeros((4, 8, 8), np.uint8)
     wrong[0, 0, 0] = 5
-    _write(wrong, bad["mask"])
+    write(wrong, bad["mask"])
     with pytest.raises(ValueError, match="not in labels"):
         segment.build_raw_dataset([bad] + cases[1:], tmp_path / "raw", dataset_id=7, name="Two",
                                   channels=["venous"], labels=LABELS, holdout_fraction=0.0, seed=0)

@@ -1,14 +1,16 @@
-"""SLURM: the tiny demo study, whole, through workflow/profiles/slurm on a real single-node SLURM cluster.
+"""SLURM: the shared tiny study, whole, through workflow/profiles/slurm on a real single-node SLURM cluster.
 
 tests/slurm/local_cluster.sh installs Debian's munge + slurmctld + slurmd (root, apt-get) and starts a throw-away
-cluster (no accounting database); the module skips, with the reason, where that cannot be done. Proves: every
-job of the study ran as a SLURM job with the profile's sizes (ingestion, QC, nnU-Net dataset / planning /
-training / prediction, radiomics, deep features, statistics, evaluation and report), per-patient jobs grouped into
-fewer SLURM jobs sized for serial members, results equal to a local run of the same study, and a job failing on
-SLURM fails the workflow with its log shown. nnU-Net training is not bit-reproducible from run to run, so the
-local run segments with the model trained on SLURM (segmentation.model_folder): everything else of it (ingestion,
-segmentation masks, features, models, predictions) must equal the SLURM run's. The profiles' resolution of every
-rule (GPU requests included) is checked with dry runs, without a cluster.
+cluster (no accounting database); the module skips, with the reason, where that cannot be done. The study's
+delivery (the same DICOM folders, clinical tables, broken patients and pseudonym key) runs again on SLURM, given
+the nnU-Net model that the shared local run trained (segmentation.model_folder: nnU-Net training is not
+bit-reproducible from run to run, and its SLURM sizing is checked by the profile's dry runs below). Proves: every
+job of the study ran as a SLURM job with the profile's sizes (discovery, ingestion, clinical tables, QC, the
+segmentation split, prediction, radiomics, perturbed-mask radiomics, deep features, statistics, evaluation and
+report), per-patient jobs grouped into one SLURM job per center sized for serial members, results equal to the
+shared local run (ingestion, segmentation masks, features, models, predictions), and a job failing on SLURM
+fails the workflow with its log shown. The profiles' resolution of every rule (GPU requests included) is checked
+with dry runs, without a cluster.
 """
 
 from __future__ import annotations
@@ -26,21 +28,21 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from test_workflow import PATIENTS, SNAKEMAKE, _run, _tiny_study
+from tiny_study import PATIENTS, SNAKEMAKE, write_tiny_study
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local_cluster.sh"
 SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm"
 LOCAL_PROFILE = REPO / "workflow" / "profiles" / "default"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 CENTERS = ("A", "B", "C")
 # every rule of the tiny study (demo_cohort runs before, locally: it writes the hospitals' deliveries), without
 # the optional robustness step (two more radiomics passes per patient; its rules' sizes are checked by dry runs)
-SLURM_RULES = {"discover", "ingest_patient", "clinical_table", "center_qc", "nnunet_dataset", "nnunet_plan",
-               "nnunet_train", "segment_center", "segmentation_quality", "radiomics_patient", "deep_features_center",
-               "feature_table", "patient_flow", "statistics", "evaluate_report"}
-GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics"}
+SLURM_RULES = {"discover", "ingest_patient", "clinical_table", "center_qc", "segmentation_split", "segment_center",
+               "segmentation_quality", "radiomics_patient", "radiomics_perturbed", "perturbed_table",
+               "deep_features_center", "feature_table", "patient_flow", "statistics", "evaluate_report"}
+GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics", "radiomics_perturbed": "perturbed"}
 # Overrides a site with slurmdbd would not need: no accounting database here (sacct would poll forever, and the
 # plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence.
 TEST_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-no-account",
@@ -144,39 +146,23 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory):
-    """The tiny study run on SLURM and locally: (slurm workdir, local workdir, snakemake output on SLURM)."""
-    base = tmp_path_factory.mktemp("study")
-    _tiny_study(base)
-    config = yaml.safe_load((base / "config.yaml").read_text())
-    config["features"]["robustness"] = {"enabled": False}
-    (base / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    demo = _run(base, "demo_cohort")
-    assert demo.returncode == 0, demo.stderr[-3000:]
-    on_slurm, local = tmp_path_factory.mktemp("on_slurm"), tmp_path_factory.mktemp("local")
-    for workdir in (on_slurm, local):
-        shutil.copytree(base, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".snakemake"))
-    # 1. on SLURM up to the trained model (discovery, ingestion, clinical tables, QC, nnU-Net dataset, plan, training)
-    code, trained = _snakemake_slurm(on_slurm, cluster, "nnunet_train", timeout=900)
-    assert code == 0, trained[-6000:]
-    # 2. the rest of the study on SLURM and, alongside, the whole study locally (the SLURM run mostly waits for
-    #    its status polls) with the model trained on SLURM
-    model = next((on_slurm / "resources" / "nnunet" / "results").rglob("plans.json")).parent
-    shutil.copytree(model, local / "given_model")
-    config = yaml.safe_load((local / "config.yaml").read_text())
+def runs(cluster, tiny_study, tmp_path_factory):
+    """The shared study's delivery run on SLURM with the shared run's model: (slurm workdir, local workdir, output)."""
+    local = tiny_study.workdir
+    on_slurm = tmp_path_factory.mktemp("on_slurm")
+    for item in ("config.yaml", "centers.tsv", "radiomics.yaml"):
+        shutil.copy2(local / item, on_slurm / item)
+    shutil.copytree(local / "demo", on_slurm / "demo")
+    shutil.copytree(local / "resources" / "private", on_slurm / "resources" / "private")  # the same pseudonyms
+    model = next((local / "resources" / "nnunet" / "results").rglob("plans.json")).parent
+    shutil.copytree(model, on_slurm / "given_model")
+    config = yaml.safe_load((on_slurm / "config.yaml").read_text())
     config["segmentation"]["model_folder"] = "given_model"
-    (local / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    local_proc = subprocess.Popen(
-        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(local), "--configfile",
-         str(local / "config.yaml"), "--workflow-profile", str(LOCAL_PROFILE), "--cores", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=local)
-    try:
-        code, rest = _snakemake_slurm(on_slurm, cluster, timeout=1500)
-    finally:
-        local_out = _communicate(local_proc, timeout=1500)
-    assert code == 0, rest[-6000:]
-    assert local_proc.returncode == 0, local_out[-3000:]
-    return on_slurm, local, trained + rest
+    config["demo"]["enabled"] = False  # delivered: the demo's folders are the hospitals' data now
+    (on_slurm / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    code, output = _snakemake_slurm(on_slurm, cluster, timeout=1500)
+    assert code == 0, output[-6000:]
+    return on_slurm, local, output
 
 
 def test_every_job_ran_as_a_slurm_job_sized_by_the_profile(cluster, runs):
@@ -196,14 +182,13 @@ def test_every_job_ran_as_a_slurm_job_sized_by_the_profile(cluster, runs):
             assert _minutes(row.limit) == sizes["runtime"], row
     # the rule's own log names the SLURM job it ran in (radstudy.logs.setup)
     rule_logs = {"discover": "discover/{c}.log", "clinical_table": "clinical/{c}.log", "center_qc": "qc/{c}.log",
-                 "segment_center": "segmentation/{c}.log", "nnunet_train": "segmentation/nnunet_train.log",
-                 "statistics": "statistics.log"}
+                 "segment_center": "segmentation/{c}.log", "statistics": "statistics.log"}
     for row in jobs[jobs["rule"].isin(rule_logs)].itertuples():
         log = on_slurm / "results" / "logs" / rule_logs[row.rule].format(c=row.center)
         assert f"SLURM job {row.job} on " in log.read_text(), (log, row)
     for row in jobs[jobs["rule"] == "ingest_patient"].itertuples():
         patient_logs = list((on_slurm / "results" / "logs" / "ingest" / row.center).glob("*.log"))
-        assert len(patient_logs) == PATIENTS
+        assert len(patient_logs) == len(_delivered(on_slurm, row.center))
         assert all(f"SLURM job {row.job} on " in log.read_text() for log in patient_logs), row
     # each SLURM job's log, named by its job id, where the plugin puts it
     for row in jobs.itertuples():
@@ -225,9 +210,15 @@ def test_patients_are_grouped_into_one_slurm_job_per_center_sized_for_serial_mem
         # the sum of their runtimes
         assert (rows["cpus"] == "1").all() and rows["memory"].map(_mb).eq(profile[rule]["mem_mb"]).all(), rows
         for row in rows.itertuples():
-            members = {"ingest_patient": PATIENTS}.get(rule) or len(
-                list((on_slurm / "results" / "features" / row.center).glob("*.parquet")))
+            members = len({"ingest_patient": _delivered(on_slurm, row.center),
+                           "radiomics_patient": list((on_slurm / "results/features" / row.center).glob("*.parquet")),
+                           "radiomics_perturbed": list((on_slurm / "results/features/perturbed" / row.center)
+                                                       .glob("*.parquet"))}[rule])
             assert _minutes(row.limit) == members * profile[rule]["runtime"], (row, members)
+
+
+def _delivered(workdir: Path, center: str) -> list[str]:
+    return pd.read_csv(workdir / "results" / "ingest" / center / "patients.tsv", sep="\t")["patient"].tolist()
 
 
 def _nifti(path: Path):
@@ -241,7 +232,7 @@ def _without_timings(value):
     return value
 
 
-# What differs by design between the SLURM run (trained its model) and the local run (given that model):
+# What differs by design between the local run (trained its model) and the SLURM run (given that model):
 # the segmentation holdout (with a given model every annotated patient is a holdout patient), hence the DSC table
 # and the report's text; the deep features' metadata names the model's path.
 DIFFERS_BY_DESIGN = {"results/segmentation/split.tsv", "results/segmentation/dsc.tsv"}
@@ -299,7 +290,7 @@ def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, r
 # ---------------------------------------------------------------- the profiles, resolved by dry runs (no cluster)
 
 def _dry_run(tmp_path: Path, profile: Path, gpu: bool) -> str:
-    _tiny_study(tmp_path)
+    write_tiny_study(tmp_path)
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     config["segmentation"]["gpu"] = gpu
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -1,0 +1,130 @@
+"""The tiny study every end-to-end test reads: 3 centers x 8 patients of the demo generator (A, B development,
+C external), 2-epoch nnU-Net, light radiomics, robustness on, and five broken patients slipped into A's delivery.
+
+It is generated and run once per pytest run (`tiny_study` in tests/workflow/conftest.py); a test that changes
+the study works on a copy (`copy_study`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import SimpleITK as sitk
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+PATIENTS = 8  # per center: enough for the statistics stage to split, select and fit
+
+
+def run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+
+
+def write_tiny_study(workdir: Path) -> None:
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["centers"] = "centers.tsv"
+    config["demo"].update(patients=PATIENTS, annotated_fraction=0.3, rtstruct_per_center=1, workers=2, out_dir="demo")
+    # a real but very short nnU-Net training: the test proves the chain, not the segmentation quality
+    config["segmentation"].update(epochs=2, iterations_per_epoch=4, early_stopping_patience=None)
+    config["segmentation"]["qc"]["on_flag"] = "warn"
+    config["selection"]["lasso"]["cv_folds"] = 3
+    config["features"]["robustness"] = {"enabled": True}  # ICC filter: perturbed-mask radiomics per patient
+    config["evaluation"] = {"n_bootstrap": 100}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # Original-image first-order and GLCM features only: a 2-epoch nnU-Net segments badly, and filters or shape
+    # (maximum diameters) of its oversized regions would dominate the test's run time (tests/test_features.py
+    # covers them).
+    params = yaml.safe_load((REPO / "config" / "radiomics" / "demo.yaml").read_text())
+    params["imageType"] = {"Original": {}}
+    params["featureClass"] = {"firstorder": None, "glcm": None}
+    (workdir / "radiomics.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config["features"]["radiomics"]["params"] = "radiomics.yaml"
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (workdir / "centers.tsv").write_text(
+        "id\trole\tdicom_root\tclinical\n"
+        "A\tdevelopment\tdemo/dicom/A\tdemo/clinical/A.csv\n"
+        "B\tdevelopment\tdemo/dicom/B\tdemo/clinical/B.csv\n"
+        "C\texternal\tdemo/dicom/C\tdemo/clinical/C.csv\n"
+    )
+
+
+def _portal_files(folder: Path) -> list[Path]:
+    files = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.name.endswith(".nii.gz"):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if ds.Modality == "CT" and "LOCALIZER" not in ds.ImageType and int(ds.Rows) > 2:
+                files.append((float(ds.SliceThickness), path))
+    thinnest = min(t for t, _ in files)  # the portal series has the thinner slices
+    return [p for t, p in files if t == thinnest]
+
+
+def slip_in_bad_patients(root: Path, clinical_csv: Path) -> dict[str, str]:
+    """Copies of good patients, each broken in one way; returns folder -> expected exclusion reason."""
+    good = sorted(p for p in root.iterdir() if p.is_dir())
+    with_nifti = next(p for p in good if list(p.glob("**/*_seg.nii.gz")))
+    expected = {}
+
+    broken = root / "ZZ_UNREADABLE"
+    broken.mkdir()
+    (broken / "IM0001").write_bytes(b"\x00" * 300)
+    (broken / "notes.dcm").write_text("not dicom")
+    expected[broken.name] = "unreadable_files"
+
+    gap = root / "ZZ_GAP"
+    shutil.copytree(good[0], gap)
+    portal = sorted(_portal_files(gap), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    portal[len(portal) // 2].unlink()
+    expected[gap.name] = "geometry_gap"
+
+    no_series = root / "ZZ_NOSERIES"
+    shutil.copytree(good[0], no_series)
+    for path in _portal_files(no_series):
+        path.unlink()
+    # the remaining non-contrast series has no "portal" in its description: nothing matches
+    expected[no_series.name] = "no_matching_series"
+
+    grid = root / "ZZ_MASKGRID"
+    shutil.copytree(with_nifti, grid)
+    mask_path = next(grid.glob("**/*_seg.nii.gz"))
+    mask = sitk.ReadImage(str(mask_path))
+    mask.SetOrigin([o + 5.0 for o in mask.GetOrigin()])
+    sitk.WriteImage(mask, str(mask_path))
+    expected[grid.name] = "mask_grid_mismatch"
+
+    no_clinical = root / "ZZ_NOCLINICAL"
+    shutil.copytree(good[1], no_clinical)
+    expected[no_clinical.name] = "no_clinical_record"
+
+    clinical = pd.read_csv(clinical_csv)
+    template = clinical[clinical["patient_id"] == good[0].name].iloc[0]
+    for name in expected:
+        if name != no_clinical.name:
+            row = template.copy()
+            row["patient_id"] = name
+            clinical.loc[len(clinical)] = row
+    clinical.to_csv(clinical_csv, index=False)
+    return expected
+
+
+@dataclass(frozen=True)
+class Study:
+    workdir: Path
+    expected: dict[str, str]  # broken patient folder -> the exclusion reason it must get
+    output: str  # snakemake's output of the full run
+
+
+def copy_study(study: Study, to: Path) -> Path:
+    """A copy of the study (results, Snakemake's metadata and modification times kept) that a test may change."""
+    shutil.copytree(study.workdir, to, symlinks=True, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("locks", "incomplete"))
+    return to
