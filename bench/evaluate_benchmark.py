@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "workflow"))
 
 from radstudy.evaluate import performance as E  # noqa: E402
 from radstudy.report.html import write_report  # noqa: E402
+from radstudy.tables import read_table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     models = E.load_linear_models(inputs / "coefficients.tsv", inputs / "design.tsv")
-    result = E.evaluate(E.read_table(inputs / "predictions.tsv"), out, n_bootstrap=args.n_bootstrap, seed=args.seed,
+    result = E.evaluate(read_table(inputs / "predictions.tsv", id_columns=()), out, n_bootstrap=args.n_bootstrap, seed=args.seed,
                         linear_models=models)
     t_eval = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from pydicom.uid import CTImageStorage, RTStructureSetStorage
 from scipy.stats import spearmanr
 from skimage.draw import polygon2mask
 
+from radstudy.concordance import auc, harrell_c
 from radstudy.demo import cohort as demo
 from radstudy.errors import ConfigError
 
@@ -386,8 +387,8 @@ def test_outcomes_follow_the_latent_risk(outcome_cohort):
     assert 0.15 <= oracle["overall"]["prevalence"] <= 0.6 and 0.25 <= oracle["overall"]["event_rate"] <= 0.8
     risk = np.array([float(r["latent_risk"]) for r in rows])
     label = np.array([int(r["synchronous_lm"]) for r in rows])
-    assert demo._auc(risk, label) == pytest.approx(oracle["overall"]["auc"])
-    assert demo._auc(-risk, label) == pytest.approx(1 - oracle["overall"]["auc"])
+    assert auc(label, risk) == pytest.approx(oracle["overall"]["auc"])
+    assert auc(label, -risk) == pytest.approx(1 - oracle["overall"]["auc"])
 
 
 def test_oracle_metrics_agree_with_sklearn_and_lifelines(outcome_cohort):
@@ -398,8 +399,8 @@ def test_oracle_metrics_agree_with_sklearn_and_lifelines(outcome_cohort):
     time = np.array([float(r["mfs_months"]) for r in rows])
     event = np.array([int(r["mfs_event"]) for r in rows])
     label = np.array([int(r["synchronous_lm"]) for r in rows])
-    assert demo._auc(risk, label) == pytest.approx(roc_auc_score(label, risk))
-    assert demo._c_index(risk, time, event) == pytest.approx(concordance_index(time, -risk, event), abs=0.01)
+    assert auc(label, risk) == pytest.approx(roc_auc_score(label, risk))
+    assert harrell_c(time, event, risk) == pytest.approx(concordance_index(time, -risk, event), abs=0.01)
 
 
 def test_image_texture_parameters_show_in_the_voxel_statistics(outcome_cohort):

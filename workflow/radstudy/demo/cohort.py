@@ -31,12 +31,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from scipy import ndimage
-from scipy.stats import rankdata
 from skimage import measure
 
+from radstudy.concordance import auc, harrell_c
 from radstudy.errors import ConfigError
+from radstudy.images import DEFAULT_LABELS
 
-DEFAULT_LABELS = {"liver": 1, "tumour": 2}
 ROLES = ("development", "external")
 
 # ---------------------------------------------------------------------------------------------
@@ -1221,24 +1221,8 @@ def _write_table(path: Path, columns, rows, delimiter: str) -> None:
         writer.writerows([row[c] for c in columns] if isinstance(row, dict) else row for row in rows)
 
 
-def _auc(score: np.ndarray, label: np.ndarray) -> float | None:
-    """ROC AUC via the Mann-Whitney statistic (ties count one half), as sklearn's roc_auc_score."""
-    positives = label == 1
-    n1, n0 = int(positives.sum()), int((~positives).sum())
-    if n1 == 0 or n0 == 0:
-        return None
-    ranks = rankdata(score)
-    return float((ranks[positives].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def _c_index(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> float | None:
-    """Harrell's C: among pairs where the shorter time is an event, the share in which that patient
-    has the higher risk (risk ties count one half)."""
-    comparable = (time[:, None] < time[None, :]) & (event[:, None] == 1)
-    if not comparable.any():
-        return None
-    concordant = (risk[:, None] > risk[None, :]) + 0.5 * (risk[:, None] == risk[None, :])
-    return float(concordant[comparable].sum() / comparable.sum())
+def _finite_or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def _oracle_metrics(truth_rows: list[dict]) -> dict:
@@ -1251,8 +1235,8 @@ def _oracle_metrics(truth_rows: list[dict]) -> dict:
     def metrics(sel: np.ndarray) -> dict:
         return {
             "n": int(sel.sum()),
-            "auc": _auc(risk[sel], label[sel]),
-            "c_index": _c_index(risk[sel], time[sel], event[sel]),
+            "auc": _finite_or_none(auc(label[sel], risk[sel])),
+            "c_index": _finite_or_none(harrell_c(time[sel], event[sel], risk[sel])),
             "prevalence": round(float(label[sel].mean()), 4),
             "event_rate": round(float(event[sel].mean()), 4),
         }

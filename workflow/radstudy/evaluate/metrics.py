@@ -26,8 +26,12 @@ import pandas as pd
 from scipy import stats
 from scipy.special import expit, logit
 
+from radstudy.concordance import auc as roc_auc
+from radstudy.concordance import harrell_c  # noqa: F401 (one of the evaluate stage's metrics)
+from radstudy.concordance import concordance_matrices, pair_statistic, weighted_auc
+from radstudy.survival import surv_arrays, univariable_cox
+
 Z95 = stats.norm.ppf(0.975)
-_CHUNK = 256  # bootstrap replicates per matrix product (bounds memory at CHUNK x n x n / n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,7 +90,7 @@ def delong_placements(y, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tx = stats.rankdata(pos, axis=1)
     ty = stats.rankdata(neg, axis=1)
     tz = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)
-    auc = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    auc = roc_auc(y, scores.T)
     v10 = (tz[:, :m] - tx) / n  # for each positive: share of negatives scored lower (ties 1/2)
     v01 = 1.0 - (tz[:, m:] - ty) / m  # for each negative: share of positives scored higher
     return auc, v10, v01
@@ -126,26 +130,6 @@ def delong_test(y, score_a, score_b, alpha: float = 0.05) -> dict:
     q = stats.norm.ppf(1 - alpha / 2)
     return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "difference": diff, "se": float(se),
             "ci_low": diff - q * se, "ci_high": diff + q * se, "z": float(z), "p": p}
-
-
-def weighted_auc(score, w_pos: np.ndarray, w_neg: np.ndarray) -> np.ndarray:
-    """AUC for each row of weights: sum_ij w_pos_i w_neg_j H(s_i - s_j) / (sum w_pos * sum w_neg), H(0) = 1/2.
-
-    `w_pos`, `w_neg` have shape (B, n) (or (n,)), zero where a patient is not a positive / negative.
-    O(B n) after one sort: weights are summed per distinct score and negatives accumulated below each.
-    """
-    score = np.asarray(score, dtype=float)
-    w_pos, w_neg = np.atleast_2d(w_pos).astype(float), np.atleast_2d(w_neg).astype(float)
-    order = np.argsort(score, kind="mergesort")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    p = np.add.reduceat(w_pos[:, order], starts, axis=1)
-    q = np.add.reduceat(w_neg[:, order], starts, axis=1)
-    below = np.cumsum(q, axis=1) - q
-    num = (p * (below + 0.5 * q)).sum(axis=1)
-    den = p.sum(axis=1) * q.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / den, np.nan)
 
 
 def bootstrap_auc(y, score, counts: np.ndarray) -> np.ndarray:
@@ -437,64 +421,13 @@ def reclassification(y, p_old, p_new, *, cutoffs=None, counts: np.ndarray | None
 # survival: concordance, time-dependent AUC, Kaplan-Meier, Cox
 # --------------------------------------------------------------------------------------------------
 
-def _surv_arrays(time, event):
-    time = np.asarray(time, dtype=float)
-    event = np.asarray(event).astype(bool)
-    if len(time) != len(event):
-        raise ValueError("time and event differ in length")
-    return time, event
-
-
-def _comparable_matrix(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    """comparable[i, j]: i had the event and j is known to outlive i (T_j > T_i, or T_j == T_i censored)."""
-    later = time[None, :] > time[:, None]
-    tied_censored = (time[None, :] == time[:, None]) & ~event[None, :]
-    return event[:, None] & (later | tied_censored)
-
-
-def _concordance_matrices(time, event, score, weights=None) -> tuple[np.ndarray, np.ndarray]:
-    """Numerator and denominator pair matrices: C = sum_ij c_i c_j A_ij / sum_ij c_i c_j D_ij."""
-    comp = _comparable_matrix(time, event)
-    s = np.asarray(score, dtype=float)
-    h = np.where(s[:, None] > s[None, :], 1.0, np.where(s[:, None] == s[None, :], 0.5, 0.0))
-    w = np.ones(len(s)) if weights is None else np.asarray(weights, float)
-    d = comp * w[:, None]
-    return d * h, d
-
-
-def _pair_statistic(a: np.ndarray, d: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
-    if counts is None:
-        return np.array([a.sum() / d.sum() if d.sum() > 0 else np.nan])
-    # float32 products: counts are small integers and pair weights O(1); 2x faster BLAS, ~1e-6 relative error
-    a32, d32 = a.astype(np.float32), d.astype(np.float32)
-    out = np.empty(len(counts))
-    for start in range(0, len(counts), _CHUNK):
-        c = counts[start:start + _CHUNK].astype(np.float32)
-        num = ((c @ a32) * c).sum(axis=1, dtype=np.float64)
-        den = ((c @ d32) * c).sum(axis=1, dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + _CHUNK] = np.where(den > 0, num / den, np.nan)
-    return out
-
-
-def harrell_c(time, event, score, counts: np.ndarray | None = None) -> np.ndarray | float:
-    """Harrell's concordance of a risk score (higher = earlier event); ties in score count 1/2.
-
-    Pairs as scikit-survival's concordance_index_censored. With `counts` (B, n): one C per bootstrap replicate.
-    """
-    time, event = _surv_arrays(time, event)
-    a, d = _concordance_matrices(time, event, score)
-    out = _pair_statistic(a, d, counts)
-    return float(out[0]) if counts is None else out
-
-
 def censoring_weights(train_time, train_event, time, event, tau: float | None = None) -> np.ndarray:
     """1 / G(T_i) for events (0 otherwise), G = KM of censoring on the training data (as sksurv's IPCW)."""
     from sksurv.nonparametric import CensoringDistributionEstimator
     from sksurv.util import Surv
 
-    train_time, train_event = _surv_arrays(train_time, train_event)
-    time, event = _surv_arrays(time, event)
+    train_time, train_event = surv_arrays(train_time, train_event)
+    time, event = surv_arrays(time, event)
     cens = CensoringDistributionEstimator().fit(Surv.from_arrays(train_event, train_time))
     w = np.zeros(len(time))
     keep = event & (time < tau) if tau is not None else event.copy()
@@ -511,10 +444,10 @@ def uno_c(train_time, train_event, time, event, score, tau: float | None = None,
     Same estimator as sksurv.metrics.concordance_index_ipcw; with `counts`, one value per replicate
     (the censoring weights stay those of the training data, as with a fixed `survival_train`).
     """
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     w = censoring_weights(train_time, train_event, time, event, tau) ** 2
-    a, d = _concordance_matrices(time, event, score, weights=w)
-    out = _pair_statistic(a, d, counts)
+    a, d = concordance_matrices(time, event, score, weights=w)
+    out = pair_statistic(a, d, counts)
     return float(out[0]) if counts is None else out
 
 
@@ -525,7 +458,7 @@ def time_dependent_auc(train_time, train_event, time, event, score, horizons,
     Returns shape (len(horizons),), or (B, len(horizons)) with bootstrap `counts`. A horizon outside the
     follow-up of the data (no control alive after it, or no case before it) gives NaN.
     """
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     ipcw = censoring_weights(train_time, train_event, time, event)
     c = np.ones((1, len(time))) if counts is None else counts.astype(float)
     out = np.full((len(c), len(horizons)), np.nan)
@@ -540,7 +473,7 @@ def time_dependent_auc(train_time, train_event, time, event, score, horizons,
 
 def time_dependent_roc(train_time, train_event, time, event, score, horizon: float):
     """(fpr, tpr) of the cumulative/dynamic ROC curve at a horizon (IPCW-weighted cases)."""
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     ipcw = censoring_weights(train_time, train_event, time, event)
     case_w = ((time <= horizon) & event) * ipcw
     control = (time > horizon).astype(float)
@@ -555,7 +488,7 @@ def time_dependent_roc(train_time, train_event, time, event, score, horizon: flo
 
 def km_at(time, event, t: float) -> float:
     """Kaplan-Meier survival probability at time t (product over event times <= t)."""
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     if len(time) == 0:
         return np.nan
     u, d = np.unique(time[event & (time <= t)], return_counts=True)
@@ -573,7 +506,7 @@ def survival_cutoff(time, event, score, method: str = "median", horizon: float |
     """
     from lifelines.statistics import logrank_test
 
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     score = np.asarray(score, dtype=float)
     if method == "median":
         return float(np.median(score))
@@ -604,7 +537,7 @@ def kaplan_meier_groups(time, event, high, at_times) -> dict:
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     high = np.asarray(high, dtype=bool)
     out: dict = {"curves": {}, "at_risk": {}, "median": {}, "n": {}, "events": {}}
     for name, sel in (("low", ~high), ("high", high)):
@@ -625,51 +558,18 @@ def kaplan_meier_groups(time, event, high, at_times) -> dict:
     return out
 
 
-def cox_univariable(time, event, x, max_iter: int = 50, tol: float = 1e-10) -> tuple[float, float]:
-    """Coefficient and standard error of a one-covariate Cox model, Efron's ties (as lifelines and R coxph).
-
-    Newton-Raphson on the partial likelihood, vectorised over event times (a fit costs ~1 ms).
-    """
-    time, event = _surv_arrays(time, event)
-    x = np.asarray(x, dtype=float)
-    x = x - x.mean()  # centring: same coefficient, stable exponentials
-    order = np.argsort(-time, kind="mergesort")  # descending time: risk sets are prefixes
-    t, e, xs = time[order], event[order], x[order]
-    u, first = np.unique(-t, return_index=True)  # distinct times, descending
-    last = np.r_[first[1:], len(t)] - 1  # risk set of distinct time k: rows 0..last[k]
-    k_of = np.repeat(np.arange(len(u)), np.diff(np.r_[first, len(t)]))
-    d = np.bincount(k_of, weights=e, minlength=len(u))
-    has = d > 0
-    kk = np.repeat(np.flatnonzero(has), d[has].astype(int))  # one row per event, Efron's l = 0..d-1
-    frac = np.concatenate([np.arange(n) / n for n in d[has].astype(int)])
-    sum_x_events = float(xs[e].sum())
-    beta = 0.0
-    for _ in range(max_iter):
-        r = np.exp(beta * xs)
-        s0, s1, s2 = (np.cumsum(v)[last] for v in (r, r * xs, r * xs * xs))
-        d0, d1, d2 = (np.bincount(k_of, weights=v * e, minlength=len(u)) for v in (r, r * xs, r * xs * xs))
-        a0 = s0[kk] - frac * d0[kk]
-        a1 = s1[kk] - frac * d1[kk]
-        a2 = s2[kk] - frac * d2[kk]
-        score = sum_x_events - (a1 / a0).sum()
-        info = (a2 / a0 - (a1 / a0) ** 2).sum()
-        if info <= 0:
-            return np.nan, np.nan
-        step = score / info
-        beta += step
-        if abs(step) < tol:
-            break
-    r = np.exp(beta * xs)
-    s0, s1, s2 = (np.cumsum(v)[last] for v in (r, r * xs, r * xs * xs))
-    d0, d1, d2 = (np.bincount(k_of, weights=v * e, minlength=len(u)) for v in (r, r * xs, r * xs * xs))
-    a0, a1, a2 = s0[kk] - frac * d0[kk], s1[kk] - frac * d1[kk], s2[kk] - frac * d2[kk]
-    info = (a2 / a0 - (a1 / a0) ** 2).sum()
-    return float(beta), float(1 / np.sqrt(info))
+def cox_univariable(time, event, x) -> tuple[float, float]:
+    """Coefficient and standard error of a one-covariate Cox model, Efron's ties (as lifelines and R coxph)."""
+    time, event = surv_arrays(time, event)
+    beta, se, _, _ = univariable_cox(np.asarray(x, dtype=float)[:, None], time, event)
+    if not np.isfinite(se[0]):  # a constant covariate or no event: nothing to estimate
+        return np.nan, np.nan
+    return float(beta[0]), float(se[0])
 
 
 def cox_hazard_ratio(time, event, covariate, alpha: float = 0.05) -> dict:
     """Univariable Cox hazard ratio of one covariate (score per unit, or a 0/1 group) with Wald CI and P."""
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     x = np.asarray(covariate, dtype=float)
     if np.nanstd(x) == 0 or event.sum() == 0:
         return {"hr": np.nan, "hr_ci_low": np.nan, "hr_ci_high": np.nan, "hr_p": np.nan}
@@ -681,7 +581,7 @@ def cox_hazard_ratio(time, event, covariate, alpha: float = 0.05) -> dict:
 
 def breslow_cumhaz(time, event, eta, horizon: float) -> float:
     """Breslow baseline cumulative hazard at `horizon` for linear predictors eta (relative risks exp(eta))."""
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     order = np.argsort(time, kind="mergesort")
     ts, risk = time[order], np.exp(np.asarray(eta, dtype=float))[order]
     risk_from = np.cumsum(risk[::-1])[::-1]  # sum of risk over patients with time >= ts[k]
@@ -700,7 +600,7 @@ class CoxRecalibration:
 
     @classmethod
     def fit(cls, time, event, score) -> CoxRecalibration:
-        time, event = _surv_arrays(time, event)
+        time, event = surv_arrays(time, event)
         score = np.asarray(score, dtype=float)
         return cls(beta=cox_univariable(time, event, score)[0], time=time, event=event, score=score)
 
@@ -711,7 +611,7 @@ class CoxRecalibration:
 
 def km_with_ci(time, event, t: float, alpha: float = 0.05) -> tuple[float, float, float]:
     """Kaplan-Meier S(t) with the exponential Greenwood (log(-log)) CI, as lifelines' KaplanMeierFitter."""
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     u, d = np.unique(time[event & (time <= t)], return_counts=True)
     n = len(time) - np.searchsorted(np.sort(time), u, side="left")
     s = float(np.prod(1 - d / n))
@@ -726,7 +626,7 @@ def km_with_ci(time, event, t: float, alpha: float = 0.05) -> tuple[float, float
 
 def survival_calibration(time, event, risk, horizon: float, n_groups: int = 4) -> pd.DataFrame:
     """Observed (1 - KM, Greenwood CI) vs mean predicted event probability by `horizon`, per risk group."""
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     risk = np.asarray(risk, dtype=float)
     grp = _quantile_groups(risk, n_groups)
     rows = []
@@ -742,6 +642,6 @@ def survival_calibration(time, event, risk, horizon: float, n_groups: int = 4) -
 
 def status_at_horizon(time, event, horizon: float) -> tuple[np.ndarray, np.ndarray]:
     """Binary status by a horizon: 1 event by t, 0 event-free beyond t; mask drops those censored before t."""
-    time, event = _surv_arrays(time, event)
+    time, event = surv_arrays(time, event)
     known = (event & (time <= horizon)) | (time > horizon)
     return (event & (time <= horizon)).astype(int), known

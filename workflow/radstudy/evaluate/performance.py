@@ -39,14 +39,14 @@ import pandas as pd
 from scipy.special import expit
 
 from radstudy.evaluate import metrics as M
-from radstudy.tables import read_table as _read_table
+from radstudy.statistics.design import COHORTS
+from radstudy.tables import read_table
 
 log = logging.getLogger("radstudy.evaluate.performance")
 
 PREDICTION_COLUMNS = ["patient", "center", "cohort", "split", "endpoint", "model", "score", "probability",
                       "outcome", "time", "event"]
 MODEL_ORDER = ["clinical", "radiomic", "deep", "combined"]
-COHORT_ORDER = ["training", "validation", "test"]
 MODEL_COLORS = {"clinical": "#1b9e77", "radiomic": "#7570b3", "deep": "#e6ab02", "combined": "#d95f02"}
 _EXTRA_COLORS = ["#e7298a", "#66a61e", "#a6761d", "#1f78b4", "#666666", "#b15928"]
 INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}
@@ -55,11 +55,6 @@ INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}
 # --------------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------------
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """TSV (or CSV by suffix) with 'NA' as missing; identifiers as written (numeric ids stay numeric)."""
-    return _read_table(path, id_columns=())
-
 
 def normalise_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
     """Complete the documented columns; one row per patient x model x split x endpoint."""
@@ -171,7 +166,7 @@ def load_linear_models(coefficients_tsv, design, model: str = "combined", endpoi
 
     `design`: one table for all endpoints (path or DataFrame) or {endpoint: path}.
     """
-    coefs = read_table(coefficients_tsv) if not isinstance(coefficients_tsv, pd.DataFrame) else coefficients_tsv
+    coefs = read_table(coefficients_tsv, id_columns=())
     designs = design if isinstance(design, dict) else {e: design for e in endpoints}
     found = []
     eps = coefs["endpoint"].astype(str).unique() if "endpoint" in coefs.columns else list(designs)
@@ -179,7 +174,7 @@ def load_linear_models(coefficients_tsv, design, model: str = "combined", endpoi
         if ep not in designs:
             continue
         d = designs[ep]
-        d = read_table(d) if not isinstance(d, pd.DataFrame) else d
+        d = read_table(d, id_columns=())
         try:
             found.append(LinearModel.from_tables(coefs, d, ep, model))
         except KeyError as exc:
@@ -564,7 +559,7 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=
     preds = normalise_predictions(predictions)
     out = _Outputs(out_dir, make_figures=figures)
     models = ordered(preds["model"], MODEL_ORDER)
-    cohorts = ordered(preds["cohort"], COHORT_ORDER)
+    cohorts = ordered(preds["cohort"], COHORTS)
     colors = model_colors(models)
     horizons = [float(h) for h in horizons_months]
     max_t = preds["time"].max() if preds["time"].notna().any() else 60
@@ -583,7 +578,7 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=
     for endpoint in ordered(preds["endpoint"], ["binary", "survival"]):
         edf = preds[preds["endpoint"] == endpoint]
         e_models = ordered(edf["model"], MODEL_ORDER)
-        e_cohorts = ordered(edf["cohort"], COHORT_ORDER)
+        e_cohorts = ordered(edf["cohort"], COHORTS)
         rows, cal, dca, td = [], [], [], []
         for k, split in enumerate(sorted(edf["split"].unique(), key=str)):
             sdf = edf[edf["split"] == split]
@@ -1185,7 +1180,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    preds = read_table(args.predictions)
+    preds = read_table(args.predictions, id_columns=())
     linear_models = []
     if args.coefficients and args.design:
         if any("=" in item for item in args.design):

@@ -13,7 +13,8 @@ from radstudy.evaluate import performance as evaluate
 from radstudy.report import html as report
 from radstudy.config import Study
 from radstudy.statistics.design import primary_split
-from radstudy.statistics.models import _read, assemble, load_model
+from radstudy.statistics.models import assemble, load_model
+from radstudy.tables import read_table
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def combined_model_tables(models_dir: Path, features, clinical, patients) -> tup
     split = primary_split(pd.read_csv(models_dir / "cohorts.tsv", sep="\t"))
     coefficients = coefficients[(coefficients["split"] == split) & (coefficients["model"] == EXPLAINED_MODEL)]
     coefficients = coefficients.rename(columns={"term": "feature", "coef": "coefficient"})
-    data = assemble(_read(features), _read(clinical), _read(patients))
+    data = assemble(read_table(features), read_table(clinical), read_table(patients))
     designs, log1p = {}, {}
     for endpoint in coefficients["endpoint"].unique():
         path = models_dir / endpoint / f"{EXPLAINED_MODEL}.joblib"
@@ -67,7 +68,7 @@ def run(study: Study, *, predictions, models_dir, features, clinical, patients, 
     for lm in linear_models:
         lm.log1p = log1p.get(lm.endpoint, ())
     cfg = study.config["evaluation"]
-    evaluate.evaluate(_read(predictions), out_dir, horizons_months=tuple(cfg["horizons_months"]),
+    evaluate.evaluate(read_table(predictions), out_dir, horizons_months=tuple(cfg["horizons_months"]),
                       n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models)
     html = out_dir / "report.html"
     report.write_report(

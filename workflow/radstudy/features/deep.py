@@ -57,6 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from radstudy.features import radiomics
+from radstudy.images import same_grid
 from radstudy.segment import nnunet as segment
 
 log = logging.getLogger(__name__)
@@ -584,7 +585,7 @@ def extract_patient(extractor: Extractor, images: Mapping[str, str | Path], mask
             issue(radiomics.UNREADABLE_IMAGE, f"{patient}: deep features: image {images[channel]} ({channel}) "
                                               f"cannot be read ({exc})")
             return row(), issues
-        if not radiomics._same_grid(mask_image, image):
+        if not same_grid(mask_image, image, direction_tolerance=1e-4):
             issue(radiomics.OUTSIDE_IMAGE, f"{patient}: deep features: mask {mask_file} is not on the grid of "
                                            f"{images[channel]} ({channel})")
             return row(), issues

@@ -48,6 +48,7 @@ import SimpleITK as sitk
 import yaml
 from scipy import ndimage
 
+from radstudy.images import geometry, same_grid
 from radstudy.statistics.robustness import FLAG_COLUMNS, ID_COLUMNS
 from radstudy.tables import read_table
 
@@ -467,17 +468,6 @@ def perturb_region(region: np.ndarray, how: str, radius: int = 1) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _geometry(img: sitk.Image) -> tuple:
-    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-
-
-def _same_grid(a: sitk.Image | tuple, b: sitk.Image | tuple, tol: float = 1e-3) -> bool:
-    (sa, pa, oa, da), (sb, pb, ob, db) = (g if isinstance(g, tuple) else _geometry(g) for g in (a, b))
-    return (
-        sa == sb and np.allclose(pa, pb, atol=tol) and np.allclose(oa, ob, atol=tol) and np.allclose(da, db, atol=1e-4)
-    )
-
-
 def _region_inside(region: np.ndarray, mask_img: sitk.Image, image: sitk.Image) -> str | None:
     """None when the region's bounding box lies within the image; otherwise 'outside' or 'partly outside'."""
     lo, hi = _bbox(region)
@@ -723,10 +713,10 @@ def extract_patient(
                     f"{patient}: region {region!r}: image {image_file} ({channel}) cannot be read ({exc})",
                 )
             continue
-        if ref_grid is None or not _same_grid(ref_grid, image):
-            ref_grid = _geometry(image)
+        if ref_grid is None or not same_grid(ref_grid, image, direction_tolerance=1e-4):
+            ref_grid = geometry(image)
             on_grid = {}
-            same = _same_grid(mask_img, image)
+            same = same_grid(mask_img, image, direction_tolerance=1e-4)
             for region in todo:
                 if same:
                     on_grid[region] = regions[region]

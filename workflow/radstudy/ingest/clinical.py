@@ -12,12 +12,13 @@ import pandas as pd
 from radstudy.config import Study
 from radstudy.errors import ConfigError
 from radstudy.ingest.pseudonym import read_key
+from radstudy.tables import read_table
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    sep = "\t" if path.suffix.lower() in {".tsv", ".tab", ".txt"} else ","
+def read_clinical_table(path: Path) -> pd.DataFrame:
+    """A center's delivered clinical table (CSV or TSV; identifiers as written); ConfigError when unreadable."""
     try:
-        return pd.read_csv(path, sep=sep)
+        return read_table(path, id_columns=())
     except (OSError, pd.errors.ParserError) as exc:
         raise ConfigError(f"clinical table {path} cannot be read: {exc}") from exc
 
@@ -38,7 +39,7 @@ def pseudonymised_clinical(study: Study, center_id: str, patients: pd.DataFrame)
     and a summary with the number of clinical rows whose patient delivered no images."""
     center = study.center(center_id)
     cfg = study.config["clinical"]
-    table = read_table(center.clinical)
+    table = read_clinical_table(center.clinical)
     id_column = cfg["id_column"]
     wanted = list(cfg["variables"]) + endpoint_columns(study.config)
     missing = [c for c in [id_column, *wanted] if c not in table.columns]

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from pydicom.dataelem import RawDataElement
 
 from radstudy.errors import MASK_GRID_MISMATCH, MASK_UNREADABLE, PatientExcluded
+from radstudy.images import grid_differences
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 CONTOUR_DATA_TAG = 0x30060050
@@ -231,17 +232,7 @@ def read_label_mask(path: Path, *, patient: str = "", file: str | None = None) -
 
 def check_same_grid(mask: sitk.Image, image: sitk.Image, *, patient: str, file: str, tolerance: float = 1e-3) -> None:
     """MASK_GRID_MISMATCH unless size, spacing, origin (mm, absolute) and direction agree within `tolerance`."""
-    differences = []
-    if tuple(mask.GetSize()) != tuple(image.GetSize()):
-        differences.append(f"size {mask.GetSize()} vs image {image.GetSize()}")
-    for name in ("Spacing", "Origin", "Direction"):
-        ours, theirs = getattr(mask, f"Get{name}")(), getattr(image, f"Get{name}")()
-        if len(ours) != len(theirs) or np.max(np.abs(np.subtract(ours, theirs))) > tolerance:
-            differences.append(f"{name.lower()} {_fmt_values(ours)} vs image {_fmt_values(theirs)}")
+    differences = grid_differences(mask, image, tolerance)
     if differences:
         raise PatientExcluded(MASK_GRID_MISMATCH, f"patient {patient}: mask grid differs from the image: "
                               + "; ".join(differences), file=file)
-
-
-def _fmt_values(values) -> str:
-    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"

@@ -27,6 +27,7 @@ from radstudy.errors import (
     UNREADABLE_FILES,
     PatientExcluded,
 )
+from radstudy.images import same_grid
 from radstudy.ingest.phi import Redactor
 from radstudy.ingest.pseudonym import patient_folder
 
@@ -111,7 +112,7 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
         resampled = False
         if reference is None:
             reference, reference_for = image, frame
-        elif not _same_grid(image, reference, geometry["grid_tolerance"]):
+        elif not same_grid(image, reference, geometry["grid_tolerance"], direction_tolerance=1e-6):
             if frame is None or frame != reference_for:
                 raise PatientExcluded(
                     CHANNEL_GRID_MISMATCH,
@@ -125,15 +126,6 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
         channels[name] = _channel_record(chosen, grid, image, folder, len(series), resampled)
     mask = _ingest_mask(folder, series, reference, pseudonym, cfg, out_dir)
     return {"channels": channels, "mask": mask, "unreadable_files": len(unreadable)}
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image, tol: float) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
-    )
 
 
 def _channel_record(series, grid, image: sitk.Image, folder: Path, n_series: int, resampled: bool) -> dict:

@@ -65,11 +65,12 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from radstudy.images import DEFAULT_LABELS, same_grid
+
 log = logging.getLogger(__name__)
 
 PLANS_NAME = "nnUNetPlans"
 FILE_ENDING = ".nii.gz"
-DEFAULT_LABELS = {"liver": 1, "tumour": 2}
 DEFAULT_LARGEST_COMPONENT = {"liver": True, "tumour": False}
 _PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 _TRAINER_FOLDER_PATTERN = "{trainer}__{plans}__{configuration}"
@@ -263,7 +264,7 @@ def build_raw_dataset(cases: list[dict], raw_dir: Path, *, dataset_id: int, name
         values = set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist())
         if not values <= allowed:
             raise ValueError(f"patient {patient}: mask values {sorted(values - allowed)} are not in labels {labels}")
-        if not _same_grid(reference, mask):
+        if not same_grid(reference, mask, 1e-4):
             raise ValueError(f"patient {patient}: the mask is not on the image grid")
         sitk.WriteImage(sitk.Cast(mask, sitk.sitkUInt8), str(labels_dir / f"{patient}{FILE_ENDING}"), True)
 
@@ -525,16 +526,6 @@ def _read_header(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
-def _same_grid(a, b, tolerance: float = 1e-4) -> bool:
-    """a, b: sitk.Image or header reader. Same size, and spacing/origin/direction within tolerance."""
-    if tuple(a.GetSize()) != tuple(b.GetSize()):
-        return False
-    for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
-        if not np.allclose(getattr(a, getter)(), getattr(b, getter)(), rtol=tolerance, atol=tolerance):
-            return False
-    return True
-
-
 def predict(model_folder: Path, cases: list[dict], out_dir: Path, *, device: str = "cpu", tta: bool = False,
             npp: int = 1, nps: int = 1, checkpoint: str = "checkpoint_final.pth",
             folds: Sequence[int | str] | None = None, channels: Sequence[str] | None = None,
@@ -624,8 +615,8 @@ def predict(model_folder: Path, cases: list[dict], out_dir: Path, *, device: str
             raise RuntimeError(f"nnU-Net wrote no segmentation for {patient} ({path})")
         reference = _read_header(Path(images[0]))
         seg = sitk.ReadImage(str(path))
-        if not _same_grid(reference, seg, tolerance=0):
-            if not _same_grid(reference, seg):
+        if not same_grid(reference, seg, tolerance=0):
+            if not same_grid(reference, seg, 1e-4):
                 raise RuntimeError(f"{path}: the segmentation is not on the grid of {images[0]}")
             seg.SetOrigin(reference.GetOrigin())  # rounding only: take the image's exact values
             seg.SetSpacing(reference.GetSpacing())
@@ -781,7 +772,7 @@ def evaluate(auto: sitk.Image, manual: sitk.Image, labels: Mapping[str, int] | N
     computed on the physical grid (the image spacing); NaN when either is empty. The two images must share
     their grid (size, spacing, origin, direction).
     """
-    if not _same_grid(auto, manual):
+    if not same_grid(auto, manual, 1e-4):
         raise ValueError("the automatic and manual masks are not on the same grid")
     labels = _as_labels(labels)
     a_array, m_array = sitk.GetArrayViewFromImage(auto), sitk.GetArrayViewFromImage(manual)

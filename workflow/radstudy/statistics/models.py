@@ -868,10 +868,6 @@ def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str 
 
 
 # ================================================================================ whole study
-def _read(table) -> pd.DataFrame:
-    return read_table(table)
-
-
 def assemble(features: pd.DataFrame, clinical: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
     """One row per included patient: patient, center, role, features, clinical columns."""
     pts = patients
@@ -944,8 +940,8 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
     Returns {name: path}."""
     settings = statistics_settings(config)
     out_dir = Path(out_dir)
-    features = _read(features)
-    data = assemble(features, _read(clinical), _read(patients))
+    features = read_table(features)
+    data = assemble(features, read_table(clinical), read_table(patients))
     feature_columns = data.attrs["feature_columns"]
     strat = _stratification_column(settings)
     cohorts = assign_cohorts(data[["patient", "center", "role"] + ([strat] if strat else [])],
@@ -954,7 +950,7 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
     rob = settings["selection"]["robustness"]
     if rob.get("file"):
         robust = read_robust_features(rob["file"], rob["icc_min"])
-    perturbed = _read(perturbed) if perturbed is not None else None
+    perturbed = read_table(perturbed) if perturbed is not None else None
     splits = split_names(cohorts)
     jobs, icc_tables = [], []
     for split in splits:

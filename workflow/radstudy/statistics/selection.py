@@ -35,6 +35,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from radstudy.concordance import auc as roc_auc
+from radstudy.concordance import harrell_c
+from radstudy.survival import univariable_cox
+
 ENDPOINTS = ("binary", "survival")
 
 DEFAULTS = {
@@ -113,83 +117,9 @@ def mann_whitney(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     auc = np.full(X.shape[1], 0.5)
     varying = np.ptp(X, axis=0) > 0
     if varying.any():
-        res = stats.mannwhitneyu(pos[:, varying], neg[:, varying], alternative="two-sided", axis=0)
-        p[varying] = res.pvalue
-        auc[varying] = res.statistic / (len(pos) * len(neg))
+        p[varying] = stats.mannwhitneyu(pos[:, varying], neg[:, varying], alternative="two-sided", axis=0).pvalue
+        auc[varying] = roc_auc(y, X[:, varying])
     return p, auc
-
-
-def univariable_cox(X: np.ndarray, time: np.ndarray, event: np.ndarray, max_iter: int = 50, tol: float = 1e-9):
-    """Univariable Cox model of every column at once (Efron ties, Newton-Raphson with step halving).
-
-    Returns (beta, se, z, p) per column: the Wald test that lifelines' CoxPHFitter reports for a
-    one-covariate model (tests/test_selection.py checks the agreement), vectorised over columns.
-    Constant columns get beta 0 and P 1.
-    """
-    X = np.asarray(X, dtype=float)
-    n, p = X.shape
-    beta_out, se_out = np.zeros(p), np.full(p, np.inf)
-    mean, sd = X.mean(axis=0), X.std(axis=0)
-    varying = sd > 0
-    if not event.any() or not varying.any():
-        return beta_out, se_out, np.zeros(p), np.ones(p)
-    order = np.argsort(time, kind="stable")
-    t, e = time[order], event[order].astype(bool)
-    Z = (X[order][:, varying] - mean[varying]) / sd[varying]
-    first = np.searchsorted(t, t, side="left")  # risk set of row i: rows first[i]: (time >= t_i)
-    ev_rows = np.flatnonzero(e)
-    groups, group_start, d = np.unique(t[ev_rows], return_index=True, return_counts=True)
-    risk_start = first[ev_rows[group_start]]
-    Ze = Z[ev_rows]
-    sum_x_events = Ze.sum(axis=0)
-
-    def pieces(b):
-        w = np.exp(np.clip(Z * b, -700, 700))
-        zw = Z * w
-        s0 = np.cumsum(w[::-1], axis=0)[::-1][risk_start]
-        s1 = np.cumsum(zw[::-1], axis=0)[::-1][risk_start]
-        s2 = np.cumsum((Z * zw)[::-1], axis=0)[::-1][risk_start]
-        d0 = np.add.reduceat(w[ev_rows], group_start, axis=0)
-        d1 = np.add.reduceat(zw[ev_rows], group_start, axis=0)
-        d2 = np.add.reduceat((Z * zw)[ev_rows], group_start, axis=0)
-        ll = b * sum_x_events
-        grad = sum_x_events.copy()
-        info = np.zeros_like(b)
-        for l in range(int(d.max())):
-            active = (d > l)[:, None]
-            frac = (l / d)[:, None]
-            f0 = s0 - frac * d0
-            f1 = s1 - frac * d1
-            f2 = s2 - frac * d2
-            f0 = np.where(active, f0, 1.0)
-            m1 = np.where(active, f1 / f0, 0.0)
-            ll = ll - np.where(active, np.log(f0), 0.0).sum(axis=0)
-            grad = grad - m1.sum(axis=0)
-            info = info + np.where(active, f2 / f0 - m1**2, 0.0).sum(axis=0)
-        return ll, grad, info
-
-    b = np.zeros(Z.shape[1])
-    ll, grad, info = pieces(b)
-    for _ in range(max_iter):
-        step = np.where(info > 0, grad / np.where(info > 0, info, 1.0), 0.0)
-        step = np.clip(step, -5, 5)
-        for _halving in range(30):
-            ll_new, grad_new, info_new = pieces(b + step)
-            worse = ll_new < ll - 1e-12
-            if not worse.any():
-                break
-            step = np.where(worse, step / 2, step)
-        b = b + step
-        ll, grad, info = ll_new, grad_new, info_new
-        if np.max(np.abs(step)) < tol:
-            break
-    with np.errstate(divide="ignore"):
-        se = np.where(info > 0, 1 / np.sqrt(np.where(info > 0, info, 1.0)), np.inf)
-    beta_out[varying] = b / sd[varying]
-    se_out[varying] = se / sd[varying]
-    z = np.where(np.isfinite(se_out), beta_out / se_out, 0.0)
-    pval = 2 * stats.norm.sf(np.abs(z))
-    return beta_out, se_out, z, pval
 
 
 def association(X: np.ndarray, y, endpoint: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -562,10 +492,8 @@ class LassoSelector(_ColumnSelector):
                         prob = np.clip(prob, 1e-15, 1 - 1e-15)
                         out[i] = np.mean(yte * np.log(prob) + (1 - yte) * np.log(1 - prob))
                     else:
-                        out[i] = _auc(yte, prob)
+                        out[i] = roc_auc(yte, prob)
             return out
-        from sksurv.metrics import concordance_index_censored
-
         if Xtr.shape[1] == 0:
             return np.full(len(self.penalties_), 0.5)
         try:
@@ -574,10 +502,7 @@ class LassoSelector(_ColumnSelector):
             return out  # numerical failure on this fold: its scores stay missing
         fold_coef = np.asarray(model.coef_, dtype=float)
         for i in range(min(fold_coef.shape[1], len(self.penalties_))):
-            try:
-                out[i] = concordance_index_censored(yte["event"], yte["time"], Xte @ fold_coef[:, i])[0]
-            except ValueError:  # no comparable pairs in this fold
-                pass
+            out[i] = harrell_c(yte["time"], yte["event"], Xte @ fold_coef[:, i])  # NaN: no comparable pairs
         return out
 
     def _choose(self, scores):
@@ -627,13 +552,6 @@ class LassoSelector(_ColumnSelector):
     def coefficients_(self) -> pd.Series:
         check_is_fitted(self, "coef_")
         return pd.Series(self.coef_[self.support_], index=self.selected_features_, name="coefficient")
-
-
-def _auc(y, score) -> float:
-    pos, neg = score[y == 1], score[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return np.nan
-    return float(stats.mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
 
 
 # ---------------------------------------------------------------------------------- builder
