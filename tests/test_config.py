@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,68 @@ def test_study_resolves_center_paths_against_base_dir(tmp_path):
     assert study.center("A").dicom_root == tmp_path / "data" / "A"
     with pytest.raises(ConfigError, match="unknown center 'Z'"):
         study.center("Z")
+
+
+# the required keys only: everything else comes from the schema's defaults
+MINIMAL = {
+    "study": {"name": "minimal", "seed": 3},
+    "centers": "config/centers.tsv",
+    "pseudonymisation": {"key_file": "secrets/key.tsv"},
+    "ingest": {"channels": {"CT": {}}, "labels": {"liver": 1, "tumour": 2}},
+    "clinical": {"id_column": "id", "variables": ["age"],
+                 "endpoints": {"binary": {"column": "y"}, "survival": {"time": "t", "event": "e"}}},
+}
+
+
+def test_the_schema_holds_the_only_defaults_and_every_stage_accepts_them():
+    """The schema's defaults make a complete config: the stages' settings take its sections unchanged (no
+    default of their own), a section validated alone gets the same defaults, and every stage accepts them."""
+    import numpy as np
+    import pandas as pd
+
+    from radstudy.config import settings
+    from radstudy.ingest.dicomio import validate_selector
+    from radstudy.statistics.design import assign_cohorts
+    from radstudy.statistics.models import statistics_settings
+    from radstudy.statistics.selection import build_selector, selection_settings
+
+    config = validate_config(copy.deepcopy(MINIMAL))
+    schema = yaml.safe_load((REPO / "workflow" / "radstudy" / "schemas" / "config.schema.yaml").read_text())
+    with_defaults = [name for name, sub in schema["properties"].items() if "default" in sub]
+    assert {"design", "harmonization", "selection", "models", "evaluation", "features"} <= set(with_defaults)
+    for name in with_defaults:
+        assert settings(name) == config[name] == settings(name, config[name])
+    assert validate_selector({}) == dict(config["ingest"]["channels"]["CT"], description=None)
+
+    stats = statistics_settings(config)
+    for name in ("design", "harmonization", "selection"):
+        assert stats[name] == config[name]
+    models = copy.deepcopy(config["models"])
+    models["clinical"]["variables"] = config["clinical"]["variables"]  # null: the clinical variables
+    assert stats["models"] == models
+    assert selection_settings(config) == selection_settings(config["selection"]) == config["selection"]
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(40, 3)), columns=["a", "b", "c"])
+    y = (X["a"] + rng.normal(size=40) > 0).astype(int).to_numpy()
+    for endpoint in ("binary", "survival"):
+        assert build_selector(config, endpoint).get_params()["lasso__rule"] == config["selection"]["lasso"]["rule"]
+    build_selector(config, "binary").fit(X, y)
+    patients = pd.DataFrame({"patient": [f"C1-{i:04d}" for i in range(40)], "center": "C1", "role": "development",
+                             "y": y})
+    cohorts = assign_cohorts(patients, config["design"], config["study"]["seed"], outcome="y")
+    assert set(cohorts["cohort"]) == {"training", "validation"}
+
+
+@pytest.mark.parametrize("section, value, expected", [
+    ("design", {"type": "bootstrap"}, "design.type"),
+    ("selection", {"lasoo": {}}, "lasoo"),
+    ("harmonization", {"external": "all"}, "harmonization.external"),
+    ("models", {"fit": ["texture"]}, "models.fit.0"),
+    ("ingest.channels.*", {"choose": "largest"}, "ingest.channels.*.choose"),
+])
+def test_a_part_of_a_config_is_checked_against_the_schema(section, value, expected):
+    from radstudy.config import settings
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        settings(section, value)

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from radstudy.errors import ConfigError
 from radstudy.statistics.design import assign_cohorts, primary_split, split_names
 
 
@@ -134,9 +135,9 @@ def test_stratify_by_center_only_and_outcome_column_inference():
 
 def test_invalid_designs_are_refused():
     pts = _patients()
-    with pytest.raises(ValueError, match="design.type"):
+    with pytest.raises(ConfigError, match="design.type"):
         assign_cohorts(pts, {"type": "bootstrap"}, 0, outcome="y")
-    with pytest.raises(ValueError, match="validation_fraction"):
+    with pytest.raises(ConfigError, match="validation_fraction"):
         assign_cohorts(pts, {"holdout": {"validation_fraction": 1.2}}, 0, outcome="y")
     with pytest.raises(ValueError, match="no development patients"):
         assign_cohorts(pts[pts["role"] == "external"], {}, 0, outcome="y")

@@ -2,16 +2,15 @@
 
 import copy
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from lifelines import CoxPHFitter
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from radstudy.errors import ConfigError
 from radstudy.statistics.design import assign_cohorts
 from radstudy.statistics.models import (
     ClinicalEncoder,
@@ -37,7 +36,6 @@ CONFIG = {
     "models": {"clinical": {"log_transform": ["cea", "afp"], "ordinal": {"t_stage": ["T1", "T2", "T3", "T4"]}}},
     "selection": {"lasso": {"n_penalties": 25}},  # a coarser penalty grid keeps the tests fast
 }
-SCHEMAS = Path(__file__).resolve().parents[2] / "workflow" / "radstudy" / "schemas"
 
 
 def make_study(n=(70, 70, 70, 60, 60), roles=("development",) * 3 + ("external",) * 2, seed=0,
@@ -397,20 +395,6 @@ def test_kfold_design_and_missing_deep_features(study, tmp_path):
     assert model.split == "final" and "radscore" in model.predictors
 
 
-def test_schema_defaults_are_the_module_defaults():
-    """The config schema fills in the defaults the code uses."""
-    from radstudy.config import _with_defaults
-    from radstudy.statistics.design import DEFAULTS as DESIGN
-    from radstudy.statistics.models import HARMONIZATION_DEFAULTS, MODELS_DEFAULTS
-    from radstudy.statistics.selection import DEFAULTS as SELECTION
-
-    sections = yaml.safe_load((SCHEMAS / "config.schema.yaml").read_text())["properties"]
-    filled = _with_defaults({}, {"type": "object", "properties": {k: sections[k] for k in
-                                                                  ("design", "harmonization", "selection", "models")}})
-    assert filled == {"design": DESIGN, "harmonization": HARMONIZATION_DEFAULTS, "selection": SELECTION,
-                      "models": MODELS_DEFAULTS}
-
-
 def test_combined_model_takes_only_the_configured_scores(study, tmp_path):
     feats, clin, pts, _ = study
     cfg = _config(endpoints=["binary"], models={"combined_scores": ["radiomic"]})
@@ -418,7 +402,7 @@ def test_combined_model_takes_only_the_configured_scores(study, tmp_path):
     combined = load_model(tmp_path / "binary" / "combined.joblib")
     assert "radscore" in combined.predictors and "deepscore" not in combined.predictors
     assert (tmp_path / "binary" / "deep.joblib").exists()  # the deep model itself is still fitted
-    with pytest.raises(ValueError, match="combined_scores"):
+    with pytest.raises(ConfigError, match="combined_scores"):
         run_statistics(feats, clin, pts, _config(models={"combined_scores": ["texture"]}), tmp_path / "bad")
 
 

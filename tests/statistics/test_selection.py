@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 from sksurv.util import Surv
 
+from radstudy.errors import ConfigError
 from radstudy.statistics.selection import (
     LassoSelector,
     SelectionPipeline,
@@ -197,7 +198,7 @@ def test_chain_survives_when_nothing_passes_the_univariate_filter():
 
 
 def test_build_selector_validates_config_and_endpoint():
-    with pytest.raises(ValueError, match="unknown selection key"):
+    with pytest.raises(ConfigError, match="lasoo"):
         build_selector({"selection": {"lasoo": {}}}, "binary")
     with pytest.raises(ValueError, match="endpoint"):
         build_selector({}, "ordinal")

@@ -7,6 +7,7 @@ wrong key or row is reported once, before any work, with the key path or row tha
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from radstudy.errors import ConfigError
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
+@functools.cache
 def _schema(name: str) -> dict:
     return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
 
@@ -41,8 +43,8 @@ def _with_defaults(value: Any, schema: dict) -> Any:
     return value
 
 
-def _format_error(error: jsonschema.ValidationError) -> str:
-    path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+def _format_error(error: jsonschema.ValidationError, section: str | None = None) -> str:
+    path = ".".join(([section] if section else []) + [str(p) for p in error.absolute_path]) or "(top level)"
     if error.validator == "additionalProperties":
         return f"{path}: {error.message} (allowed keys: {', '.join(sorted(error.schema.get('properties', {})))})"
     return f"{path}: {error.message}"
@@ -91,6 +93,29 @@ def _check_deep_features(config: dict, source: str) -> None:
     if deep["region"] not in labels:
         raise ConfigError(f"{source}: features.deep.region: {deep['region']!r} is not a label of ingest.labels "
                           f"({', '.join(labels) or 'none'})")
+
+
+def section_schema(section: str) -> dict:
+    """The schema of one part of the config: a dotted path of keys, `*` for any key of a map
+    (e.g. "design", "selection.lasso", "ingest.channels.*")."""
+    schema = _schema("config")
+    for key in section.split("."):
+        schema = schema["additionalProperties"] if key == "*" else schema["properties"][key]
+    return schema
+
+
+def settings(section: str, value: dict | None = None) -> dict:
+    """One part of the config (see `section_schema`) validated against the schema, with the schema's defaults
+    filled in: the one source of defaults and allowed values for code that is given a part of a config (a
+    library call, a unit test). A part of a validated config comes back unchanged. ConfigError names every bad key.
+    """
+    schema = section_schema(section)
+    value = {} if value is None else value
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = "\n  ".join(_format_error(e, section) for e in errors)
+        raise ConfigError(f"{section} is invalid:\n  {lines}")
+    return _with_defaults(copy.deepcopy(value), schema)
 
 
 def load_config(path: str | Path) -> dict:

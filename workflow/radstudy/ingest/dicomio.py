@@ -26,6 +26,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from radstudy.config import settings
 from radstudy.errors import (
     AMBIGUOUS_SERIES,
     GEOMETRY_GAP,
@@ -60,15 +61,6 @@ DUPLICATE_POSITION_MM = 1e-2  # two slices closer than this occupy the same posi
 # A slice may sit at most this fraction of a pixel off the line through the first slice along the
 # normal: beyond it, stacking the slices orthogonally would misplace voxels (gantry tilt).
 TILT_TOLERANCE_PIXELS = 0.1
-
-SELECTOR_DEFAULTS = {
-    "modality": "CT",
-    "description": None,
-    "exclude_image_type": ["LOCALIZER"],
-    "min_slices": 10,
-    "choose": "most_slices",
-}
-CHOOSE_RULES = ("most_slices", "first", "error")
 
 INT16_MIN, INT16_MAX = -32768, 32767
 
@@ -322,28 +314,20 @@ def _series_order(series: Series):
 
 
 def validate_selector(selector: dict | None) -> dict:
-    """The selector with defaults filled in; ConfigError on unknown keys or bad values."""
-    selector = dict(selector or {})
-    unknown = set(selector) - set(SELECTOR_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"series selector: unknown key(s) {sorted(unknown)}; allowed: {sorted(SELECTOR_DEFAULTS)}")
-    merged = {**SELECTOR_DEFAULTS, **selector}
-    if merged["choose"] not in CHOOSE_RULES:
-        raise ConfigError(f"series selector: choose must be one of {CHOOSE_RULES}, not {merged['choose']!r}")
-    if merged["description"] is not None:
+    """The selector (an `ingest.channels` entry of the config) with the schema's defaults filled in;
+    ConfigError on unknown keys or bad values."""
+    rules = settings("ingest.channels.*", selector)
+    rules.setdefault("description", None)
+    if rules["description"] is not None:
         try:
-            re.compile(merged["description"])
+            re.compile(rules["description"])
         except re.error as error:
             raise ConfigError(f"series selector: description is not a valid regex: {error}") from None
-    if isinstance(merged["exclude_image_type"], str):
-        merged["exclude_image_type"] = [merged["exclude_image_type"]]
-    if not isinstance(merged["min_slices"], int) or merged["min_slices"] < 1:
-        raise ConfigError(f"series selector: min_slices must be an integer >= 1, not {merged['min_slices']!r}")
-    return merged
+    return rules
 
 
 def select_series(series: list[Series], selector: dict, *, patient: str) -> Series:
-    """The one image series that `selector` picks (see SELECTOR_DEFAULTS for the keys).
+    """The one image series that `selector` picks (an `ingest.channels` entry: see the config schema for the keys).
 
     Files whose ImageType contains an excluded value are dropped file by file, since some scanners
     store the localizer inside the axial series. Then series are kept when they have pixel data and

@@ -29,34 +29,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-DESIGNS = ("holdout", "kfold", "repeated")
+from radstudy.config import settings
+
 COHORTS = ("training", "validation", "test")
 FINAL_SPLIT = "final"
-
-DEFAULTS = {
-    "type": "holdout",
-    "stratify": ["outcome", "center"],
-    "stratify_endpoint": "binary",
-    "holdout": {"validation_fraction": 0.3},
-    "kfold": {"folds": 5, "final_refit": True},
-    "repeated": {"repeats": 10, "validation_fraction": 0.2, "final_refit": True},
-}
-
-
-def design_settings(design: dict | None) -> dict:
-    """The design section with defaults filled in (the schema's defaults, for use without Snakemake)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
-    for key, value in (design or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key].update(value)
-        else:
-            out[key] = value
-    if out["type"] not in DESIGNS:
-        raise ValueError(f"design.type must be one of {DESIGNS}, not {out['type']!r}")
-    unknown = set(out["stratify"]) - {"outcome", "center"}
-    if unknown:
-        raise ValueError(f"design.stratify may list 'outcome' and 'center' only, not {sorted(unknown)}")
-    return out
 
 
 def assign_cohorts(
@@ -71,7 +47,7 @@ def assign_cohorts(
     (none: stratify by center only).
     Returns columns split, patient, center, cohort (one row per patient per split).
     """
-    cfg = design_settings(design)
+    cfg = settings("design", design)
     table = _check_patients(patients)
     outcome = _outcome_column(table, outcome)
     # sorted by patient: the assignment depends on the seed and the patients, not on the row order
@@ -86,7 +62,7 @@ def assign_cohorts(
     splits: list[tuple[str, np.ndarray]] = []  # (name, validation mask over dev)
     kind = cfg["type"]
     if kind == "holdout":
-        frac = _fraction(cfg["holdout"]["validation_fraction"], "holdout.validation_fraction")
+        frac = cfg["holdout"]["validation_fraction"]
         splits.append(("holdout", _systematic_sample(strata, frac, rng)))
     elif kind == "kfold":
         k = int(cfg["kfold"]["folds"])
@@ -96,9 +72,7 @@ def assign_cohorts(
         splits += [(f"fold{i + 1}", fold == i) for i in range(k)]
     else:
         r = int(cfg["repeated"]["repeats"])
-        if r < 1:
-            raise ValueError(f"design.repeated.repeats must be >= 1, got {r}")
-        frac = _fraction(cfg["repeated"]["validation_fraction"], "repeated.validation_fraction")
+        frac = cfg["repeated"]["validation_fraction"]
         width = max(2, len(str(r)))
         splits += [(f"repeat{i + 1:0{width}d}", _systematic_sample(strata, frac, rng)) for i in range(r)]
     if kind != "holdout" and cfg[kind].get("final_refit", True):
@@ -202,8 +176,3 @@ def _systematic_folds(strata: np.ndarray, k: int, rng: np.random.Generator) -> n
     return rng.permutation(k)[fold]
 
 
-def _fraction(value, name: str) -> float:
-    value = float(value)
-    if not 0 < value < 1:
-        raise ValueError(f"design.{name} must be between 0 and 1 (exclusive), got {value}")
-    return value

@@ -49,10 +49,11 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 
 from radstudy import __version__
-from radstudy.statistics.design import assign_cohorts, design_settings, primary_split, split_names
+from radstudy.config import settings
+from radstudy.statistics.design import assign_cohorts, primary_split, split_names
 from radstudy.statistics.harmonize import ComBat
 from radstudy.statistics.robustness import FLAG_COLUMNS, ID_COLUMNS, icc_table, robust_features
-from radstudy.statistics.selection import build_selector, make_survival, read_robust_features, selection_settings, selection_summary
+from radstudy.statistics.selection import build_selector, make_survival, read_robust_features, selection_summary
 from radstudy.tables import read_table
 
 log = logging.getLogger(__name__)
@@ -63,49 +64,8 @@ FEATURE_SETS = ("radiomic", "deep")
 SCORE_OF = {"radiomic": "radscore", "deep": "deepscore"}
 DEEP_TAG = "_deep_"
 
-HARMONIZATION_DEFAULTS = {
-    "method": "combat",
-    "feature_sets": ["radiomic", "deep"],
-    "covariates": [],
-    "external": "unseen",
-    "parametric": True,
-    "eb": True,
-    "mean_only": False,
-    "min_batch_size": 2,
-    "small_batch": "error",
-}
-MODELS_DEFAULTS = {
-    "fit": list(MODELS),
-    "combined_scores": list(FEATURE_SETS),
-    "clinical": {
-        "variables": None,
-        "categorical": [],
-        "ordinal": {},
-        "log_transform": [],
-        "screening_alpha": 0.05,
-        "retain": "ci_excludes_1",
-        "ci_level": 0.95,
-        "min_variables": 1,
-    },
-    "survival": {"horizon": 36.0},
-    "save_split_models": False,
-    "n_jobs": 1,
-}
-
 
 # ===================================================================================== settings
-def _merge(defaults: dict, given: dict | None, section: str) -> dict:
-    out = copy.deepcopy(defaults)
-    for key, value in (given or {}).items():
-        if key not in out:
-            raise ValueError(f"unknown key {section}.{key} (known: {sorted(out)})")
-        if isinstance(out[key], dict) and isinstance(value, dict) and key != "ordinal":
-            out[key] = _merge(out[key], value, f"{section}.{key}")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def endpoint_spec(config: dict) -> dict[str, dict]:
     """{'binary': {'column': ...}, 'survival': {'time': ..., 'event': ...}} as configured."""
     endpoints = config.get("clinical", {}).get("endpoints", {})
@@ -120,36 +80,20 @@ def outcome_columns(config: dict) -> list[str]:
 
 
 def statistics_settings(config: dict) -> dict:
-    """design / harmonization / selection / models sections with defaults, validated (ValueError).
+    """design / harmonization / selection / models sections validated, with the schema's defaults (ConfigError).
 
     Refuses ComBat covariates that are outcome columns: harmonising with the outcome builds the training
     features from the labels (label leakage)."""
     out = {
-        "design": design_settings(config.get("design")),
-        "harmonization": _merge(HARMONIZATION_DEFAULTS, config.get("harmonization"), "harmonization"),
-        "selection": selection_settings(config.get("selection") or {}),
-        "models": _merge(MODELS_DEFAULTS, config.get("models"), "models"),
+        "design": settings("design", config.get("design")),
+        "harmonization": settings("harmonization", config.get("harmonization")),
+        "selection": settings("selection", config.get("selection")),
+        "models": settings("models", config.get("models")),
         "endpoints": endpoint_spec(config),
         "seed": int(config.get("study", {}).get("seed", 0)),
     }
     h, m = out["harmonization"], out["models"]
     check_covariates(h["covariates"], outcome_columns(config))
-    if h["method"] not in ("combat", "none"):
-        raise ValueError(f"harmonization.method must be 'combat' or 'none', not {h['method']!r}")
-    if h["external"] not in ("unseen", "none"):
-        raise ValueError(f"harmonization.external must be 'unseen' or 'none', not {h['external']!r}")
-    bad = set(h["feature_sets"]) - set(FEATURE_SETS)
-    if bad:
-        raise ValueError(f"harmonization.feature_sets: unknown {sorted(bad)} (known: {FEATURE_SETS})")
-    bad = set(m["fit"]) - set(MODELS)
-    if bad:
-        raise ValueError(f"models.fit: unknown model(s) {sorted(bad)} (known: {MODELS})")
-    bad = set(m["combined_scores"]) - set(FEATURE_SETS)
-    if bad:
-        raise ValueError(f"models.combined_scores: unknown {sorted(bad)} (known: {FEATURE_SETS})")
-    if m["clinical"]["retain"] not in ("all", "ci_excludes_1", "backward"):
-        raise ValueError("models.clinical.retain must be all | ci_excludes_1 | backward, "
-                         f"not {m['clinical']['retain']!r}")
     if m["clinical"]["variables"] is None:
         m["clinical"]["variables"] = list(config.get("clinical", {}).get("variables", []))
     leaked = set(m["clinical"]["variables"]) & set(outcome_columns(config))
@@ -223,8 +167,8 @@ class Harmonizer(BaseEstimator):
         self.n_patients_ = pd.Series(centers).value_counts().to_dict()
         if self.method == "combat":
             cov = self._covariates(clinical, fit=True)
-            settings = dict(HARMONIZATION_DEFAULTS, **(self.combat or {}))
-            params = {k: settings[k] for k in ("parametric", "eb", "mean_only", "min_batch_size", "small_batch")}
+            combat = settings("harmonization", self.combat)
+            params = {k: combat[k] for k in ("parametric", "eb", "mean_only", "min_batch_size", "small_batch")}
             self.combat_ = ComBat(**params).fit(Xi, centers, cov)
         return self
 

@@ -37,25 +37,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from radstudy.concordance import auc as roc_auc
 from radstudy.concordance import harrell_c
+from radstudy.config import section_schema, settings
 from radstudy.survival import univariable_cox
 
 ENDPOINTS = ("binary", "survival")
-
-DEFAULTS = {
-    "robustness": {"file": None, "icc_min": 0.75},
-    "near_zero_variance": {"freq_ratio": 19.0, "unique_percent": 10.0},
-    "univariate": {"alpha": 0.05, "correction": "none", "fallback_top_k": 10, "max_features": None},
-    "redundancy": {"threshold": 0.9},
-    "lasso": {
-        "rule": "min",
-        "cv_folds": 5,
-        "n_penalties": 50,
-        "penalty_min_ratio": 0.01,
-        "binary_scoring": "deviance",
-        "max_features": None,
-        "cv_scope": "chain",
-    },
-}
 
 
 # ------------------------------------------------------------------------------------ outcome
@@ -556,20 +541,16 @@ class LassoSelector(_ColumnSelector):
 
 # ---------------------------------------------------------------------------------- builder
 def selection_settings(config: dict | None) -> dict:
-    """The `selection` section (given the whole study config or the section itself) with defaults filled in."""
+    """The `selection` section (given the whole study config or the section itself), validated, with the
+    schema's defaults filled in."""
     config = config or {}
     if "selection" in config:  # the whole study config
-        section = config["selection"] or {}
-    elif set(config) <= set(DEFAULTS):  # the section itself
+        section = config["selection"]
+    elif set(config) <= set(section_schema("selection")["properties"]):  # the section itself
         section = config
     else:  # a study config without a selection section
-        section = {}
-    out = {k: dict(v) for k, v in DEFAULTS.items()}
-    for key, value in (section or {}).items():
-        if key not in out:
-            raise ValueError(f"unknown selection key {key!r} (known: {sorted(out)})")
-        out[key].update(value or {})
-    return out
+        section = None
+    return settings("selection", section)
 
 
 def read_robust_features(path: str | Path, icc_min: float = 0.75) -> tuple[list[str], list[str]]:
