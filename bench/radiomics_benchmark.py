@@ -85,8 +85,8 @@ def main():
     from radstudy.logs import setup
     setup(log)
     t1 = time.perf_counter()
-    row = features_stage.patient_radiomics(load_study(yaml.safe_load(open(config_file))), center, patient, ingest_root,
-                                           segmentation_root, out)
+    row = features_stage.patient_radiomics(load_study(yaml.safe_load(open(config_file))), center, patient,
+                                           f"{ingest_root}/{center}/{patient}", f"{segmentation_root}/{center}", out)
     json.dump({"import_s": t1 - T0, "call_s": time.perf_counter() - t1, "vmhwm_mb": vmhwm_mb(),
                "columns": int(row.shape[1]), "nan": int(row.isna().sum().sum())}, open(result, "w"))
 

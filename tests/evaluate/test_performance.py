@@ -224,25 +224,37 @@ def _flow(rows):
     return pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
 
 
-def test_report_says_which_center_was_added_and_keeps_a_history(tmp_path):
-    from radstudy.report.html import study_changes
+def test_report_says_what_changed_since_the_baseline_from_declared_files_only(tmp_path):
+    """The baseline (the first report's centers, a declared file) against this report's patient flow; the report
+    itself keeps no state and reads no clock: the same inputs give the same bytes."""
+    from radstudy.report.html import study_changes, write_baseline
 
-    history = tmp_path / "history.tsv"
     two = _flow([["C1", "development", 8, 7, 1], ["C2", "development", 8, 8, 0]])
-    changes, _ = study_changes(two, history, "2026-01-01 10:00:00 UTC")
-    assert changes == ["First report of this study: 2 center(s), 15 patient(s) included."]
-    changes, hist = study_changes(two, history, "2026-01-02 10:00:00 UTC")  # a rerun for other reasons
-    assert changes[0].startswith("Centers and patient counts unchanged since the previous report (2026-01-01")
-    assert hist["reported"].nunique() == 1  # nothing appended
+    two.to_csv(tmp_path / "flow.tsv", sep="\t", index=False)
+    baseline = write_baseline(tmp_path / "flow.tsv", tmp_path / "baseline.tsv")
+    assert pd.read_csv(tmp_path / "baseline.tsv", sep="\t").equals(baseline)
+    assert study_changes(two, None) == []
+    assert study_changes(two, baseline) == ["Same centers and patient counts as at the study's first report "
+                                            "(baseline.tsv): 2 center(s), 15 patient(s) included."]
     three = _flow([["C1", "development", 8, 7, 1], ["C2", "external", 8, 8, 0], ["C3", "external", 6, 5, 1]])
-    changes, hist = study_changes(three, history, "2026-01-03 10:00:00 UTC")
-    assert changes[0] == "Changes since the previous report (2026-01-01 10:00:00 UTC):"
+    changes = study_changes(three, baseline)
+    assert changes[0] == "Changes since the study's first report (baseline.tsv):"
     assert "Center C3 added as an external test center: 6 patient(s) delivered, 5 included." in changes
     assert "Center C2 changed role: development -> external." in changes
-    assert hist["reported"].nunique() == 2 and set(hist["center"]) == {"C1", "C2", "C3"}
-    changes, _ = study_changes(_flow([["C1", "development", 9, 8, 1]]), history, "2026-01-04 10:00:00 UTC")
+    changes = study_changes(_flow([["C1", "development", 9, 8, 1]]), baseline)
     assert "Center C1: delivered patients 8 -> 9." in changes
-    assert any(c.startswith("Center C3 (external) is no longer in the study") for c in changes)
+    assert any(c.startswith("Center C2 (development) is no longer in the study") for c in changes)
+
+    three.to_csv(tmp_path / "flow3.tsv", sep="\t", index=False)
+    runs = []
+    for _ in range(2):  # the same inputs twice: the same files, byte for byte
+        write_report(tmp_path / "ev", tmp_path / "report.html", flow_tsv=tmp_path / "flow3.tsv",
+                     baseline_tsv=tmp_path / "baseline.tsv")
+        runs.append({p: p.read_bytes() for p in [tmp_path / "report.html", *(tmp_path / "ev").rglob("*")]
+                     if p.is_file()})
+    assert runs[0] == runs[1] and len(runs[0]) > 2  # report, patient_flow.csv, study_history.csv, figures
+    assert b"Center C3 added as an external test center" in runs[0][tmp_path / "report.html"]
+    assert not list(tmp_path.glob("**/history.tsv"))
 
 
 def test_nomogram_draws_one_axis_per_categorical_variable():

@@ -3,6 +3,7 @@ import pandas as pd
 
 from radstudy.features import stage as features_stage
 from radstudy.segment import stage as segmentation_stage
+from radstudy.statistics.models import fitted_models
 from radstudy.config import load_study
 from radstudy.errors import ConfigError
 
@@ -16,10 +17,9 @@ DEMO = STUDY.config.get("demo", {}).get("enabled", False)
 SEG = STUDY.config["segmentation"]
 NNUNET = SEG["work_dir"]
 NNUNET_DATASET = segmentation_stage.dataset_name(STUDY)
-NNUNET_MODEL = str(
-    SEG["model_folder"]
-    or segmentation_stage.trained_model_folder(STUDY, f"{NNUNET}/results")
-)
+# where nnunet_train puts the model; the model used: the one given in the config, else that one
+TRAINED_MODEL = str(segmentation_stage.trained_model_folder(STUDY, f"{NNUNET}/results"))
+NNUNET_MODEL = str(SEG["model_folder"] or TRAINED_MODEL)
 DEEP = STUDY.config["features"]["deep"]
 # Frozen once nnU-Net's dataset is built: a center added later is not trained on (segmentation.retrain_on_new_centers)
 try:
@@ -48,25 +48,32 @@ def center_clinical_table(wildcards):
     return center_input(wildcards.center, "clinical")
 
 
-def center_patients(wildcards):
-    """Pseudonyms of the center's delivered patients (known once discovery of the center has run)."""
-    table = checkpoints.discover.get(center=wildcards.center).output[0]
-    return pd.read_csv(table, sep="\t", dtype=str)["patient"].tolist()
+def ingest_dirs_of(center):
+    """Ingest folders of a center's delivered patients (known once discovery of the center has run)."""
+    table = checkpoints.discover.get(center=center).output[0]
+    patients = pd.read_csv(table, sep="\t", dtype=str)["patient"].tolist()
+    return expand("results/ingest/{center}/{patient}", center=center, patient=patients)
 
 
 def center_ingest_dirs(wildcards):
-    return expand(
-        "results/ingest/{center}/{patient}",
-        center=wildcards.center,
-        patient=center_patients(wildcards),
-    )
+    return ingest_dirs_of(wildcards.center)
+
+
+def train_ingest_dirs(wildcards):
+    """Ingest folders of the patients of the centers nnU-Net is trained on."""
+    return [d for center in SEGMENTATION_TRAIN_CENTERS for d in ingest_dirs_of(center)]
+
+
+def all_ingest_dirs(wildcards):
+    """Ingest folders of every center's patients."""
+    return [d for center in CENTERS for d in ingest_dirs_of(center)]
 
 
 def segmentation_model(wildcards):
     """The trained checkpoint (built by nnunet_train), or the model folder given in the config."""
     if SEG["model_folder"]:
         return SEG["model_folder"]
-    return f"{NNUNET_MODEL}/fold_all/checkpoint_final.pth"
+    return f"{TRAINED_MODEL}/fold_all/checkpoint_final.pth"
 
 
 def segmented_rows(pattern):
@@ -120,10 +127,31 @@ def deep_ingest_dirs(wildcards):
 
 
 def deep_tables(kind):
-    """Every center's deep-feature table (kind "parquet") or issues ("issues.tsv"); none when disabled."""
+    """Every center's deep-feature table (kind "parquet"), issues ("issues.tsv") or extractor settings
+    ("meta.json"); none when disabled."""
     if not DEEP["enabled"]:
         return []
     return expand("results/features/deep/{center}.{kind}", center=CENTERS, kind=kind)
+
+
+# The models the statistics stage fits and saves, as the config says (endpoints x models.fit; deep with deep
+# features): one declared file each, so that deleting one reruns the stage and what depends on it.
+FITTED_MODELS = fitted_models(STUDY.config)
+MODEL_FILES = [
+    f"results/models/{endpoint}/{model}.joblib" for endpoint, model in FITTED_MODELS
+]
+# every split's models too (models.save_split_models): the splits follow the design, so one folder
+SPLIT_MODELS = (
+    [directory("results/models/splits")]
+    if STUDY.config.get("models", {}).get("save_split_models")
+    else []
+)
+# the combined model per endpoint: SHAP and the nomogram of the report
+EXPLAINED_MODELS = {
+    endpoint: f"results/models/{endpoint}/{model}.joblib"
+    for endpoint, model in FITTED_MODELS
+    if model == "combined"
+}
 
 
 def study_targets():

@@ -12,8 +12,14 @@ rule statistics:
         predictions="results/models/predictions.tsv",
         cohorts="results/models/cohorts.tsv",
         coefficients="results/models/coefficients.tsv",
-        selected="results/models/selected_features.tsv",
+        selected_features="results/models/selected_features.tsv",
+        selection_summary="results/models/selection_summary.tsv",
         clinical_model="results/models/clinical_model.tsv",
+        harmonization="results/models/harmonization.tsv",
+        robustness="results/models/robustness.tsv",
+        versions="results/models/versions.tsv",
+        models=MODEL_FILES,
+        split_models=SPLIT_MODELS,
     log:
         "results/logs/statistics.log",
     benchmark:
@@ -21,5 +27,7 @@ rule statistics:
     conda:
         "../../envs/statistics.yaml"
     threads: 2
+    params:
+        models=FITTED_MODELS,
     script:
         "../scripts/statistics.py"

@@ -9,6 +9,6 @@ from radstudy.logs import setup
 
 setup(snakemake.log[0])
 features_stage.deep_center(
-    load_study(snakemake.config), snakemake.wildcards.center, snakemake.input.segmentation, "results/ingest",
-    "results/segmentation", snakemake.params.model, snakemake.output.table, snakemake.output.issues,
+    load_study(snakemake.config), snakemake.wildcards.center, snakemake.input.segmentation, snakemake.input.ingest,
+    snakemake.params.model, snakemake.output.table, snakemake.output.issues, snakemake.output.meta,
 )

@@ -10,7 +10,9 @@ from radstudy.logs import setup
 setup(snakemake.log[0])
 i = snakemake.input
 evaluation_stage.run(
-    load_study(snakemake.config), predictions=i.predictions, models_dir=Path(i.predictions).parent,
-    features=i.features, clinical=i.clinical, patients=i.patients, flow=i.flow, dsc=i.dsc,
-    out_dir=Path(snakemake.output.report).parent,
+    load_study(snakemake.config), predictions=i.predictions, cohorts=i.cohorts, coefficients=i.coefficients,
+    model_tables=[i.selected_features, i.clinical_model, i.harmonization],
+    combined_models=dict(zip(snakemake.params.explained, i.models)), features=i.features, clinical=i.clinical,
+    patients=i.patients, flow=i.flow, dsc=i.dsc, baseline=i.baseline, out_html=snakemake.output.report,
+    out_dir=snakemake.output.evaluation,
 )

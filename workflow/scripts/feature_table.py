@@ -10,5 +10,6 @@ from radstudy.logs import setup
 setup(snakemake.log[0])
 features_stage.study_table(
     load_study(snakemake.config), snakemake.input.rows, snakemake.output.table, snakemake.output.qc,
-    deep_tables=snakemake.input.deep, deep_issues=snakemake.input.deep_issues,
+    out_meta=snakemake.output.meta, deep_tables=snakemake.input.deep, deep_issues=snakemake.input.deep_issues,
+    deep_meta=snakemake.input.deep_meta,
 )

@@ -10,7 +10,7 @@ from radstudy.logs import setup
 if __name__ == "__main__":  # nnU-Net's process pools re-import the main module
     setup(snakemake.log[0])
     segmentation_stage.build_dataset(
-        load_study(snakemake.config), snakemake.input.qc, "results/ingest", snakemake.output.raw.rsplit("/", 1)[0],
-        snakemake.output.split,
-        centers=[Path(qc).parent.name for qc in snakemake.input.qc],  # results/qc/{center}/patients.tsv
+        load_study(snakemake.config), snakemake.input.qc, snakemake.input.ingest,
+        Path(snakemake.output.raw).parent,  # nnU-Net's raw folder: the dataset folder is made inside it
+        snakemake.output.split, centers=snakemake.params.centers,
     )

@@ -9,6 +9,6 @@ from radstudy.logs import setup
 
 setup(snakemake.log[0])
 features_stage.patient_radiomics(
-    load_study(snakemake.config), snakemake.wildcards.center, snakemake.wildcards.patient, "results/ingest",
-    "results/segmentation", snakemake.output[0],
+    load_study(snakemake.config), snakemake.wildcards.center, snakemake.wildcards.patient, snakemake.input.ingest,
+    snakemake.input.segmentation, snakemake.output[0],
 )

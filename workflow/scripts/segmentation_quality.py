@@ -9,6 +9,6 @@ from radstudy.logs import setup
 
 setup(snakemake.log[0])
 segmentation_stage.evaluate_holdout(
-    load_study(snakemake.config), snakemake.input.split, "results/segmentation", "results/ingest",
-    snakemake.output.table, snakemake.output.figure,
+    load_study(snakemake.config), snakemake.input.split, snakemake.input.segmentations, snakemake.input.ingest,
+    snakemake.output.table, snakemake.output.png, snakemake.output.pdf,
 )

@@ -220,7 +220,7 @@ def save_figure(fig, out_dir: Path, name: str) -> Path:
         warnings.simplefilter("ignore", UserWarning)  # tight_layout's notice on colorbar axes (SHAP)
         fig.tight_layout()
     fig.savefig(fig_dir / f"{name}.png", dpi=150)
-    fig.savefig(fig_dir / f"{name}.pdf")
+    fig.savefig(fig_dir / f"{name}.pdf", metadata={"CreationDate": None})  # no clock: same figure, same bytes
     plt.close(fig)
     return fig_dir / f"{name}.png"
 

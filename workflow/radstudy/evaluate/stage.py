@@ -21,24 +21,26 @@ log = logging.getLogger(__name__)
 EXPLAINED_MODEL = "combined"
 
 
-def combined_model_tables(models_dir: Path, features, clinical, patients) -> tuple[pd.DataFrame, dict]:
+def combined_model_tables(coefficients_tsv, cohorts_tsv, combined_models: dict, features, clinical,
+                          patients) -> tuple[pd.DataFrame, dict, dict]:
     """Coefficients of the delivered combined models (evaluate's format: endpoint, model, feature, coefficient)
     and their design matrices (patient + predictors) for SHAP and the nomogram; per endpoint, the predictors that
-    enter as log(1 + x) (the nomogram draws their axes in the variable's own units)."""
-    coefficients = pd.read_csv(models_dir / "coefficients.tsv", sep="\t")
-    split = primary_split(pd.read_csv(models_dir / "cohorts.tsv", sep="\t"))
+    enter as log(1 + x) (the nomogram draws their axes in the variable's own units).
+    combined_models: {endpoint: path of its saved combined model}."""
+    coefficients = pd.read_csv(coefficients_tsv, sep="\t")
+    split = primary_split(pd.read_csv(cohorts_tsv, sep="\t"))
     coefficients = coefficients[(coefficients["split"] == split) & (coefficients["model"] == EXPLAINED_MODEL)]
     coefficients = coefficients.rename(columns={"term": "feature", "coef": "coefficient"})
     data = assemble(read_table(features), read_table(clinical), read_table(patients))
     designs, log1p = {}, {}
     for endpoint in coefficients["endpoint"].unique():
-        path = models_dir / endpoint / f"{EXPLAINED_MODEL}.joblib"
-        if path.exists():
-            model = load_model(path)
-            design = model.design(data)
-            design.insert(0, "patient", data["patient"].to_numpy())
-            designs[endpoint] = design
-            log1p[endpoint] = tuple(model.encoder.log_transform) if model.encoder is not None else ()
+        if endpoint not in combined_models:
+            continue
+        model = load_model(combined_models[endpoint])
+        design = model.design(data)
+        design.insert(0, "patient", data["patient"].to_numpy())
+        designs[endpoint] = design
+        log1p[endpoint] = tuple(model.encoder.log_transform) if model.encoder is not None else ()
     return coefficients[["endpoint", "model", "feature", "coefficient"]], designs, log1p
 
 
@@ -60,23 +62,28 @@ def design_text(study: Study) -> str:
     )
 
 
-def run(study: Study, *, predictions, models_dir, features, clinical, patients, flow, dsc, out_dir) -> Path:
+def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combined_models: dict, features,
+        clinical, patients, flow, dsc, baseline, out_html, out_dir) -> Path:
+    """Metrics, figures and the HTML report from the study's declared files: predictions, cohorts and
+    coefficients (statistics stage), model_tables (selected features, clinical model, harmonization: shown as
+    they are), combined_models ({endpoint: saved combined model}, for SHAP and the nomogram), features,
+    clinical, patients, flow (patient flow), dsc (segmentation quality), baseline (the patient flow of the study's
+    first report, `radstudy.report.html.write_baseline`). Every table and figure goes into out_dir (CSV, manifest.json,
+    figures/*.png|pdf), the report to out_html. A function of these inputs only: the same inputs give the same
+    bytes."""
     out_dir = Path(out_dir)
-    models_dir = Path(models_dir)
-    coefficients, designs, log1p = combined_model_tables(models_dir, features, clinical, patients)
-    linear_models = evaluate.load_linear_models(coefficients, designs, model=EXPLAINED_MODEL) if designs else []
+    table_coefficients, designs, log1p = combined_model_tables(coefficients, cohorts, combined_models, features,
+                                                               clinical, patients)
+    linear_models = evaluate.load_linear_models(table_coefficients, designs, model=EXPLAINED_MODEL) if designs else []
     for lm in linear_models:
         lm.log1p = log1p.get(lm.endpoint, ())
     cfg = study.config["evaluation"]
     evaluate.evaluate(read_table(predictions), out_dir, horizons_months=tuple(cfg["horizons_months"]),
                       n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models)
-    html = out_dir / "report.html"
-    report.write_report(
-        out_dir, html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,
-        clinical_tsv=clinical, cohorts_tsv=models_dir / "cohorts.tsv", dsc_tsv=dsc,
-        extra_tables=[models_dir / "selected_features.tsv", models_dir / "clinical_model.tsv",
-                      models_dir / "harmonization.tsv"],
-        coefficients_tsv=models_dir / "coefficients.tsv",
+    html = report.write_report(
+        out_dir, out_html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,
+        clinical_tsv=clinical, cohorts_tsv=cohorts, dsc_tsv=dsc, extra_tables=list(model_tables),
+        coefficients_tsv=coefficients, baseline_tsv=baseline,
     )
     log.info("report written to %s", html)
     return html

@@ -5,6 +5,10 @@
     results/features/qc.tsv                       per patient: included, or excluded with the reason
     results/features/deep/{center}.parquet        deep features of the center's patients (radstudy.features.deep)
     results/features/deep/{center}.issues.tsv     per patient and region: why deep features are NaN
+    results/features/deep/{center}.meta.json      the deep extractor's settings (backbone, model, device)
+
+Every function takes the folders and files it reads and writes (a patient's ingest folder, a center's
+segmentation folder): the results/ layout is written in the rules only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from radstudy.features import radiomics as features
 from radstudy.config import Study
 from radstudy.errors import FEATURE_EXTRACTION, REASONS
 from radstudy.ingest.patient import MASK_FILE, image_file
+from radstudy.ingest.stage import patient_folders
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +35,28 @@ def segmented_patients(segmentation_dir: str | Path) -> list[str]:
     return table.loc[table["status"] == "included", "patient"].tolist()
 
 
-def mask_for(study: Study, center: str, patient: str, ingest_root: Path, segmentation_root: Path) -> Path:
-    manual = ingest_root / center / patient / MASK_FILE
+def mask_for(study: Study, patient: str, ingest_dir: str | Path, segmentation_dir: str | Path) -> Path:
+    """The mask a patient's features come from: its manual mask (in its ingest folder) where the config says so
+    and one exists, else its automatic segmentation (in its center's segmentation folder)."""
+    manual = Path(ingest_dir) / MASK_FILE
     if study.config["segmentation"]["masks_for_features"] == "manual_where_available" and manual.exists():
         return manual
-    return segmentation_root / center / f"{patient}.nii.gz"
+    return Path(segmentation_dir) / f"{patient}.nii.gz"
 
 
-def _patient_inputs(study: Study, center: str, patient: str, ingest_root: str | Path,
-                    segmentation_root: str | Path) -> tuple[dict[str, Path], Path]:
+def _patient_inputs(study: Study, patient: str, ingest_dir: str | Path,
+                    segmentation_dir: str | Path) -> tuple[dict[str, Path], Path]:
     """The patient's channel images and the mask its features come from."""
-    folder = Path(ingest_root) / center / patient
-    images = {c: folder / image_file(c) for c in study.config["ingest"]["channels"]}
-    return images, mask_for(study, center, patient, Path(ingest_root), Path(segmentation_root))
+    images = {c: Path(ingest_dir) / image_file(c) for c in study.config["ingest"]["channels"]}
+    return images, mask_for(study, patient, ingest_dir, segmentation_dir)
 
 
-def patient_radiomics(study: Study, center: str, patient: str, ingest_root: str | Path, segmentation_root: str | Path,
+def patient_radiomics(study: Study, center: str, patient: str, ingest_dir: str | Path, segmentation_dir: str | Path,
                       out: str | Path) -> pd.DataFrame:
+    """Radiomics of one patient: ingest_dir is the patient's ingest folder, segmentation_dir its center's
+    segmentation folder."""
     cfg = study.config["features"]["radiomics"]
-    images, mask = _patient_inputs(study, center, patient, ingest_root, segmentation_root)
+    images, mask = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
     row, issues = features.extract_patient(
         images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=cfg["params"],
         derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region=cfg["on_bad_region"],
@@ -59,12 +67,12 @@ def patient_radiomics(study: Study, center: str, patient: str, ingest_root: str 
     return row
 
 
-def patient_perturbed(study: Study, center: str, patient: str, ingest_root: str | Path,
-                      segmentation_root: str | Path, out: str | Path) -> pd.DataFrame:
+def patient_perturbed(study: Study, center: str, patient: str, ingest_dir: str | Path,
+                      segmentation_dir: str | Path, out: str | Path) -> pd.DataFrame:
     """The patient's radiomics on its masks eroded / dilated (features.robustness): one row per perturbation,
     with a `perturbation` column; the ICC itself is computed by the statistics stage on training patients."""
     cfg, rob = study.config["features"]["radiomics"], study.config["features"]["robustness"]
-    images, mask = _patient_inputs(study, center, patient, ingest_root, segmentation_root)
+    images, mask = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
     params = features.load_params(cfg["params"])
     rows = []
     for how in rob["perturbations"]:
@@ -104,11 +112,13 @@ def deep_wants_gpu(study: Study) -> bool:
     return device == "cuda" or (device == "auto" and bool(study.config["segmentation"]["gpu"]))
 
 
-def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_root: str | Path,
-                segmentation_root: str | Path, model: str | Path, out_table: str | Path,
-                out_issues: str | Path) -> pd.DataFrame:
+def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_dirs: list[str | Path],
+                model: str | Path, out_table: str | Path, out_issues: str | Path,
+                out_meta: str | Path) -> pd.DataFrame:
     """Deep features of every patient of one center whose segmentation passed QC, with the backbone loaded once.
-    model: the nnU-Net model folder (backbone nnunet) or the checkpoint file (resnet3d / resnet2d)."""
+    segmentation_dir: the center's segmentation folder; ingest_dirs: its patients' ingest folders (at least those
+    whose segmentation passed QC); model: the nnU-Net model folder (backbone nnunet) or the checkpoint file
+    (resnet3d / resnet2d). Writes the table, the issues and the extractor's settings (out_meta, JSON)."""
     from radstudy.features import deep  # torch: only when deep features are computed
     from radstudy.segment.nnunet import _torch_threads
 
@@ -116,6 +126,7 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
     channels = list(study.config["ingest"]["channels"])
     label = int(study.config["ingest"]["labels"][cfg["region"]])
     patients = segmented_patients(segmentation_dir)
+    folders = patient_folders(ingest_dirs)
     threads = cfg["threads"]
     start = time.perf_counter()
     with _torch_threads(threads):
@@ -124,9 +135,7 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
                  len(patients))
         rows, issues = [], []
         for patient in patients:
-            folder = Path(ingest_root) / center / patient
-            images = {c: folder / image_file(c) for c in channels}
-            mask = mask_for(study, center, patient, Path(ingest_root), Path(segmentation_root))
+            images, mask = _patient_inputs(study, patient, folders[patient], segmentation_dir)
             row, found = deep.extract_patient(extractor, images, mask, patient=patient, center=center,
                                               region=cfg["region"], label=label, on_bad_region=cfg["on_bad_region"])
             rows.append(row)
@@ -139,7 +148,7 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
                               for c in [*features.ID_COLUMNS, *features.FLAG_COLUMNS, *names]})
     features.write_row(table, out_table)
     pd.DataFrame(issues, columns=ISSUE_COLUMNS).to_csv(out_issues, sep="\t", index=False)
-    Path(out_table).with_suffix(".meta.json").write_text(json.dumps(extractor.meta, indent=2, sort_keys=True) + "\n")
+    Path(out_meta).write_text(json.dumps(extractor.meta, indent=2, sort_keys=True) + "\n")
     elapsed = time.perf_counter() - start
     log.info("center %s: deep features of %d patient(s) in %.1f s (%d with NaN)", center, len(patients), elapsed,
              len({i["patient"] for i in issues}))
@@ -169,10 +178,15 @@ def _join_deep(table: pd.DataFrame, deep_tables: list[str | Path]) -> pd.DataFra
 
 
 def study_table(study: Study, rows: list[str | Path], out_table: str | Path, out_qc: str | Path,
-                deep_tables: list[str | Path] = (), deep_issues: list[str | Path] = ()) -> pd.DataFrame:
+                out_meta: str | Path | None = None, deep_tables: list[str | Path] = (),
+                deep_issues: list[str | Path] = (), deep_meta: list[str | Path] = ()) -> pd.DataFrame:
     """The study feature table: radiomics rows, joined with the deep features of the same patients when given.
-    qc.tsv: included / excluded per patient; `message` also carries the patient's deep-feature issues."""
+    qc.tsv: included / excluded per patient; `message` also carries the patient's deep-feature issues.
+    out_meta: the table's metadata (versions, parameters hash; default: <table stem>.meta.json beside it);
+    deep_meta: the centers' deep-extractor settings (deep_center's out_meta), the first one recorded in out_meta."""
     table, meta = features.write_study(rows, out_table, study.config["features"]["radiomics"]["params"])
+    if out_meta is not None and Path(out_meta) != meta:
+        meta = Path(meta).replace(out_meta)
     notes: dict[str, str] = {}
     if deep_tables:
         table = _join_deep(table, list(deep_tables))
@@ -181,8 +195,7 @@ def study_table(study: Study, rows: list[str | Path], out_table: str | Path, out
                            or [pd.DataFrame(columns=ISSUE_COLUMNS)], ignore_index=True)
         notes = issues.groupby("patient")["message"].agg("; ".join).to_dict()
         info = json.loads(meta.read_text())
-        sidecars = [Path(t).with_suffix(".meta.json") for t in deep_tables]
-        info["deep"] = json.loads(sidecars[0].read_text()) if sidecars and sidecars[0].exists() else {}
+        info["deep"] = json.loads(Path(deep_meta[0]).read_text()) if deep_meta else {}
         info["features"] = int(len(table.columns) - len(features.ID_COLUMNS) - len(features.FLAG_COLUMNS))
         meta.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     excluded = table["excluded"]

@@ -4,20 +4,17 @@ Sections: study design and patient flow, Table 1, segmentation quality, selected
 coefficients (any TSVs given), performance tables (from the evaluation's `manifest.json`), figures per
 endpoint and cohort, explanation (SHAP, nomogram), settings and software versions. Every table the report
 computes (Table 1, segmentation summary, flow) is also written as CSV and every figure as PNG + PDF into the
-evaluation folder. A missing optional input leaves its section with a sentence saying so.
-
-    radstudy report --evaluation results/evaluation --out results/evaluation/report.html \\
-        [--clinical results/clinical/clinical.tsv --flow results/qc/patient_flow.tsv --dsc ...]
+evaluation folder. A missing optional input leaves its section with a sentence saying so. The report is a
+function of its inputs: no clock, no state kept between reports; what changed since the study's first report
+comes from a declared baseline file (`write_baseline`). `radstudy evaluate` writes one from any predictions.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 import logging
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -254,9 +251,10 @@ def plot_flow(flow: pd.DataFrame, cohort_counts: dict, out_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 # --------------------------------------------------------------------------------------------------
-# Study history: which centers (role, patients) each report covered, and what changed since the last one
+# What changed: this report's centers against the study's baseline (its first report's patient flow)
 # --------------------------------------------------------------------------------------------------
-HISTORY_COLUMNS = ["reported", "center", "role", "delivered", "included", "excluded"]
+BASELINE_COLUMNS = ["center", "role", "delivered", "included", "excluded"]
+HISTORY_COLUMNS = ["reported", *BASELINE_COLUMNS]
 
 
 def center_rows(flow: pd.DataFrame) -> pd.DataFrame:
@@ -266,52 +264,54 @@ def center_rows(flow: pd.DataFrame) -> pd.DataFrame:
     for c in ("delivered", "included", "excluded"):
         rows[c] = pd.to_numeric(rows.get(c, 0), errors="coerce").fillna(0).astype(int)
     rows["role"] = rows.get("role", pd.Series("", index=rows.index)).fillna("").astype(str)
-    return rows[["center", "role", "delivered", "included", "excluded"]].reset_index(drop=True)
+    return rows[BASELINE_COLUMNS].reset_index(drop=True)
 
 
-def study_changes(flow: pd.DataFrame, history_tsv, now: str) -> tuple[list[str], pd.DataFrame]:
-    """Compare this report's centers with the previous report recorded in `history_tsv` (one row per center
-    and report; appended to here when anything changed). Returns (sentences, history table)."""
-    current = center_rows(flow)
-    path = Path(history_tsv)
-    history = pd.read_csv(path, sep="\t", dtype={"center": str}) if path.is_file() else \
-        pd.DataFrame(columns=HISTORY_COLUMNS)
-    if history.empty:
-        previous, when = None, None
-    else:
-        when = history["reported"].iloc[-1]
-        previous = history[history["reported"] == when].set_index("center")
+def write_baseline(flow_tsv, out_tsv) -> pd.DataFrame:
+    """The study's baseline: each center's role and patient counts from a patient-flow table. The workflow writes
+    it once, from the first run's patient flow (rule report_baseline), and every later report says what changed
+    since: a declared file, so the report stays a function of its inputs (delete it to start a new baseline)."""
+    rows = center_rows(_read(flow_tsv))
+    Path(out_tsv).parent.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out_tsv, sep="\t", index=False)
+    return rows
+
+
+def study_changes(flow: pd.DataFrame, baseline: pd.DataFrame | None) -> list[str]:
+    """Sentences saying what changed between the study's baseline (`write_baseline`: centers, roles, patient
+    counts of its first report) and this report's patient flow; [] without a baseline."""
+    if baseline is None:
+        return []
+    current = center_rows(flow).set_index("center")
+    previous = baseline.astype({"center": str}).set_index("center")
+    previous["role"] = previous["role"].fillna("").astype(str)
     changes = []
-    if previous is None:
-        changes.append(f"First report of this study: {len(current)} center(s), "
-                       f"{int(current['included'].sum())} patient(s) included.")
-    else:
-        cur = current.set_index("center")
-        for c in cur.index:
-            r = cur.loc[c]
-            if c not in previous.index:
-                role = "an external test center" if r["role"] == "external" else f"a {r['role']} center"
-                changes.append(f"Center {c} added as {role}: {r['delivered']} patient(s) delivered, "
-                               f"{r['included']} included.")
-                continue
-            p = previous.loc[c]
-            if str(p["role"]) != r["role"]:
-                changes.append(f"Center {c} changed role: {p['role']} -> {r['role']}.")
-            for k in ("delivered", "included"):
-                if int(p[k]) != int(r[k]):
-                    changes.append(f"Center {c}: {k} patients {int(p[k])} -> {int(r[k])}.")
-        for c in previous.index:
-            if c not in cur.index:
-                changes.append(f"Center {c} ({previous.loc[c, 'role']}) is no longer in the study.")
-    changed = previous is None or bool(changes)
-    if previous is not None:
-        changes.insert(0, f"Changes since the previous report ({when}):" if changed else
-                       f"Centers and patient counts unchanged since the previous report ({when}).")
-    if changed:
-        history = pd.concat([history, current.assign(reported=now)[HISTORY_COLUMNS]], ignore_index=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        history.to_csv(path, sep="\t", index=False)
-    return changes, history
+    for c in current.index:
+        r = current.loc[c]
+        if c not in previous.index:
+            role = "an external test center" if r["role"] == "external" else f"a {r['role']} center"
+            changes.append(f"Center {c} added as {role}: {r['delivered']} patient(s) delivered, "
+                           f"{r['included']} included.")
+            continue
+        p = previous.loc[c]
+        if str(p["role"]) != r["role"]:
+            changes.append(f"Center {c} changed role: {p['role']} -> {r['role']}.")
+        for k in ("delivered", "included"):
+            if int(p[k]) != int(r[k]):
+                changes.append(f"Center {c}: {k} patients {int(p[k])} -> {int(r[k])}.")
+    for c in previous.index:
+        if c not in current.index:
+            changes.append(f"Center {c} ({previous.loc[c, 'role']}) is no longer in the study.")
+    if not changes:
+        return [f"Same centers and patient counts as at the study's first report (baseline.tsv): {len(current)} "
+                f"center(s), {int(current['included'].sum())} patient(s) included."]
+    return ["Changes since the study's first report (baseline.tsv):", *changes]
+
+
+def study_history(flow: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """The baseline's centers and this report's, one row per center and report."""
+    return pd.concat([baseline.assign(reported="first report"), center_rows(flow).assign(reported="this report")],
+                     ignore_index=True)[HISTORY_COLUMNS]
 
 
 def _p_column(name: str) -> bool:
@@ -391,10 +391,12 @@ def _groups_for_table1(evaluation_dir: Path, cohorts_tsv) -> pd.Series | None:
 
 def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", design_text: str | None = None,
                  flow_tsv=None, clinical_tsv=None, cohorts_tsv=None, dsc_tsv=None, extra_tables=(),
-                 coefficients_tsv=None, table1_variables=None, table1_categorical=None) -> Path:
+                 coefficients_tsv=None, table1_variables=None, table1_categorical=None, baseline_tsv=None) -> Path:
     """Write the single-file HTML report of an evaluation folder (see module docstring).
 
     extra_tables: TSV/CSV paths (selected features, coefficients, ...) or {title: path}, shown as tables.
+    baseline_tsv: the study's baseline (`write_baseline`); the patient-flow section says what changed since.
+    A function of its inputs: no clock, no state kept between reports (same inputs, same bytes).
     """
     ev = Path(evaluation_dir)
     ev.mkdir(parents=True, exist_ok=True)
@@ -443,12 +445,15 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
                                    "included, cohorts of the first split).") + content
         except Exception as exc:  # a diagram must not cost the report; the table stays
             log.warning("patient-flow diagram not drawn: %s", exc)
-        changes, history = study_changes(flow, ev / "history.tsv", datetime.now(timezone.utc).strftime(
-            "%Y-%m-%d %H:%M:%S UTC"))
+        baseline = pd.read_csv(baseline_tsv, sep="\t", dtype={"center": str}, keep_default_na=False) \
+            if baseline_tsv else None
+        changes = study_changes(flow, baseline)
         content = "".join(f"<p>{html.escape(c)}</p>" for c in changes) + content
-        if history["reported"].nunique() > 1:
-            content += ('<h3>Study history</h3><p class="caption">Centers covered by each report that changed them '
-                        '(CSV: history.tsv)</p>' + html_table(history))
+        if len(changes) > 1:
+            history = study_history(flow, baseline)
+            history.to_csv(ev / "study_history.csv", index=False)
+            content += ('<h3>Study history</h3><p class="caption">Centers at the study\'s first report and at this '
+                        'one (CSV: study_history.csv)</p>' + html_table(history))
         section("flow", "Patient flow", content)
     else:
         section("flow", "Patient flow", _missing("No patient-flow table (results/qc/patient_flow.tsv) was provided."))
@@ -523,8 +528,7 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
                 (block + explain_tables) or _missing("No combined-model coefficients and design matrix were given: "
                                                      "no SHAP or nomogram."))
 
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section("software", "Software", f"<p>{html.escape(_versions())}</p><p class='note'>Generated {now}.</p>")
+    section("software", "Software", f"<p>{html.escape(_versions())}</p>")
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(study_name)}</title>"
            f"<style>{CSS}</style></head><body><h1>{html.escape(study_name)}: study report</h1>"
            f"<nav>{''.join(toc)}</nav>{''.join(body)}</body></html>")
@@ -532,28 +536,3 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
     out_html.parent.mkdir(parents=True, exist_ok=True)
     out_html.write_text(doc, encoding="utf-8")
     return out_html
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="single-file HTML report of an evaluation folder")
-    p.add_argument("--evaluation", required=True, help="evaluation folder (with manifest.json)")
-    p.add_argument("--out", required=True, help="HTML file")
-    p.add_argument("--study-name", default="radstudy")
-    p.add_argument("--design-text")
-    p.add_argument("--flow")
-    p.add_argument("--clinical")
-    p.add_argument("--cohorts")
-    p.add_argument("--dsc")
-    p.add_argument("--coefficients")
-    p.add_argument("--tables", nargs="*", default=[])
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    design_text = args.design_text
-    if design_text and Path(design_text).is_file():
-        design_text = Path(design_text).read_text()
-    write_report(args.evaluation, args.out, study_name=args.study_name, design_text=design_text, flow_tsv=args.flow,
-                 clinical_tsv=args.clinical, cohorts_tsv=args.cohorts, dsc_tsv=args.dsc, extra_tables=args.tables,
-                 coefficients_tsv=args.coefficients)
-    return 0

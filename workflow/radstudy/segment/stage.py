@@ -7,6 +7,9 @@ calls, and its results into the files the later stages and the report read:
     results/segmentation/{center}/{patient}.nii.gz automatic label map (post-processed) on the image grid
     results/segmentation/{center}/qc.tsv           per patient: volumes, QC flags, status
     results/segmentation/dsc.tsv (+ dsc.png/.pdf)  holdout patients: automatic vs manual, per region
+
+Every function takes the folders and files it reads and writes (patients' ingest folders, centers' segmentation
+folders): the results/ layout is written in the rules only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from radstudy.segment import nnunet as segment
 from radstudy.config import Study
 from radstudy.errors import REASONS, SEGMENTATION_QC, ConfigError
 from radstudy.ingest.patient import MASK_FILE, image_file, label_volumes
+from radstudy.ingest.stage import patient_folders
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +74,14 @@ def train_centers(study: Study, raw_dataset_dir: str | Path) -> list[str]:
     return [c for c in eligible if c in frozen]
 
 
-def _cases(study: Study, patients: pd.DataFrame, ingest_root: Path, with_mask: bool) -> list[dict]:
+def _cases(study: Study, patients: pd.DataFrame, folders: dict[str, Path], with_mask: bool) -> list[dict]:
     channels = list(study.config["ingest"]["channels"])
+    missing = sorted(set(patients["patient"]) - set(folders))
+    if missing:
+        raise ValueError(f"no ingest folder given for patient(s) {missing}")
     cases = []
     for row in patients.itertuples():
-        folder = ingest_root / row.center / row.patient
+        folder = folders[row.patient]
         case = {"patient": row.patient, "center": row.center,
                 "images": {c: str(folder / image_file(c)) for c in channels}}
         if with_mask:
@@ -88,10 +95,11 @@ def _included(qc_tables: list[str | Path]) -> pd.DataFrame:
     return table[table["status"] == "included"]
 
 
-def build_dataset(study: Study, qc_tables: list[str | Path], ingest_root: str | Path, raw_dir: str | Path,
+def build_dataset(study: Study, qc_tables: list[str | Path], ingest_dirs: list[str | Path], raw_dir: str | Path,
                   out_split: str | Path, centers: list[str] | None = None) -> dict:
     """nnU-Net raw dataset from the annotated, included patients of the training `centers` (default: the eligible
-    ones); split.tsv lists them, and the centers are recorded in the dataset folder (see `train_centers`)."""
+    ones); split.tsv lists them, and the centers are recorded in the dataset folder (see `train_centers`).
+    ingest_dirs: the patients' ingest folders (at least those of the annotated, included patients)."""
     cfg = _cfg(study)
     centers = eligible_train_centers(study) if centers is None else list(centers)
     patients = _included(qc_tables)
@@ -100,7 +108,7 @@ def build_dataset(study: Study, qc_tables: list[str | Path], ingest_root: str | 
     if annotated.empty:
         raise ValueError("no annotated patient to train nnU-Net on: deliver manual masks or set segmentation.model_folder")
     split = segment.build_raw_dataset(
-        _cases(study, annotated, Path(ingest_root), with_mask=True), Path(raw_dir), dataset_id=cfg["dataset_id"],
+        _cases(study, annotated, patient_folders(ingest_dirs), with_mask=True), Path(raw_dir), dataset_id=cfg["dataset_id"],
         name=cfg["dataset_name"], channels=list(study.config["ingest"]["channels"]),
         labels=study.config["ingest"]["labels"], holdout_fraction=cfg["holdout_fraction"], seed=study.seed,
     )
@@ -141,14 +149,15 @@ def train(study: Study, preprocessed_dir: str | Path, results_dir: str | Path) -
     )
 
 
-def segment_center(study: Study, center_id: str, qc_table: str | Path, ingest_root: str | Path,
+def segment_center(study: Study, center_id: str, qc_table: str | Path, ingest_dirs: list[str | Path],
                    model_folder: str | Path, out_dir: str | Path) -> pd.DataFrame:
-    """Segment every included patient of one center with the model loaded once; post-process and QC each."""
+    """Segment every included patient of one center with the model loaded once; post-process and QC each.
+    ingest_dirs: the center's patients' ingest folders (at least those of its included patients)."""
     cfg = _cfg(study)
     labels = study.config["ingest"]["labels"]
     out_dir = Path(out_dir)
     patients = _included([qc_table])
-    cases = _cases(study, patients, Path(ingest_root), with_mask=False)
+    cases = _cases(study, patients, patient_folders(ingest_dirs), with_mask=False)
     log.info("center %s: segmenting %d patients with %s on %s", center_id, len(cases), model_folder, device(study))
     outputs = segment.predict(Path(model_folder), cases, out_dir, device=device(study), tta=cfg["tta"], npp=0, nps=0,
                               threads=cfg["threads"])
@@ -174,17 +183,22 @@ def segment_center(study: Study, center_id: str, qc_table: str | Path, ingest_ro
     return table
 
 
-def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_root: str | Path, ingest_root: str | Path,
-                     out_tsv: str | Path, out_figure: str | Path) -> pd.DataFrame:
-    """DSC, HD95 and volumes of the automatic vs the manual masks of the holdout patients."""
+def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_dirs: list[str | Path],
+                     ingest_dirs: list[str | Path], out_tsv: str | Path, out_png: str | Path,
+                     out_pdf: str | Path) -> pd.DataFrame:
+    """DSC, HD95 and volumes of the automatic vs the manual masks of the holdout patients.
+    segmentation_dirs: the centers' segmentation folders (segment_center's out_dir, named after the center);
+    ingest_dirs: the patients' ingest folders (at least those of the holdout patients)."""
     labels = study.config["ingest"]["labels"]
     split = pd.read_csv(split_tsv, sep="\t")
+    centers = {Path(d).name: Path(d) for d in segmentation_dirs}
+    folders = patient_folders(ingest_dirs)
     rows = []
     for row in split[split["set"] == "holdout"].itertuples():
-        auto_path = Path(segmentation_root) / row.center / f"{row.patient}.nii.gz"
-        if not auto_path.exists():  # segmented patients only (a holdout patient may be excluded later)
+        auto_path = centers[row.center] / f"{row.patient}.nii.gz" if row.center in centers else None
+        if auto_path is None or not auto_path.exists():  # segmented patients only (one may be excluded later)
             continue
-        manual = sitk.ReadImage(str(Path(ingest_root) / row.center / row.patient / MASK_FILE))
+        manual = sitk.ReadImage(str(folders[row.patient] / MASK_FILE))
         for result in segment.evaluate(sitk.ReadImage(str(auto_path)), manual, labels):
             rows.append({"patient": row.patient, "center": row.center, "region": result["region"],
                          "dsc": round(result["dsc"], 4), "hd95": round(result["hd95"], 3),
@@ -193,13 +207,13 @@ def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_root: str
     table = pd.DataFrame(rows, columns=["patient", "center", "region", "dsc", "hd95", "volume_auto_ml", "volume_manual_ml"])
     Path(out_tsv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_tsv, sep="\t", index=False)
-    _dsc_figure(table, Path(out_figure))
+    _dsc_figure(table, Path(out_png), Path(out_pdf))
     if not table.empty:
         log.info("holdout DSC medians: %s", table.groupby("region")["dsc"].median().round(3).to_dict())
     return table
 
 
-def _dsc_figure(table: pd.DataFrame, path: Path) -> None:
+def _dsc_figure(table: pd.DataFrame, png: Path, pdf: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +238,6 @@ def _dsc_figure(table: pd.DataFrame, path: Path) -> None:
         axes[0].legend(title="center", fontsize=8, frameon=False)
     fig.suptitle(f"Automatic vs manual segmentation, holdout patients (n={table['patient'].nunique() if regions else 0}); bar: median")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    fig.savefig(path.with_suffix(".pdf"))
+    fig.savefig(png, dpi=150, metadata={"Software": None})  # no version or date: same table, same bytes
+    fig.savefig(pdf, metadata={"Creator": None, "Producer": None, "CreationDate": None})
     plt.close(fig)

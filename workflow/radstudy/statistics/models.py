@@ -871,19 +871,65 @@ def split_robustness(features: pd.DataFrame, perturbed: pd.DataFrame, training: 
     return (robust, list(icc.index)), table
 
 
-def run_statistics(features, clinical, patients, config: dict, out_dir: str | Path,
-                   n_jobs: int | None = None, perturbed=None) -> dict[str, Path]:
+STATISTICS_TABLES = ("cohorts", "predictions", "selected_features", "selection_summary", "coefficients",
+                     "clinical_model", "harmonization", "robustness", "versions")
+_TABLE_COLUMNS = {
+    "robustness": ["split", "feature", "icc", "robust"],
+    "predictions": ["patient", "center", "split", "cohort", "endpoint", "model", "score", "probability", "outcome",
+                    "time", "event"],
+    "selected_features": ["split", "endpoint", "model", "feature", "coefficient", "penalty", "rule"],
+    "selection_summary": ["split", "endpoint", "model", "step", "n_features"],
+    "coefficients": ["split", "endpoint", "model", "term", "coef", "se", "measure", "ratio", "ci_low", "ci_high", "p",
+                     "n", "events", "note"],
+    "clinical_model": ["split", "endpoint", "stage", "variable", "term", "coef", "se", "measure", "ratio", "ci_low",
+                       "ci_high", "p", "p_variable", "retained", "n", "events", "note"],
+    "harmonization": ["split", "feature_set", "center", "mode", "fitted_on", "n_patients"],
+}
+
+
+def fitted_models(config: dict) -> list[tuple[str, str]]:
+    """(endpoint, model) of every model the statistics stage fits and saves for a study config: each configured
+    endpoint x `models.fit`, the deep model only with `features.deep.enabled` (without deep features it is not
+    fitted). The workflow declares exactly these files, so the set follows the config, not the data."""
+    settings = statistics_settings(config)
+    deep = bool(config.get("features", {}).get("deep", {}).get("enabled", False))
+    return [(endpoint, name) for endpoint in settings["endpoints"] for name in settings["models"]["fit"]
+            if name != "deep" or deep]
+
+
+def statistics_outputs(out_dir: str | Path, config: dict) -> dict:
+    """The default layout of `run_statistics`'s outputs under out_dir: {table: out_dir/table.tsv,
+    "models": {(endpoint, model): out_dir/endpoint/model.joblib} (every model fitted),
+    "split_models": out_dir/splits with models.save_split_models, else None}."""
+    out_dir = Path(out_dir)
+    outputs: dict = {name: out_dir / f"{name}.tsv" for name in STATISTICS_TABLES}
+    outputs["models"] = None  # every fitted model, in out_dir/{endpoint}/{model}.joblib
+    outputs["split_models"] = out_dir / "splits" if statistics_settings(config)["models"]["save_split_models"] else None
+    return outputs
+
+
+def run_statistics(features, clinical, patients, config: dict, out_dir: str | Path | None = None,
+                   n_jobs: int | None = None, perturbed=None, outputs: dict | None = None) -> dict[str, Path]:
     """The statistics stage: cohorts of every split, every model of every endpoint, and their tables.
 
     features / clinical / patients: DataFrames or paths (features.parquet, clinical.tsv, patients.tsv).
     config: the study config (sections design, harmonization, selection, models, clinical, study).
-    Writes into out_dir: cohorts.tsv, predictions.tsv, selected_features.tsv, selection_summary.tsv,
-    coefficients.tsv, clinical_model.tsv, harmonization.tsv, versions.tsv and
-    {endpoint}/{model}.joblib (the primary split: holdout, or `final` = all development patients;
-    with models.save_split_models also splits/{split}/{endpoint}/{model}.joblib).
-    Returns {name: path}."""
+    outputs: where each output goes: {table: path} for every name in STATISTICS_TABLES (cohorts, predictions,
+    selected_features, selection_summary, coefficients, clinical_model, harmonization, robustness (the ICC
+    table; header only without perturbed features), versions), "models": {(endpoint, model): path} of the primary
+    split's models (holdout, or `final` = all development patients), exactly `fitted_models(config)`, and
+    "split_models": a folder for every split's models ({split}/{endpoint}/{model}.joblib) or None; only with
+    models.save_split_models. Default: `statistics_outputs(out_dir, config)`, where "models" None saves every
+    fitted model as out_dir/{endpoint}/{model}.joblib.
+    Returns {name: path} (models as model_{endpoint}_{model})."""
     settings = statistics_settings(config)
-    out_dir = Path(out_dir)
+    if outputs is None:
+        if out_dir is None:
+            raise ValueError("run_statistics needs out_dir or outputs")
+        outputs = statistics_outputs(out_dir, config)
+    missing = [name for name in STATISTICS_TABLES if not outputs.get(name)]
+    if missing:
+        raise ValueError(f"run_statistics: no path given for {missing}")
     features = read_table(features)
     data = assemble(features, read_table(clinical), read_table(patients))
     feature_columns = data.attrs["feature_columns"]
@@ -914,12 +960,23 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
         results = joblib.Parallel(n_jobs=n_jobs)(joblib.delayed(_fit_split_job)(*job) for job in jobs)
     results = dict(results)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    primary = primary_split(cohorts)
+    fitted = results[primary]["models"]
+    models = outputs.get("models")
+    if models is None:
+        models = {key: Path(outputs["predictions"]).parent / key[0] / f"{key[1]}.joblib" for key in fitted}
+    models = {tuple(key): Path(path) for key, path in models.items()}
+    not_fitted = sorted(set(models) - set(fitted))
+    if not_fitted:
+        raise ValueError(f"model(s) {not_fitted} were to be saved but were not fitted (fitted: {sorted(fitted)}): "
+                         "are the models.fit and features.deep settings those the feature table was built with?")
     paths = {}
 
-    def write(name, frame, columns=None):
+    def write(name, frame):
+        columns = _TABLE_COLUMNS.get(name)
         frame = frame if columns is None else frame.reindex(columns=columns)
-        path = out_dir / f"{name}.tsv"
+        path = Path(outputs[name])
+        path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(path, sep="\t", index=False)
         paths[name] = path
 
@@ -928,27 +985,26 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     write("cohorts", cohorts)
-    if icc_tables:
-        write("robustness", pd.concat(icc_tables, ignore_index=True), ["split", "feature", "icc", "robust"])
-    write("predictions", gather("predictions"), ["patient", "center", "split", "cohort", "endpoint", "model",
-                                                 "score", "probability", "outcome", "time", "event"])
-    write("selected_features", gather("selected"), ["split", "endpoint", "model", "feature", "coefficient",
-                                                    "penalty", "rule"])
-    write("selection_summary", gather("selection_summary"), ["split", "endpoint", "model", "step", "n_features"])
-    write("coefficients", gather("coefficients"), ["split", "endpoint", "model", "term", "coef", "se", "measure",
-                                                   "ratio", "ci_low", "ci_high", "p", "n", "events", "note"])
-    write("clinical_model", gather("clinical"), ["split", "endpoint", "stage", "variable", "term", "coef", "se",
-                                                 "measure", "ratio", "ci_low", "ci_high", "p", "p_variable",
-                                                 "retained", "n", "events", "note"])
-    write("harmonization", gather("harmonization"), ["split", "feature_set", "center", "mode", "fitted_on",
-                                                     "n_patients"])
+    write("robustness", pd.concat(icc_tables, ignore_index=True) if icc_tables else pd.DataFrame())
+    write("predictions", gather("predictions"))
+    write("selected_features", gather("selected"))
+    write("selection_summary", gather("selection_summary"))
+    write("coefficients", gather("coefficients"))
+    write("clinical_model", gather("clinical"))
+    write("harmonization", gather("harmonization"))
     write("versions", pd.DataFrame(sorted(library_versions().items()), columns=["package", "version"]))
 
-    primary = primary_split(cohorts)
-    for (endpoint, name), model in results[primary]["models"].items():
-        paths[f"model_{endpoint}_{name}"] = model.save(out_dir / endpoint / f"{name}.joblib")
+    for (endpoint, name), path in sorted(models.items()):
+        paths[f"model_{endpoint}_{name}"] = fitted[(endpoint, name)].save(path)
+    left_out = sorted(set(fitted) - set(models))
+    if left_out:
+        log.warning("fitted but not saved (not among the declared models): %s", left_out)
     if settings["models"]["save_split_models"]:
+        split_dir = outputs.get("split_models")
+        if not split_dir:
+            raise ValueError("models.save_split_models: run_statistics needs outputs['split_models'] (a folder)")
         for split in splits:
             for (endpoint, name), model in results[split]["models"].items():
-                model.save(out_dir / "splits" / split / endpoint / f"{name}.joblib")
+                model.save(Path(split_dir) / split / endpoint / f"{name}.joblib")
+        paths["split_models"] = Path(split_dir)
     return paths
