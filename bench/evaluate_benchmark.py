@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "workflow"))
+sys.path[:0] = [str(REPO / "workflow"), str(REPO / "tests")]
 
 from radstudy.evaluate import performance as E  # noqa: E402
 from radstudy.report.html import write_report  # noqa: E402
 from radstudy.tables import read_table  # noqa: E402
+from simulated_study import simulate_study  # noqa: E402  (tests/simulated_study.py)
 
 
 def main(argv=None) -> int:
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    study = E.simulate_study(args.patients, seed=args.seed, n_splits=args.splits)
+    study = simulate_study(args.patients, seed=args.seed, n_splits=args.splits)
     inputs = out / "inputs"
     inputs.mkdir(exist_ok=True)
     for name in ("predictions", "coefficients", "design", "clinical", "flow", "dsc"):

@@ -13,14 +13,16 @@ import pytest
 from scipy import stats
 from scipy.special import expit
 
+from radstudy.cli import main as cli_main
 from radstudy.evaluate import performance as E
 from radstudy.evaluate import metrics as M
 from radstudy.report.html import table1, write_report
+from simulated_study import simulate_study
 
 
 @pytest.fixture(scope="module")
 def study():
-    return E.simulate_study(240, seed=3)
+    return simulate_study(240, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_cutoffs_are_learnt_on_training_and_applied_unchanged(evaluated, study):
 
 
 def test_same_seed_same_numbers_and_minimal_input(tmp_path):
-    study = E.simulate_study(150, seed=8)
+    study = simulate_study(150, seed=8)
     preds = study["predictions"]
     minimal = preds[preds["endpoint"] == "binary"][["patient", "cohort", "model", "score", "outcome"]]
     a = E.evaluate(minimal, tmp_path / "a", n_bootstrap=100, seed=1, figures=False)
@@ -119,7 +121,7 @@ def test_same_seed_same_numbers_and_minimal_input(tmp_path):
 
 
 def test_repeated_splits_are_aggregated(tmp_path):
-    study = E.simulate_study(150, seed=9, n_splits=3)
+    study = simulate_study(150, seed=9, n_splits=3)
     binary = study["predictions"][study["predictions"]["endpoint"] == "binary"]
     r = E.evaluate(binary, tmp_path, horizons_months=(12,), n_bootstrap=50, seed=1, figures=False)
     summary = pd.read_csv(tmp_path / "summary_binary_splits.csv")
@@ -210,7 +212,7 @@ def test_cli_main_runs_evaluation_and_report(study, tmp_path):
     preds.to_csv(tmp_path / "p.tsv", sep="\t", index=False)
     study["coefficients"].to_csv(tmp_path / "c.tsv", sep="\t", index=False)
     study["design"].to_csv(tmp_path / "d.tsv", sep="\t", index=False)
-    rc = E.main(["evaluate", "--predictions", str(tmp_path / "p.tsv"), "--out", str(tmp_path / "ev"),
+    rc = cli_main(["evaluate", "--predictions", str(tmp_path / "p.tsv"), "--out", str(tmp_path / "ev"),
                  "--n-bootstrap", "50", "--no-figures", "--coefficients", str(tmp_path / "c.tsv"),
                  "--design", f"binary={tmp_path / 'd.tsv'}"])
     assert rc == 0 and (tmp_path / "ev" / "report.html").is_file() and (tmp_path / "ev" / "summary_binary.csv").is_file()

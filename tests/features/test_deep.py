@@ -414,7 +414,7 @@ def test_center_job_and_study_table(nnunet_model, tmp_path):
 
     rows = []
     for i, patient in enumerate(patients):  # radiomics rows as radiomics_patient writes them
-        row = features._row(patient, center, {"tumour_CT_original_firstorder_Mean": float(i)}, {}, "nan")
+        row = features.feature_row(patient, center, {"tumour_CT_original_firstorder_Mean": float(i)}, {}, "nan")
         rows.append(root / f"{patient}.parquet")
         features.write_row(row, rows[-1])
     study_table = features_stage.study_table(study, rows, root / "features.parquet", root / "qc.tsv",

@@ -78,7 +78,7 @@ def test_predict_holdout_one_call(tiny_nnunet, tmp_path):
         assert seg.GetSpacing() == image.GetSpacing()
         assert seg.GetDirection() == image.GetDirection()
         assert set(np.unique(sitk.GetArrayViewFromImage(seg))) <= {0, 1, 2}
-        rows = segment.evaluate(seg, sitk.ReadImage(str(case["mask"])), LABELS)
+        rows = segment.overlap_metrics(seg, sitk.ReadImage(str(case["mask"])), LABELS)
         assert [r["region"] for r in rows] == ["liver", "tumour"]
         assert all(0.0 <= r["dsc"] <= 1.0 for r in rows)
 
@@ -138,7 +138,7 @@ def test_import_is_light_and_side_effect_free():
 def test_nnunet_environment_is_restored(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", "/somewhere/else")
     monkeypatch.delenv("nnUNet_results", raising=False)
-    with segment._nnunet_environment(preprocessed=tmp_path, extra={"nnUNet_n_proc_DA": "0"}):
+    with segment.nnunet_environment(preprocessed=tmp_path, extra={"nnUNet_n_proc_DA": "0"}):
         assert os.environ["nnUNet_preprocessed"] == str(tmp_path.resolve())
         assert "nnUNet_raw" not in os.environ  # a user's setting cannot add dataset candidates
         assert os.environ["nnUNet_n_proc_DA"] == "0"
@@ -189,7 +189,7 @@ def test_evaluate_offset_cubes_anisotropic(axis, k):
     shape = (20, 20, 20)
     auto = _image(_cube(shape, 4, 10), spacing_xyz)
     manual = _image(_cube(shape, 4, 10, axis_shift=axis, k=k), spacing_xyz)
-    (row,) = segment.evaluate(auto, manual, {"liver": 1})
+    (row,) = segment.overlap_metrics(auto, manual, {"liver": 1})
     assert row["dsc"] == pytest.approx((10 - k) / 10)
     assert row["hd95"] == pytest.approx(k * spacing_axis)
     assert row["volume_auto_ml"] == pytest.approx(1000 * 0.7 * 0.8 * 2.5 / 1000)
@@ -199,14 +199,14 @@ def test_evaluate_offset_cubes_anisotropic(axis, k):
 def test_evaluate_identical_touching_border_and_empty():
     shape = (12, 12, 12)
     cube = _cube(shape, 0, 6)  # touches the image border: the border counts as outside
-    (row,) = segment.evaluate(_image(cube), _image(cube), {"liver": 1})
+    (row,) = segment.overlap_metrics(_image(cube), _image(cube), {"liver": 1})
     assert row["dsc"] == 1.0 and row["hd95"] == 0.0
 
     empty = np.zeros(shape, np.uint8)
-    rows = segment.evaluate(_image(empty), _image(empty), LABELS)
+    rows = segment.overlap_metrics(_image(empty), _image(empty), LABELS)
     assert [r["dsc"] for r in rows] == [1.0, 1.0] and all(math.isnan(r["hd95"]) for r in rows)
     assert all(r["volume_auto_ml"] == 0 and r["volume_manual_ml"] == 0 for r in rows)
-    rows = segment.evaluate(_image(empty), _image(cube), LABELS)
+    rows = segment.overlap_metrics(_image(empty), _image(cube), LABELS)
     assert rows[0]["dsc"] == 0.0 and math.isnan(rows[0]["hd95"])
     assert rows[0]["volume_manual_ml"] == pytest.approx(6**3 / 1000)
     assert rows[1]["dsc"] == 1.0  # no tumour in either
@@ -216,7 +216,7 @@ def test_evaluate_rejects_other_grid():
     a = _image(np.zeros((4, 4, 4)), (1, 1, 1))
     b = _image(np.zeros((4, 4, 4)), (1, 1, 2))
     with pytest.raises(ValueError):
-        segment.evaluate(a, b, LABELS)
+        segment.overlap_metrics(a, b, LABELS)
 
 
 # ----------------------------------------------------------------------------- fast: QC and post-processing
@@ -274,8 +274,22 @@ def test_postprocess_largest_component_per_label():
         segment.postprocess(image, LABELS, largest_component={"spleen": True})
 
     manual = _image(_liver_with_tumour(), (0.8, 0.8, 2.0))
-    choice = segment.choose_postprocessing([(image, manual)], LABELS)
+    choice = _choose_postprocessing([(image, manual)], LABELS)
     assert choice == {"liver": True, "tumour": True}
+
+
+def _choose_postprocessing(pairs, labels) -> dict[str, bool]:
+    """nnU-Net's determine_postprocessing criterion on (auto, manual) pairs: per label, keep-largest-component
+    is switched on if it raises that label's mean DSC (strictly)."""
+    choice = {}
+    for region, value in labels.items():
+        before = [r["dsc"] for auto, manual in pairs for r in segment.overlap_metrics(auto, manual, {region: value})]
+        after = [r["dsc"] for auto, manual in pairs
+                 for r in segment.overlap_metrics(segment.postprocess(auto, {region: value},
+                                                                      largest_component={region: True}),
+                                                  manual, {region: value})]
+        choice[region] = bool(pairs) and float(np.mean(after)) > float(np.mean(before))
+    return choice
 
 
 # ----------------------------------------------------------------------------- fast: raw dataset and channels

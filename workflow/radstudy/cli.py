@@ -8,6 +8,7 @@
                        --out results/clinical/C1.tsv --summary results/clinical/C1.json
     radstudy center-qc --ingest-dirs results/ingest/C1/C1-* --clinical results/clinical/C1.tsv --out results/qc/C1/patients.tsv
     radstudy flow      --center-qc results/qc/*/patients.tsv --clinical results/clinical/*.tsv --out-dir results/qc
+    radstudy evaluate  --predictions results/models/predictions.tsv --out results/evaluation [--coefficients ...]
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ import sys
 from pathlib import Path
 
 from radstudy import __version__
-
-from radstudy.evaluate import performance as evaluate
-
+from radstudy.config import load_study, settings
 from radstudy.ingest import stage as stages
-from radstudy.config import load_study
 from radstudy.errors import ConfigError, PatientExcluded
 from radstudy.logs import setup
 
@@ -61,8 +59,67 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clinical", nargs="+", required=True, help="per-center clinical tables (their .json summaries beside them)")
     p.add_argument("--out-dir", default="results/qc")
     p.add_argument("--out-clinical", default="results/clinical/clinical.tsv")
-    evaluate.add_parser(sub)
+    _add_evaluate_parser(sub)
     return parser
+
+
+def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    """`radstudy evaluate ...` (evaluation tables and figures, then the HTML report)."""
+    defaults = settings("evaluation")
+    p = subparsers.add_parser("evaluate", help="metrics, figures and the HTML report from model predictions",
+                              description="Metrics tables and figures of any predictions table (see "
+                                          "radstudy.evaluate.performance), then the HTML report.")
+    p.add_argument("--predictions", required=True, help="predictions table (TSV/CSV)")
+    p.add_argument("--out", required=True, help="evaluation folder (tables, figures/, report.html)")
+    p.add_argument("--horizons", type=float, nargs="+", default=defaults["horizons_months"],
+                   help="months (default: %(default)s)")
+    p.add_argument("--n-bootstrap", type=int, default=defaults["n_bootstrap"])
+    p.add_argument("--seed", type=int, default=20240601)
+    p.add_argument("--reference-cohort", default="training")
+    p.add_argument("--survival-cutoff", choices=["median", "maxstat", "youden"], default="median")
+    p.add_argument("--nri-cutoffs", type=float, nargs="*", default=None, help="risk categories of the categorical NRI")
+    p.add_argument("--coefficients", help="coefficients.tsv (endpoint, model, feature, coefficient; intercept row)")
+    p.add_argument("--design", nargs="*", default=[],
+                   help="design matrix TSV(s) of the combined model's inputs (patient + predictors): PATH or ENDPOINT=PATH")
+    p.add_argument("--explain-model", default="combined", help="model of the SHAP and nomogram figures")
+    p.add_argument("--no-figures", action="store_true")
+    report = p.add_argument_group("report")
+    report.add_argument("--report", help="HTML report path (default: OUT/report.html); 'none' to skip")
+    report.add_argument("--study-name", default="radstudy")
+    report.add_argument("--design-text", help="text or a file with the study design description")
+    report.add_argument("--flow", help="results/qc/patient_flow.tsv")
+    report.add_argument("--clinical", help="results/clinical/clinical.tsv (Table 1)")
+    report.add_argument("--cohorts", help="cohorts table (patient, split, cohort); default: from the predictions")
+    report.add_argument("--dsc", help="results/segmentation/dsc.tsv")
+    report.add_argument("--tables", nargs="*", default=[], help="further TSVs to show (selected features, ...)")
+    return p
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from radstudy.evaluate.performance import evaluate, load_linear_models
+    from radstudy.report.html import write_report
+    from radstudy.tables import read_table
+
+    preds = read_table(args.predictions, id_columns=())
+    linear_models = []
+    if args.coefficients and args.design:
+        if any("=" in item for item in args.design):
+            designs = dict(item.split("=", 1) for item in args.design)
+        else:
+            designs = args.design[0]
+        linear_models = load_linear_models(args.coefficients, designs, model=args.explain_model)
+    evaluate(preds, args.out, horizons_months=args.horizons, n_bootstrap=args.n_bootstrap, seed=args.seed,
+             reference_cohort=args.reference_cohort, linear_models=linear_models, survival_cutoff=args.survival_cutoff,
+             nri_cutoffs=args.nri_cutoffs, figures=not args.no_figures)
+    if (args.report or "").lower() != "none":
+        design_text = args.design_text
+        if design_text and Path(design_text).is_file():
+            design_text = Path(design_text).read_text()
+        write_report(args.out, args.report or Path(args.out) / "report.html", study_name=args.study_name,
+                     design_text=design_text, flow_tsv=args.flow, clinical_tsv=args.clinical,
+                     cohorts_tsv=args.cohorts, dsc_tsv=args.dsc, extra_tables=args.tables,
+                     coefficients_tsv=args.coefficients)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     setup(args.log)
     try:
         if args.command == "evaluate":
-            return evaluate.run(args)
+            return _evaluate(args)
         if args.command == "center-qc":
             stages.center_qc(args.ingest_dirs, args.clinical, args.out)
             return 0

@@ -16,7 +16,7 @@ evaluated on its own and `summary_*.csv` aggregate the splits as mean and 2.5/97
 the first split.
 
 Outputs under `out_dir`: CSV tables (`manifest.json` lists them with titles), `figures/*.png|pdf`, and
-`cohorts.csv` (patient, split, cohort, center) for the report.
+`cohorts.csv` (patient, split, cohort, center) for the report. From the command line (radstudy.cli):
 
     radstudy evaluate --predictions results/models/predictions.tsv --out results/evaluation \\
         [--coefficients results/models/coefficients.tsv --design results/models/design.tsv] \\
@@ -25,10 +25,8 @@ Outputs under `out_dir`: CSV tables (`manifest.json` lists them with titles), `f
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ import pandas as pd
 from scipy.special import expit
 
 from radstudy.evaluate import metrics as M
+from radstudy.figures import save_figure
 from radstudy.statistics.design import COHORTS
 from radstudy.tables import read_table
 
@@ -206,23 +205,6 @@ class _Outputs:
         save_figure(fig, self.out_dir, name)
         self.figures.append({"name": name, "png": f"figures/{name}.png", "pdf": f"figures/{name}.pdf",
                              "caption": caption, "section": section, **meta})
-
-
-def save_figure(fig, out_dir: Path, name: str) -> Path:
-    """`out_dir/figures/{name}.png` (150 dpi) and `.pdf`; layout fitted once (no second 'tight' render)."""
-    import warnings
-
-    import matplotlib.pyplot as plt
-
-    fig_dir = Path(out_dir) / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # tight_layout's notice on colorbar axes (SHAP)
-        fig.tight_layout()
-    fig.savefig(fig_dir / f"{name}.png", dpi=150)
-    fig.savefig(fig_dir / f"{name}.pdf", metadata={"CreationDate": None})  # no clock: same figure, same bytes
-    plt.close(fig)
-    return fig_dir / f"{name}.png"
 
 
 def _seed(seed: int, *keys) -> np.random.Generator:
@@ -1014,7 +996,12 @@ def _explain(lm: LinearModel, preds: pd.DataFrame, reference_cohort: str, cfg: d
     if out.make_figures:
         n_show = min(20, len(lm.coefficients))
         fig = plt.figure(figsize=(7, 0.4 * n_show + 1.5))
-        shap.plots.beeswarm(values, max_display=n_show, show=False, ax=fig.gca(), plot_size=None)
+        state = np.random.get_state()  # shap's beeswarm jitters with NumPy's global state: seeded, same figure
+        np.random.seed(_seed(cfg["seed"], "shap", lm.endpoint).integers(2**32))
+        try:
+            shap.plots.beeswarm(values, max_display=n_show, show=False, ax=fig.gca(), plot_size=None)
+        finally:
+            np.random.set_state(state)
         fig.gca().set_xlabel(f"SHAP value ({scale})")
         fig.gca().set_title(f"SHAP, {lm.model} model ({lm.endpoint})", fontsize=10)
         out.figure(fig, f"shap_beeswarm_{lm.endpoint}",
@@ -1045,179 +1032,3 @@ def _explain(lm: LinearModel, preds: pd.DataFrame, reference_cohort: str, cfg: d
                    f"predictor's points, add them, and read the outcome below the total.", "explain",
                    endpoint=lm.endpoint, kind="nomogram")
         out.table(f"nomogram_{lm.endpoint}", table, f"Nomogram scales of the {lm.model} model ({lm.endpoint})", "explain")
-
-
-# --------------------------------------------------------------------------------------------------
-# a simulated study (tests, benchmark): predictions of fitted models with known structure
-# --------------------------------------------------------------------------------------------------
-
-def simulate_study(n_patients: int = 300, seed: int = 0, n_splits: int = 1) -> dict:
-    """A synthetic four-center study with both endpoints and four fitted models per split.
-
-    Returns DataFrames: predictions (documented columns), coefficients and design (combined models, split 0),
-    clinical (Table 1 columns), flow (patient_flow.tsv form) and dsc (segmentation evaluation).
-    Center C4 is the external test cohort; C1-C3 are split 70/30 into training/validation per split.
-    """
-    from lifelines import CoxPHFitter
-    from sklearn.linear_model import LogisticRegression
-
-    rng = np.random.default_rng(seed)
-    n = n_patients
-    center = rng.choice(["C1", "C2", "C3", "C4"], size=n, p=[0.3, 0.25, 0.25, 0.2])
-    patient = [f"{c}-{i:04d}" for i, c in enumerate(center, start=1)]
-    clin = pd.DataFrame({
-        "patient": patient, "center": center, "age": rng.normal(63, 11, n).round(0),
-        "sex": rng.choice(["M", "F"], n, p=[0.6, 0.4]), "tumour_site": rng.choice(["colon", "rectum"], n),
-        "t_stage": rng.choice(["T1", "T2", "T3", "T4"], n, p=[0.05, 0.2, 0.5, 0.25]),
-        "n_stage": rng.choice(["N0", "N1", "N2"], n, p=[0.45, 0.35, 0.2]),
-        "cea": np.exp(rng.normal(1.3, 1.0, n)).round(1), "ca19_9": np.exp(rng.normal(2.7, 0.9, n)).round(1),
-        "afp": np.exp(rng.normal(0.9, 0.5, n)).round(1), "dissected_lymph_nodes": rng.poisson(15, n).astype(float),
-        "perineural_invasion": rng.binomial(1, 0.3, n), "tumour_nodules": rng.binomial(1, 0.25, n)})
-    rad = rng.normal(size=(n, 6))
-    deep = rad[:, :3] @ rng.normal(0.5, 0.2, (3, 3)) + rng.normal(size=(n, 3))
-    clin_lp = (0.9 * clin["perineural_invasion"] + 0.7 * clin["tumour_nodules"] + 0.8 * np.log(clin["afp"])
-               - 0.04 * (clin["dissected_lymph_nodes"] - 15))
-    rad_lp = rad @ np.array([0.9, -0.7, 0.5, 0.0, 0.0, 0.3])
-    risk = (clin_lp + rad_lp).values
-    clin["synchronous_lm"] = rng.binomial(1, expit(-1.6 + risk))
-    event_time = rng.exponential(1 / (0.012 * np.exp(0.8 * risk)))
-    censor = rng.uniform(18, 72, n)
-    clin["mfs_months"] = np.minimum(event_time, censor).round(1).clip(0.5)
-    clin["mfs_event"] = (event_time <= censor).astype(int)
-    feats = pd.DataFrame(np.column_stack([rad, deep]), columns=[f"rad_{i}" for i in range(1, 7)] + ["deep_1", "deep_2", "deep_3"])
-    x_all = pd.concat([clin[["patient"]], feats,
-                       pd.DataFrame({"log_afp": np.log(clin["afp"]), "dissected_lymph_nodes": clin["dissected_lymph_nodes"],
-                                     "perineural_invasion": clin["perineural_invasion"],
-                                     "tumour_nodules": clin["tumour_nodules"]})], axis=1)
-    clinical_vars = ["log_afp", "dissected_lymph_nodes", "perineural_invasion", "tumour_nodules"]
-    model_vars = {"clinical": clinical_vars, "radiomic": [f"rad_{i}" for i in range(1, 7)],
-                  "deep": ["deep_1", "deep_2", "deep_3"]}
-    external = center == "C4"
-    rows, coef_rows, design = [], [], None
-    for split in range(n_splits):
-        srng = np.random.default_rng([seed, split])
-        cohort = np.where(external, "test", np.where(srng.random(n) < 0.7, "training", "validation"))
-        train = cohort == "training"
-        x = x_all.copy()
-        for endpoint in ("binary", "survival"):
-            lps = {}
-            for name, cols in list(model_vars.items()) + [("combined", clinical_vars + ["rad_score"])]:
-                if name == "combined":
-                    x["rad_score"] = lps["radiomic"]
-                xs = x[cols].values
-                if endpoint == "binary":
-                    fit = LogisticRegression(C=1e4, max_iter=1000).fit(xs[train], clin["synchronous_lm"][train])
-                    beta, icpt = fit.coef_[0], float(fit.intercept_[0])
-                else:
-                    df = pd.DataFrame(xs[train], columns=cols).assign(t=clin["mfs_months"][train].values,
-                                                                      e=clin["mfs_event"][train].values)
-                    cph = CoxPHFitter(penalizer=0.01).fit(df, "t", "e")
-                    beta, icpt = cph.params_[cols].values, 0.0
-                lps[name] = icpt + xs @ beta
-                if split == 0 and name in ("combined", "clinical"):
-                    coef_rows += [{"endpoint": endpoint, "model": name, "feature": f, "coefficient": float(b)}
-                                  for f, b in zip(cols, beta)]
-                    coef_rows.append({"endpoint": endpoint, "model": name, "feature": "(Intercept)", "coefficient": icpt})
-                part = pd.DataFrame({"patient": patient, "center": center, "cohort": cohort, "split": split,
-                                     "endpoint": endpoint, "model": name, "score": lps[name]})
-                if endpoint == "binary":
-                    part["probability"] = expit(lps[name])
-                    part["outcome"] = clin["synchronous_lm"].values
-                else:
-                    part["time"] = clin["mfs_months"].values
-                    part["event"] = clin["mfs_event"].values
-                rows.append(part)
-            if split == 0 and endpoint == "binary":
-                design = x[["patient"] + clinical_vars + ["rad_score"]].copy()
-    flow = (clin.groupby("center").size().rename("included").reset_index()
-            .assign(role=lambda d: np.where(d["center"] == "C4", "external", "development")))
-    flow["excluded:no_matching_series"] = rng.integers(0, 3, len(flow))
-    flow["delivered"] = flow["included"] + flow["excluded:no_matching_series"]
-    flow["excluded"] = flow["excluded:no_matching_series"]
-    flow = flow[["center", "role", "delivered", "included", "excluded", "excluded:no_matching_series"]]
-    flow.loc[len(flow)] = {"center": "total", "role": "", **flow.drop(columns=["center", "role"]).sum().to_dict()}
-    dsc = pd.concat([pd.DataFrame({"patient": patient, "center": center, "region": region,
-                                   "dsc": np.clip(rng.normal(mu, 0.06, n), 0, 1),
-                                   "hd95": np.abs(rng.normal(hd, hd / 3, n)),
-                                   "volume_manual_ml": vol, "volume_auto_ml": vol * rng.normal(1, 0.08, n)})
-                     for region, mu, hd, vol in (("tumour", 0.84, 6.0, np.exp(rng.normal(3, 0.8, n))),
-                                                 ("liver", 0.96, 3.0, rng.normal(1500, 200, n)))], ignore_index=True)
-    return {"predictions": pd.concat(rows, ignore_index=True), "coefficients": pd.DataFrame(coef_rows),
-            "design": design, "clinical": clin, "flow": flow, "dsc": dsc}
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """`radstudy evaluate ...` (evaluation tables and figures, then the HTML report)."""
-    p = subparsers.add_parser("evaluate", help="metrics, figures and the HTML report from model predictions",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--predictions", required=True, help="predictions table (TSV/CSV)")
-    p.add_argument("--out", required=True, help="evaluation folder (tables, figures/, report.html)")
-    p.add_argument("--horizons", type=float, nargs="+", default=[12, 24, 36], help="months (default: %(default)s)")
-    p.add_argument("--n-bootstrap", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=20240601)
-    p.add_argument("--reference-cohort", default="training")
-    p.add_argument("--survival-cutoff", choices=["median", "maxstat", "youden"], default="median")
-    p.add_argument("--nri-cutoffs", type=float, nargs="*", default=None, help="risk categories of the categorical NRI")
-    p.add_argument("--coefficients", help="coefficients.tsv (endpoint, model, feature, coefficient; intercept row)")
-    p.add_argument("--design", nargs="*", default=[],
-                   help="design matrix TSV(s) of the combined model's inputs (patient + predictors): PATH or ENDPOINT=PATH")
-    p.add_argument("--explain-model", default="combined", help="model of the SHAP and nomogram figures")
-    p.add_argument("--no-figures", action="store_true")
-    report = p.add_argument_group("report")
-    report.add_argument("--report", help="HTML report path (default: OUT/report.html); 'none' to skip")
-    report.add_argument("--study-name", default="radstudy")
-    report.add_argument("--design-text", help="text or a file with the study design description")
-    report.add_argument("--flow", help="results/qc/patient_flow.tsv")
-    report.add_argument("--clinical", help="results/clinical/clinical.tsv (Table 1)")
-    report.add_argument("--cohorts", help="cohorts table (patient, split, cohort); default: from the predictions")
-    report.add_argument("--dsc", help="results/segmentation/dsc.tsv")
-    report.add_argument("--tables", nargs="*", default=[], help="further TSVs to show (selected features, ...)")
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    preds = read_table(args.predictions, id_columns=())
-    linear_models = []
-    if args.coefficients and args.design:
-        if any("=" in item for item in args.design):
-            designs = dict(item.split("=", 1) for item in args.design)
-        else:
-            designs = args.design[0]
-        linear_models = load_linear_models(args.coefficients, designs, model=args.explain_model)
-    evaluate(preds, args.out, horizons_months=args.horizons, n_bootstrap=args.n_bootstrap, seed=args.seed,
-             reference_cohort=args.reference_cohort, linear_models=linear_models, survival_cutoff=args.survival_cutoff,
-             nri_cutoffs=args.nri_cutoffs, figures=not args.no_figures)
-    if (args.report or "").lower() != "none":
-        from radstudy.report.html import write_report
-
-        design_text = args.design_text
-        if design_text and os.path.isfile(design_text):
-            design_text = Path(design_text).read_text()
-        write_report(args.out, args.report or Path(args.out) / "report.html", study_name=args.study_name,
-                     design_text=design_text, flow_tsv=args.flow, clinical_tsv=args.clinical,
-                     cohorts_tsv=args.cohorts, dsc_tsv=args.dsc, extra_tables=args.tables,
-                     coefficients_tsv=args.coefficients)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m radstudy.evaluate.performance [evaluate] --predictions ... --out ...`"""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["evaluate"]:
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="radstudy")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(parser.parse_args(["evaluate", *argv]))
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

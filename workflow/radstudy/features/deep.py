@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -461,14 +462,14 @@ class NnunetExtractor(Extractor):
     def __init__(self, cfg, device, seed, model_folder: str | Path, checkpoint: str = "checkpoint_final.pth"):
         super().__init__(cfg, device, seed)
         self.backbone = "nnunet"
-        folder, folds = segment._resolve_model_folder(Path(model_folder), None, checkpoint)
+        folder, folds = segment.resolve_model_folder(Path(model_folder), None, checkpoint)
         fold = folds[0]  # an ensemble's first fold: one network, one feature space
-        with segment._nnunet_environment():
+        with segment.nnunet_environment():
             from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
             from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-            plans = segment._load_json(folder / "plans.json")
-            dataset_json = segment._load_json(folder / "dataset.json")
+            plans = json.loads((folder / "plans.json").read_text())
+            dataset_json = json.loads((folder / "dataset.json").read_text())
             path = folder / f"fold_{fold}" / checkpoint
             ckpt = torch.load(path, map_location="cpu", weights_only=False)  # nnU-Net checkpoints are pickles
             plans_manager = PlansManager(plans)
@@ -476,7 +477,7 @@ class NnunetExtractor(Extractor):
             manager = plans_manager.get_configuration(configuration)
             n_inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
             n_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-            build = segment._network_builder(ckpt["trainer_name"], None)
+            build = segment.network_builder(ckpt["trainer_name"], None)
             network = build(plans_manager, manager, n_inputs, n_outputs, enable_deep_supervision=False)
             try:
                 network.load_state_dict(ckpt["network_weights"])
@@ -561,7 +562,7 @@ def extract_patient(extractor: Extractor, images: Mapping[str, str | Path], mask
         bad.setdefault(region, reason)
 
     def row():
-        return radiomics._row(patient, center, values, bad, on_bad_region)
+        return radiomics.feature_row(patient, center, values, bad, on_bad_region)
 
     mask_file = str(mask)
     try:

@@ -674,7 +674,7 @@ def extract_patient(
     except Exception as exc:  # noqa: BLE001 - any read failure is reported, never raised
         for region in region_names:
             issue(region, UNREADABLE_MASK, f"{patient}: region {region!r}: mask {mask_file} cannot be read ({exc})")
-        return _row(patient, center, values, bad, on_bad_region), issues
+        return feature_row(patient, center, values, bad, on_bad_region), issues
 
     # Label regions (perturbed for robustness analyses), then the derived ones; config errors raise.
     regions = _region_arrays(label_arr, mask_img.GetSpacing(), labels, derived, mask_perturbation, perturbation_radius)
@@ -778,7 +778,7 @@ def extract_patient(
         for c in channels:
             for n in per_channel[c]:
                 values[f"{region}_{c}_{n}"] = np.nan
-    return _row(patient, center, values, bad, on_bad_region), issues
+    return feature_row(patient, center, values, bad, on_bad_region), issues
 
 
 def _extract_region(
@@ -820,7 +820,9 @@ def _extract_region(
     return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
 
 
-def _row(patient: str, center: str, values: dict[str, float], bad: dict[str, str], policy: str) -> pd.DataFrame:
+def feature_row(patient: str, center: str, values: dict[str, float], bad: dict[str, str], policy: str) -> pd.DataFrame:
+    """One patient's feature row: ids, the exclusion flags (excluded when `policy` is "exclude" and a region is
+    bad; `bad`: region -> reason) and the feature values as float64."""
     excluded = policy == "exclude" and bool(bad)
     reason = "; ".join(f"{r}: {why}" for r, why in bad.items()) if excluded else ""
     row: dict[str, Any] = {"patient": patient, "center": center, "excluded": excluded, "exclusion_reason": reason}

@@ -120,7 +120,7 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
     whose segmentation passed QC); model: the nnU-Net model folder (backbone nnunet) or the checkpoint file
     (resnet3d / resnet2d). Writes the table, the issues and the extractor's settings (out_meta, JSON)."""
     from radstudy.features import deep  # torch: only when deep features are computed
-    from radstudy.segment.nnunet import _torch_threads
+    from radstudy.segment.nnunet import torch_threads
 
     cfg = study.config["features"]["deep"]
     channels = list(study.config["ingest"]["channels"])
@@ -129,7 +129,7 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
     folders = patient_folders(ingest_dirs)
     threads = cfg["threads"]
     start = time.perf_counter()
-    with _torch_threads(threads):
+    with torch_threads(threads):
         extractor = deep.build_extractor(cfg, model=model, seed=study.seed)
         log.info("center %s: %s loaded in %.1f s; %d patient(s)", center, cfg["backbone"], time.perf_counter() - start,
                  len(patients))

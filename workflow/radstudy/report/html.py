@@ -168,7 +168,7 @@ def segmentation_summary(dsc: pd.DataFrame) -> pd.DataFrame:
 
 
 def _figure_file(fig, out_dir: Path, name: str) -> Path:
-    from radstudy.evaluate.performance import save_figure
+    from radstudy.figures import save_figure
 
     return save_figure(fig, out_dir, name)
 

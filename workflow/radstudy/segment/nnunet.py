@@ -11,8 +11,8 @@ Stages, each a function the Snakemake rules call (no Snakemake needed):
 4. `predict`: loads a model once and segments a list of cases (a whole center), writing
    `{patient}.nii.gz` on each case's image grid. Works as well on a results folder trained elsewhere with
    nnU-Net's stock trainer (plans.json, dataset.json, fold_*/checkpoint_*.pth).
-5. `postprocess`, `qc_segmentation`, `evaluate` (and `choose_postprocessing`): per-label largest connected
-   component, plausibility flags, DSC / HD95 / volumes against manual masks.
+5. `postprocess`, `qc_segmentation`, `overlap_metrics`: per-label largest connected component, plausibility
+   flags, DSC / HD95 / volumes against manual masks.
 
 Importing this module is cheap and has no side effects: torch and nnU-Net are imported inside the functions,
 and nnU-Net's folder variables are set only for the duration of a call (see below).
@@ -57,7 +57,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ _TRAINER_FOLDER_PATTERN = "{trainer}__{plans}__{configuration}"
 
 # ============================================================================ nnU-Net environment
 @contextlib.contextmanager
-def _nnunet_environment(*, raw: Path | None = None, preprocessed: Path | None = None,
+def nnunet_environment(*, raw: Path | None = None, preprocessed: Path | None = None,
                         results: Path | None = None, extra: Mapping[str, str | None] | None = None):
     """Set nnU-Net's folder variables (None unsets one) and `extra` variables for the duration of a block."""
     values: dict[str, str | None] = {
@@ -130,7 +130,7 @@ def _torch_device(device: Any):
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None):
+def torch_threads(threads: int | None):
     """torch.set_num_threads(threads) for the duration of a block (None: leave torch's setting alone).
     On a machine shared with other jobs, threads=1 is the robust choice: measured here, 2 threads on 2 busy
     cores ran 5-20x slower than 1 thread, while on 2 idle cores they were only ~25% faster."""
@@ -325,7 +325,7 @@ def plan_and_preprocess(raw_dir: Path, preprocessed_dir: Path, *, dataset_id: in
     dataset_dir = _find_dataset(raw_dir, dataset_id)
     preprocessed_dir.mkdir(parents=True, exist_ok=True)
     extra = {"nnUNet_n_proc_DA": str(max(1, int(num_processes)))}  # 0 would crash the planner
-    with _torch_threads(threads), _nnunet_environment(raw=raw_dir, preprocessed=preprocessed_dir, extra=extra):
+    with torch_threads(threads), nnunet_environment(raw=raw_dir, preprocessed=preprocessed_dir, extra=extra):
         from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import \
             DatasetFingerprintExtractor
         from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -427,7 +427,7 @@ def train(preprocessed_dir: Path, results_dir: Path, *, dataset_id: int, configu
     if compile is not None:
         extra["nnUNet_compile"] = "1" if compile else "0"
     results_dir.mkdir(parents=True, exist_ok=True)
-    with _torch_threads(threads), _nnunet_environment(preprocessed=preprocessed_dir, results=results_dir,
+    with torch_threads(threads), nnunet_environment(preprocessed=preprocessed_dir, results=results_dir,
                                                        extra=extra):
         trainer_cls = _trainer_class(trainer)
         plans = _load_json(dataset_dir / f"{PLANS_NAME}.json")
@@ -462,7 +462,7 @@ def train(preprocessed_dir: Path, results_dir: Path, *, dataset_id: int, configu
 
 
 # ============================================================================ 4. prediction
-def _resolve_model_folder(model_folder: Path, folds: Sequence[int | str] | None,
+def resolve_model_folder(model_folder: Path, folds: Sequence[int | str] | None,
                           checkpoint: str) -> tuple[Path, list[str]]:
     model_folder = Path(model_folder)
     if not (model_folder / "plans.json").exists() and model_folder.name.startswith("fold_") \
@@ -482,7 +482,7 @@ def _resolve_model_folder(model_folder: Path, folds: Sequence[int | str] | None,
     return model_folder, folds
 
 
-def _network_builder(trainer_name: str, trainer_class: type | None):
+def network_builder(trainer_name: str, trainer_class: type | None):
     """build_network_architecture of the trainer named in the checkpoint, without nnU-Net's module scan."""
     if trainer_class is not None:
         return trainer_class.build_network_architecture
@@ -545,7 +545,7 @@ def predict(model_folder: Path, cases: list[dict], out_dir: Path, *, device: str
     Only load checkpoints you trust: nnU-Net checkpoints are pickles (torch.load(weights_only=False)).
     out_dir also receives nnU-Net's provenance files (plans.json, dataset.json, predict_from_raw_data_args.json).
     """
-    model_folder, folds = _resolve_model_folder(Path(model_folder), folds, checkpoint)
+    model_folder, folds = resolve_model_folder(Path(model_folder), folds, checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cases:
@@ -555,7 +555,7 @@ def predict(model_folder: Path, cases: list[dict], out_dir: Path, *, device: str
         raise ValueError("a patient is listed twice")
     torch_device = _torch_device(device)
 
-    with _torch_threads(threads), _nnunet_environment():  # prediction needs none of nnU-Net's folders
+    with torch_threads(threads), nnunet_environment():  # prediction needs none of nnU-Net's folders
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -580,7 +580,7 @@ def predict(model_folder: Path, cases: list[dict], out_dir: Path, *, device: str
         configuration_manager = plans_manager.get_configuration(configuration_name)
         n_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
         n_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        build = _network_builder(trainer_name, trainer_class)
+        build = network_builder(trainer_name, trainer_class)
         network = build(plans_manager, configuration_manager, n_inputs, n_outputs, enable_deep_supervision=False)
         try:
             network.load_state_dict(parameters[0])
@@ -667,22 +667,6 @@ def postprocess(mask: sitk.Image, labels: Mapping[str, int] | None = None, *,
     return result
 
 
-def choose_postprocessing(pairs: Iterable[tuple[sitk.Image, sitk.Image]], labels: Mapping[str, int] | None = None
-                          ) -> dict[str, bool]:
-    """nnU-Net's determine_postprocessing criterion on (auto, manual) pairs, e.g. the holdout predictions:
-    per label, keep-largest-component is switched on if it raises that label's mean DSC (strictly)."""
-    labels = _as_labels(labels)
-    pairs = list(pairs)
-    choice = {}
-    for region, value in labels.items():
-        before = [r["dsc"] for auto, manual in pairs for r in evaluate(auto, manual, {region: value})]
-        after = [r["dsc"] for auto, manual in pairs
-                 for r in evaluate(postprocess(auto, {region: value}, largest_component={region: True}),
-                                   manual, {region: value})]
-        choice[region] = bool(pairs) and float(np.mean(after)) > float(np.mean(before))
-    return choice
-
-
 def qc_segmentation(mask: sitk.Image, labels: Mapping[str, int] | None = None, *,
                     min_ml: Mapping[str, float] | None = None, max_ml: Mapping[str, float] | None = None,
                     tumour_outside_liver_expected: bool = True, region_check: bool = True,
@@ -765,7 +749,7 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float:
     return float(max(np.percentile(distance_to_b[surface_a], 95), np.percentile(distance_to_a[surface_b], 95)))
 
 
-def evaluate(auto: sitk.Image, manual: sitk.Image, labels: Mapping[str, int] | None = None) -> list[dict]:
+def overlap_metrics(auto: sitk.Image, manual: sitk.Image, labels: Mapping[str, int] | None = None) -> list[dict]:
     """Per region: {"region", "label", "dsc", "hd95", "volume_auto_ml", "volume_manual_ml"}.
 
     dsc = 2|A∩M| / (|A| + |M|); 1.0 when both are empty, 0.0 when only one is. hd95 in mm (see `hd95`),

@@ -199,7 +199,7 @@ def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_dirs: lis
         if auto_path is None or not auto_path.exists():  # segmented patients only (one may be excluded later)
             continue
         manual = sitk.ReadImage(str(folders[row.patient] / MASK_FILE))
-        for result in segment.evaluate(sitk.ReadImage(str(auto_path)), manual, labels):
+        for result in segment.overlap_metrics(sitk.ReadImage(str(auto_path)), manual, labels):
             rows.append({"patient": row.patient, "center": row.center, "region": result["region"],
                          "dsc": round(result["dsc"], 4), "hd95": round(result["hd95"], 3),
                          "volume_auto_ml": round(result["volume_auto_ml"], 3),
