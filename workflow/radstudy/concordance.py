@@ -50,6 +50,21 @@ def weighted_auc(score, w_pos: np.ndarray, w_neg: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / den, np.nan)
 
 
+def weighted_roc(score, w_pos, w_neg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) of 'positive if score >= threshold' with per-patient weights of the positives and
+    negatives (0/1 for a plain ROC curve, IPCW for the cumulative/dynamic one), from (0, 0) at threshold +inf
+    through each distinct score, highest first."""
+    score = np.asarray(score, dtype=float)
+    w_pos, w_neg = np.asarray(w_pos, dtype=float), np.asarray(w_neg, dtype=float)
+    order = np.argsort(-score, kind="mergesort")
+    s = score[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    tp, fp = np.cumsum(w_pos[order])[last], np.cumsum(w_neg[order])[last]
+    tpr = tp / (w_pos.sum() if w_pos.sum() > 0 else 1.0)
+    fpr = fp / (w_neg.sum() if w_neg.sum() > 0 else 1.0)
+    return np.r_[0, fpr], np.r_[0, tpr], np.r_[np.inf, s[last]]
+
+
 # --------------------------------------------------------------------------------------------------
 # Harrell's C (pairs as scikit-survival's concordance_index_censored)
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from scipy.special import expit, logit
 
 from radstudy.concordance import auc as roc_auc
 from radstudy.concordance import harrell_c  # noqa: F401 (one of the evaluate stage's metrics)
-from radstudy.concordance import concordance_matrices, pair_statistic, weighted_auc
+from radstudy.concordance import concordance_matrices, pair_statistic, weighted_auc, weighted_roc
 from radstudy.survival import surv_arrays, univariable_cox
 
 Z95 = stats.norm.ppf(0.975)
@@ -151,13 +151,7 @@ def auc_bootstrap_ci(y, score, n_bootstrap: int = 2000, seed: int = 0, alpha: fl
 def roc_curve_points(y, score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) with 'positive if score >= threshold', from (0, 0) to (1, 1)."""
     y = _binary(y)
-    score = np.asarray(score, dtype=float)
-    thr = np.unique(score)[::-1]
-    order = np.argsort(-score, kind="mergesort")
-    s, yy = score[order], y[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
-    tp, fp = np.cumsum(yy)[last], np.cumsum(~yy)[last]
-    return np.r_[0, fp / max((~y).sum(), 1)], np.r_[0, tp / max(y.sum(), 1)], np.r_[np.inf, thr]
+    return weighted_roc(score, y, ~y)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,15 +469,8 @@ def time_dependent_roc(train_time, train_event, time, event, score, horizon: flo
     """(fpr, tpr) of the cumulative/dynamic ROC curve at a horizon (IPCW-weighted cases)."""
     time, event = surv_arrays(time, event)
     ipcw = censoring_weights(train_time, train_event, time, event)
-    case_w = ((time <= horizon) & event) * ipcw
-    control = (time > horizon).astype(float)
-    score = np.asarray(score, float)
-    order = np.argsort(-score, kind="mergesort")
-    s = score[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
-    tp = np.cumsum(case_w[order])[last] / max(case_w.sum(), 1e-12)
-    fp = np.cumsum(control[order])[last] / max(control.sum(), 1e-12)
-    return np.r_[0, fp], np.r_[0, tp]
+    fpr, tpr, _ = weighted_roc(score, ((time <= horizon) & event) * ipcw, (time > horizon).astype(float))
+    return fpr, tpr
 
 
 def km_at(time, event, t: float) -> float:
