@@ -478,9 +478,14 @@ def km_at(time, event, t: float) -> float:
     time, event = surv_arrays(time, event)
     if len(time) == 0:
         return np.nan
-    u, d = np.unique(time[event & (time <= t)], return_counts=True)
-    at_risk = len(time) - np.searchsorted(np.sort(time), u, side="left")
+    d, at_risk = _km_steps(time, event, t)
     return float(np.prod(1 - d / at_risk))
+
+
+def _km_steps(time: np.ndarray, event: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Events and numbers at risk at each distinct event time <= t (the Kaplan-Meier factors)."""
+    u, d = np.unique(time[event & (time <= t)], return_counts=True)
+    return d, len(time) - np.searchsorted(np.sort(time), u, side="left")
 
 
 def survival_cutoff(time, event, score, method: str = "median", horizon: float | None = None,
@@ -599,8 +604,7 @@ class CoxRecalibration:
 def km_with_ci(time, event, t: float, alpha: float = 0.05) -> tuple[float, float, float]:
     """Kaplan-Meier S(t) with the exponential Greenwood (log(-log)) CI, as lifelines' KaplanMeierFitter."""
     time, event = surv_arrays(time, event)
-    u, d = np.unique(time[event & (time <= t)], return_counts=True)
-    n = len(time) - np.searchsorted(np.sort(time), u, side="left")
+    d, n = _km_steps(time, event, t)
     s = float(np.prod(1 - d / n))
     if s <= 0 or s >= 1:
         return s, s, s

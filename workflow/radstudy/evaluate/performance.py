@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
+from radstudy.config import settings
 from radstudy.evaluate import metrics as M
 from radstudy.figures import save_figure
 from radstudy.statistics.design import COHORTS
@@ -522,7 +523,7 @@ def reclassification_table(reclass: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=(12, 24, 36), n_bootstrap: int = 2000,
+def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=None, n_bootstrap: int | None = None,
              seed: int = 20240601, reference_cohort: str = "training", linear_models=(),
              survival_cutoff: str = "median", nri_cutoffs=None, calibration_bins: int = 10,
              survival_calibration_groups: int = 4, figures: bool = True) -> dict:
@@ -531,8 +532,12 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=
     linear_models: `LinearModel`s (the combined model per endpoint, from its coefficients and design matrix)
     for the SHAP figures and the nomogram. nri_cutoffs: risk-category cut-offs of the categorical NRI
     (default: the event rate of the reference cohort for binary, the clinical model's median risk for survival).
+    horizons_months / n_bootstrap: None takes the config schema's `evaluation` defaults.
     Returns {"tables": {name: path}, "figures": [...], "metrics": {endpoint: DataFrame}}.
     """
+    defaults = settings("evaluation")
+    horizons_months = defaults["horizons_months"] if horizons_months is None else horizons_months
+    n_bootstrap = defaults["n_bootstrap"] if n_bootstrap is None else n_bootstrap
     import matplotlib
 
     matplotlib.use("Agg")
