@@ -39,6 +39,7 @@ from radstudy.concordance import auc as roc_auc
 from radstudy.concordance import harrell_c
 from radstudy.config import section_schema, settings
 from radstudy.survival import univariable_cox
+from radstudy.tables import read_table
 
 ENDPOINTS = ("binary", "survival")
 
@@ -553,11 +554,11 @@ def selection_settings(config: dict | None) -> dict:
     return settings("selection", section)
 
 
-def read_robust_features(path: str | Path, icc_min: float = 0.75) -> tuple[list[str], list[str]]:
+def read_robust_features(path: str | Path, icc_min: float) -> tuple[list[str], list[str]]:
     """(keep, evaluated) from a robustness table (TSV): column `feature`, and optionally `icc`
     (then keep = icc >= icc_min, evaluated = every listed feature; without it every listed feature is kept
     and the list is exhaustive: evaluated = None is returned as [])."""
-    table = pd.read_csv(path, sep="\t")
+    table = read_table(path, id_columns=())
     if "feature" not in table.columns:
         raise ValueError(f"robustness table {path} needs a 'feature' column, has {list(table.columns)}")
     if "icc" in table.columns:
