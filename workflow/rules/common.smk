@@ -155,6 +155,9 @@ EXPLAINED_MODELS = {
 
 
 def study_targets():
+    """What a study delivers: Snakemake reruns a job only for a missing file that something asks for, so every
+    deliverable is asked for here (a deleted fitted model reruns the statistics stage and the report).
+    """
     return [
         "results/segmentation/dsc.tsv",
         "results/features/features.parquet",
@@ -164,4 +167,8 @@ def study_targets():
         "results/qc/exclusions.tsv",
         "results/qc/patient_flow.tsv",
         "results/clinical/clinical.tsv",
+        *rules.statistics.output,
+        *rules.segmentation_quality.output,
+        *rules.feature_table.output,
+        *rules.evaluate_report.output,
     ]
