@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
-from radstudy.config import settings
+from radstudy.config import section_schema, settings
 from radstudy.evaluate import metrics as M
 from radstudy.figures import save_figure
 from radstudy.statistics.design import COHORTS
@@ -46,7 +46,7 @@ log = logging.getLogger("radstudy.evaluate.performance")
 
 PREDICTION_COLUMNS = ["patient", "center", "cohort", "split", "endpoint", "model", "score", "probability",
                       "outcome", "time", "event"]
-MODEL_ORDER = ["clinical", "radiomic", "deep", "combined"]
+MODEL_ORDER = section_schema("models.fit")["items"]["enum"]  # clinical, radiomic, deep, combined
 MODEL_COLORS = {"clinical": "#1b9e77", "radiomic": "#7570b3", "deep": "#e6ab02", "combined": "#d95f02"}
 _EXTRA_COLORS = ["#e7298a", "#66a61e", "#a6761d", "#1f78b4", "#666666", "#b15928"]
 INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}

@@ -49,18 +49,16 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 
 from radstudy import __version__
-from radstudy.config import settings
+from radstudy.config import section_schema, settings
 from radstudy.statistics.design import assign_cohorts, primary_split, split_names
 from radstudy.statistics.harmonize import ComBat
 from radstudy.statistics.robustness import FLAG_COLUMNS, ID_COLUMNS, icc_table, robust_features
-from radstudy.statistics.selection import build_selector, make_survival, read_robust_features, selection_summary
+from radstudy.statistics.selection import ENDPOINTS, build_selector, make_survival, read_robust_features, selection_summary
 from radstudy.tables import read_table
 
 log = logging.getLogger(__name__)
 
-MODELS = ("clinical", "radiomic", "deep", "combined")
-ENDPOINTS = ("binary", "survival")
-FEATURE_SETS = ("radiomic", "deep")
+FEATURE_SETS = tuple(section_schema("models.combined_scores")["items"]["enum"])  # radiomic, deep
 SCORE_OF = {"radiomic": "radscore", "deep": "deepscore"}
 DEEP_TAG = "_deep_"
 
