@@ -1,4 +1,4 @@
-"""Discrimination: the one ROC AUC (plain and weighted) and the one Harrell's concordance.
+"""Discrimination: the one ROC AUC (plain and weighted), the one ROC curve and the one Harrell's concordance.
 
 Used by the statistics stage (univariate screening, LASSO cross-validation), the evaluate stage (metrics
 with bootstrap CIs) and the demo (oracle metrics of the synthetic cohort). Pairs and ties follow

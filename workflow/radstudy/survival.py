@@ -30,6 +30,7 @@ def univariable_cox(X: np.ndarray, time: np.ndarray, event: np.ndarray, max_iter
     Constant columns get beta 0 and P 1.
     """
     X = np.asarray(X, dtype=float)
+    time, event = surv_arrays(time, event)
     n, p = X.shape
     beta_out, se_out = np.zeros(p), np.full(p, np.inf)
     mean, sd = X.mean(axis=0), X.std(axis=0)
