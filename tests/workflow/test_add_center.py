@@ -116,6 +116,7 @@ def test_training_centers_are_frozen_once_the_dataset_is_built(tmp_path):
 
 def _deliver(center: str, workdir: Path, scratch: Path) -> None:
     """Center `center`'s delivery (DICOM folders and clinical table), written by the demo generator elsewhere."""
+    scratch.mkdir(parents=True, exist_ok=True)
     write_tiny_study(scratch)
     _sheet(scratch, "A", center)  # the generator wants a development center beside it
     demo = run(scratch, "demo_cohort")
