@@ -70,10 +70,9 @@ def all_ingest_dirs(wildcards):
 
 
 def segmentation_model(wildcards):
-    """The trained checkpoint (built by nnunet_train), or the model folder given in the config."""
-    if SEG["model_folder"]:
-        return SEG["model_folder"]
-    return f"{TRAINED_MODEL}/fold_all/checkpoint_final.pth"
+    """The nnU-Net model folder (plans, dataset.json, fold checkpoints): the one given in the config, else the
+    one nnunet_train writes."""
+    return NNUNET_MODEL
 
 
 def segmented_rows(pattern):

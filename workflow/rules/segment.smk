@@ -63,7 +63,8 @@ rule nnunet_train:
     input:
         f"{NNUNET}/preprocessed/{NNUNET_DATASET}",
     output:
-        f"{TRAINED_MODEL}/fold_all/checkpoint_final.pth",
+        # the whole model folder: plans, dataset.json and fold_all/ (checkpoints, logs), all read by the predictor
+        directory(TRAINED_MODEL),
     log:
         "results/logs/segmentation/nnunet_train.log",
     benchmark:

@@ -10,5 +10,5 @@ from radstudy.logs import setup
 if __name__ == "__main__":  # nnU-Net's process pools re-import the main module
     setup(snakemake.log[0])
     study = load_study(snakemake.config)
-    results = Path(snakemake.output[0]).parents[3]  # {results}/Dataset.../Trainer__Plans__cfg/fold_all/checkpoint
+    results = Path(snakemake.output[0]).parents[1]  # nnU-Net's results folder: {results}/Dataset.../Trainer__Plans__cfg
     segmentation_stage.train(study, Path(snakemake.input[0]).parent, results)
