@@ -373,6 +373,31 @@ def test_run_statistics_writes_every_model_endpoint_and_cohort(study, tmp_path):
             assert one["score"].iloc[0] == pytest.approx(scored["score"].iloc[3])
 
 
+def test_run_statistics_writes_exactly_the_declared_files(study, tmp_path):
+    """The workflow declares every output (tables, one file per fitted model) from the config: run_statistics
+    writes those paths and nothing else; a declared model the data cannot fit is an error, not a missing file."""
+    from radstudy.statistics.models import STATISTICS_TABLES, fitted_models
+
+    feats, clin, pts, _ = study
+    config = _config()
+    assert fitted_models(config) == [(e, m) for e in ("binary", "survival")
+                                     for m in ("clinical", "radiomic", "combined")]
+    assert ("binary", "deep") in fitted_models({**config, "features": {"deep": {"enabled": True}}})
+    outputs = {name: tmp_path / "tables" / f"t_{name}.tsv" for name in STATISTICS_TABLES}
+    outputs["models"] = {key: tmp_path / "fitted" / f"{key[0]}-{key[1]}.bin" for key in fitted_models(config)}
+    outputs["split_models"] = None
+    run_statistics(feats, clin, pts, config, outputs=outputs)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    expected = [p.relative_to(tmp_path) for p in [*(outputs[n] for n in STATISTICS_TABLES),
+                                                  *outputs["models"].values()]]
+    assert written == sorted(expected)  # the deep model is fitted (deep columns) but not declared: not written
+    assert pd.read_csv(outputs["robustness"], sep="\t").empty  # no perturbed features: the ICC table's header only
+    radiomic_only = feats[[c for c in feats.columns if "_deep_" not in c]]
+    outputs["models"] = {("binary", "deep"): tmp_path / "deep.bin"}
+    with pytest.raises(ValueError, match="not fitted"):
+        run_statistics(radiomic_only, clin, pts, config, outputs=outputs)
+
+
 def test_kfold_design_and_missing_deep_features(study, tmp_path):
     feats, clin, pts, _ = study
     radiomic_only = feats[[c for c in feats.columns if "_deep_" not in c]]
