@@ -13,7 +13,7 @@ Variants, each on the same cases, model and device, each in a fresh process (wal
                -nps 3 background processes (or $nnUNet_npp / $nnUNet_nps; --npp/--nps), step size 0.5, Gaussian,
                perform_everything_on_device (cuda only), torch threads as nnUNetv2_predict sets them (all cores on CPU,
                1 on CUDA). Initialised like nnUNetv2_predict (initialize_from_trained_model_folder, trainer looked up by
-               name, nnUNet_extTrainer=workflow/radstudy/nnunet_trainers for RadstudyTrainer) where that lookup can work;
+               name, nnUNet_extTrainer=workflow/radstudy/segment/nnunet_trainers for RadstudyTrainer) where that lookup can work;
                where it cannot (a CPU torch with the CUDA torchvision wheel: the lookup imports timm -> torchvision and
                crashes), the same network is built with nnU-Net's get_network_from_plans (exactly what
                nnUNetTrainer.build_network_architecture does, RadstudyTrainer does not override it) and handed to
@@ -325,7 +325,9 @@ def main():
     from radstudy.logs import setup
     setup(log)
     t1 = time.perf_counter()
-    table = segmentation_stage.segment_center(load_study(yaml.safe_load(open(config_file))), center, qc, ingest_root,
+    from pathlib import Path
+    ingest_dirs = [d for d in (Path(ingest_root) / center).iterdir() if d.is_dir()]
+    table = segmentation_stage.segment_center(load_study(yaml.safe_load(open(config_file))), center, qc, ingest_dirs,
                                               model, out)
     t2 = time.perf_counter()
     json.dump({"import_s": t1 - T0, "call_s": t2 - t1, "vmhwm_mb": vmhwm_mb(), "cases": len(table),
