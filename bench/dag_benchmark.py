@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from radstudy.config import validate_config
+from radstudy.statistics.models import STATISTICS_TABLES, fitted_models
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -162,6 +163,7 @@ def segment_study(workdir: Path, patients: dict) -> None:
     s.file(f"{nnunet}/preprocessed/{dataset}/nnUNetPlans.json", "{}")
     s.done()
     model = f"{nnunet}/results/{dataset}/RadstudyTrainer__nnUNetPlans__{seg['configuration']}"
+    s.dir(model)  # nnunet_train's output: the model folder
     s.file(f"{model}/fold_all/checkpoint_final.pth")
     s.done()
     for c in centers:  # segment_center (checkpoint)
@@ -180,19 +182,23 @@ def complete_study(workdir: Path, patients: dict) -> None:
             s.file(f"results/features/{c}/{p}.parquet")
         for suffix in ("parquet", "issues.tsv", "meta.json"):  # deep features (features.deep.enabled)
             s.file(f"results/features/deep/{c}.{suffix}")
-    s.file("results/segmentation/dsc.tsv")
-    s.file("results/segmentation/dsc.png")
+    for suffix in ("tsv", "png", "pdf"):
+        s.file(f"results/segmentation/dsc.{suffix}")
     s.done()
-    for rel in ["results/features/features.parquet", "results/features/qc.tsv"]:
+    for rel in ["results/features/features.parquet", "results/features/features.meta.json", "results/features/qc.tsv"]:
         s.file(rel)
     s.done()
     for rel in ["qc/patients.tsv", "qc/exclusions.tsv", "qc/patient_flow.tsv", "clinical/clinical.tsv"]:
         s.file(f"results/{rel}")
     s.done()
-    for rel in ["predictions", "cohorts", "coefficients", "selected_features", "clinical_model"]:
+    s.file("results/report/baseline.tsv")
+    for rel in STATISTICS_TABLES:
         s.file(f"results/models/{rel}.tsv")
+    for endpoint, model in fitted_models(yaml.safe_load((workdir / "config.yaml").read_text())):
+        s.file(f"results/models/{endpoint}/{model}.joblib")
     s.done()
     s.file("results/report/report.html")
+    s.dir("results/report/evaluation")
     s.done()
 
 
