@@ -22,7 +22,6 @@ from radstudy.features import radiomics as features
 
 from radstudy.features import stage as features_stage
 
-from radstudy.segment import nnunet as segment
 from radstudy.config import load_study, validate_config
 from radstudy.errors import ConfigError
 

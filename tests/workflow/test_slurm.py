@@ -37,9 +37,11 @@ LOCAL_PROFILE = REPO / "workflow" / "profiles" / "default"
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 CENTERS = ("A", "B", "C")
-# every rule of the tiny study (demo_cohort runs before, locally: it writes the hospitals' deliveries), without
-# the optional robustness step (two more radiomics passes per patient; its rules' sizes are checked by dry runs)
+# every rule of the shared tiny study given its model (demo_cohort ran before, locally: it wrote the hospitals'
+# deliveries; nnU-Net's dataset, planning and training are replaced by the given model, their sizes checked by
+# the dry runs below)
 SLURM_RULES = {"discover", "ingest_patient", "clinical_table", "center_qc", "segmentation_split", "segment_center",
+               "report_baseline",
                "segmentation_quality", "radiomics_patient", "radiomics_perturbed", "perturbed_table",
                "deep_features_center", "feature_table", "patient_flow", "statistics", "evaluate_report"}
 GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics", "radiomics_perturbed": "perturbed"}

@@ -201,7 +201,6 @@ class _Outputs:
         self.tables[name] = {"path": path.name, "title": title, "section": section}
 
     def figure(self, fig, name: str, caption: str, section: str, **meta) -> None:
-        import matplotlib.pyplot as plt
 
         save_figure(fig, self.out_dir, name)
         self.figures.append({"name": name, "png": f"figures/{name}.png", "pdf": f"figures/{name}.pdf",
@@ -212,9 +211,10 @@ def _seed(seed: int, *keys) -> np.random.Generator:
     return np.random.default_rng([seed] + [zlib.crc32(str(k).encode()) for k in keys])
 
 
-def _fmt_p(p) -> str:
+def format_p(p, missing: str = "NA") -> str:
+    """A P value for a table: <0.001, else 3 decimals; `missing` when there is none."""
     if p is None or not np.isfinite(p):
-        return "NA"
+        return missing
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
@@ -498,7 +498,7 @@ def headline_table(metrics: pd.DataFrame, spec, models, cohorts) -> pd.DataFrame
                 if v.empty:
                     row[label] = "NA"
                 elif est.endswith("_p") and n_splits == 1:
-                    row[label] = _fmt_p(v.iloc[0])
+                    row[label] = format_p(v.iloc[0])
                 elif n_splits == 1:
                     row[label] = _fmt_ci(v.iloc[0], g[lo].iloc[0] if lo else None, g[hi].iloc[0] if hi else None)
                 elif "bootstrap" not in label:
@@ -517,7 +517,7 @@ def reclassification_table(reclass: pd.DataFrame) -> pd.DataFrame:
         for name, label in (("nri_continuous", "NRI continuous"), ("nri_categorical", "NRI categorical"), ("idi", "IDI")):
             if name in r and pd.notna(r.get(name)):
                 row[label] = _fmt_ci(r[name], r[f"{name}_ci_low"], r[f"{name}_ci_high"])
-                row[f"{label} P"] = _fmt_p(r[f"{name}_p"])
+                row[f"{label} P"] = format_p(r[f"{name}_p"])
         row["risk cut-offs"] = r.get("nri_cutoffs", "")
         rows.append(row)
     return pd.DataFrame(rows)

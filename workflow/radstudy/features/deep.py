@@ -55,7 +55,6 @@ import pandas as pd
 import SimpleITK as sitk
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from radstudy.features import radiomics
 from radstudy.images import same_grid

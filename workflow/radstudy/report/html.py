@@ -22,9 +22,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from radstudy.evaluate.performance import format_p as _format_p
+from radstudy.statistics.design import COHORTS
+from radstudy.tables import read_table
+
 log = logging.getLogger("radstudy.report.html")
 
-COHORT_ORDER = ["training", "validation", "test"]
 ID_COLUMNS = {"patient", "center", "split", "cohort", "has_clinical_record"}
 
 CSS = """
@@ -62,9 +65,8 @@ def _normal(groups: list[np.ndarray]) -> bool:
 
 
 def format_p(p) -> str:
-    if p is None or not np.isfinite(p):
-        return ""
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    """A P value as the report's tables show it (evaluate.performance.format_p; missing: empty)."""
+    return _format_p(p, missing="")
 
 
 def table1(clinical: pd.DataFrame, groups: pd.Series, variables=None, categorical=None) -> pd.DataFrame:
@@ -81,7 +83,7 @@ def table1(clinical: pd.DataFrame, groups: pd.Series, variables=None, categorica
     grp.index = grp.index.astype(str)
     data = data.loc[data.index.intersection(grp.index)]
     g = grp.reindex(data.index)
-    levels = [c for c in COHORT_ORDER if c in set(g)] + sorted(set(g) - set(COHORT_ORDER))
+    levels = [c for c in COHORTS if c in set(g)] + sorted(set(g) - set(COHORTS))
     variables = variables or [c for c in data.columns if c not in ID_COLUMNS or (c == "center" and data[c].nunique() > 1)]
     categorical = set(categorical or [])
     header = ["Overall"] + levels
@@ -174,43 +176,10 @@ def _figure_file(fig, out_dir: Path, name: str) -> Path:
 
 
 def plot_segmentation(dsc: pd.DataFrame, out_dir: Path) -> Path:
-    import matplotlib.pyplot as plt
+    """The segmentation stage's figure (radstudy.figures.dsc_figure), saved with the report's figures."""
+    from radstudy.figures import dsc_figure
 
-    regions = sorted(dsc["region"].unique())
-    has_vol = {"volume_auto_ml", "volume_manual_ml"} <= set(dsc.columns)
-    fig, axes = plt.subplots(1, 2 if has_vol else 1, figsize=(11 if has_vol else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    centers = sorted(dsc["center"].unique()) if "center" in dsc.columns else ["all"]
-    width = 0.8 / len(centers)
-    for k, c in enumerate(centers):
-        sub = dsc if c == "all" else dsc[dsc["center"] == c]
-        data = [sub.loc[sub["region"] == r, "dsc"].dropna().values for r in regions]
-        ax.boxplot(data, positions=np.arange(len(regions)) + (k - (len(centers) - 1) / 2) * width, widths=width * 0.9,
-                   patch_artist=True, boxprops={"facecolor": plt.cm.tab10(k), "alpha": 0.6}, showfliers=True,
-                   flierprops={"markersize": 3})
-        ax.plot([], [], color=plt.cm.tab10(k), lw=6, alpha=0.6, label=c)
-    ax.set_xticks(np.arange(len(regions)))
-    ax.set_xticklabels(regions)
-    ax.set_ylabel("Dice similarity coefficient")
-    ax.set_ylim(0, 1)
-    ax.set_title("Automatic vs manual segmentation", fontsize=10)
-    ax.legend(fontsize=8, title="center")
-    ax.grid(alpha=0.25)
-    if has_vol:
-        ax = axes[0, 1]
-        for k, r in enumerate(regions):
-            sub = dsc[dsc["region"] == r]
-            ax.scatter(sub["volume_manual_ml"], sub["volume_auto_ml"], s=10, alpha=0.6, label=r, color=plt.cm.Set1(k))
-        lim = [0, np.nanmax(dsc[["volume_auto_ml", "volume_manual_ml"]].values) * 1.05]
-        ax.plot(lim, lim, ls="--", color="grey", lw=0.8)
-        ax.set_xscale("symlog")
-        ax.set_yscale("symlog")
-        ax.set_xlabel("Manual volume (mL)")
-        ax.set_ylabel("Automatic volume (mL)")
-        ax.set_title("Volumes", fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.25)
-    return _figure_file(fig, out_dir, "segmentation_quality")
+    return _figure_file(dsc_figure(dsc), out_dir, "segmentation_quality")
 
 
 def plot_flow(flow: pd.DataFrame, cohort_counts: dict, out_dir: Path) -> Path:
@@ -357,9 +326,7 @@ def _missing(what: str) -> str:
 
 
 def _read(path) -> pd.DataFrame:
-    path = Path(path)
-    sep = "," if path.suffix.lower() == ".csv" else "\t"
-    return pd.read_csv(path, sep=sep, na_values=["NA", ""])
+    return read_table(path, id_columns=())  # 'NA' and empty cells missing; identifiers as written
 
 
 def _versions() -> str:
@@ -437,8 +404,8 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
     if flow_tsv and Path(flow_tsv).is_file():
         flow = _read(flow_tsv)
         flow.to_csv(ev / "patient_flow.csv", index=False)
-        counts = groups.value_counts().reindex([c for c in COHORT_ORDER if c in set(groups)] +
-                                               sorted(set(groups) - set(COHORT_ORDER))).to_dict() if groups is not None else {}
+        counts = groups.value_counts().reindex([c for c in COHORTS if c in set(groups)] +
+                                               sorted(set(groups) - set(COHORTS))).to_dict() if groups is not None else {}
         content = html_table(flow)
         try:
             content = _figure_html(plot_flow(flow, counts, ev), "Patient flow (delivered, excluded with reasons, "

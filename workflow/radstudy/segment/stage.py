@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from radstudy.segment import nnunet as segment
 from radstudy.config import Study
+from radstudy.figures import dsc_figure
 from radstudy.errors import REASONS, SEGMENTATION_QC, ConfigError
 from radstudy.ingest.patient import MASK_FILE, image_file, label_volumes
 from radstudy.ingest.stage import patient_folders
@@ -207,37 +208,16 @@ def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_dirs: lis
     table = pd.DataFrame(rows, columns=["patient", "center", "region", "dsc", "hd95", "volume_auto_ml", "volume_manual_ml"])
     Path(out_tsv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_tsv, sep="\t", index=False)
-    _dsc_figure(table, Path(out_png), Path(out_pdf))
+    _save_dsc_figure(table, Path(out_png), Path(out_pdf))
     if not table.empty:
         log.info("holdout DSC medians: %s", table.groupby("region")["dsc"].median().round(3).to_dict())
     return table
 
 
-def _dsc_figure(table: pd.DataFrame, png: Path, pdf: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save_dsc_figure(table: pd.DataFrame, png: Path, pdf: Path) -> None:
     import matplotlib.pyplot as plt
 
-    regions = list(dict.fromkeys(table["region"])) if not table.empty else []
-    colours = {center: f"C{k}" for k, center in enumerate(sorted(table["center"].unique()))}  # one colour per center
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric, label in zip(axes, ["dsc", "hd95"], ["Dice similarity coefficient", "95% Hausdorff distance (mm)"]):
-        for i, region in enumerate(regions):
-            sub = table[table["region"] == region]
-            for j, (center, group) in enumerate(sub.groupby("center")):
-                x = i + (j - (sub["center"].nunique() - 1) / 2) * 0.15
-                ax.scatter([x] * len(group), group[metric], s=18, label=center if i == 0 else None, alpha=0.8,
-                           color=colours[center])
-            ax.hlines(sub[metric].median(), i - 0.3, i + 0.3, color="black", linewidth=1.5)
-        ax.set_xticks(range(len(regions)), regions)
-        ax.set_ylabel(label)
-        if metric == "dsc":
-            ax.set_ylim(0, 1.02)
-    if regions:
-        axes[0].legend(title="center", fontsize=8, frameon=False)
-    fig.suptitle(f"Automatic vs manual segmentation, holdout patients (n={table['patient'].nunique() if regions else 0}); bar: median")
-    fig.tight_layout()
+    fig = dsc_figure(table)  # radstudy.figures: the report draws it with the same function
     fig.savefig(png, dpi=150, metadata={"Software": None})  # no version or date: same table, same bytes
     fig.savefig(pdf, metadata={"Creator": None, "Producer": None, "CreationDate": None})
     plt.close(fig)
