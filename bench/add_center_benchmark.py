@@ -103,7 +103,7 @@ def newest_log(work: Path, before: set[Path]) -> str:
 
 def deliver_new_center(work: Path, patients: int, role: str) -> None:
     """The demo generator's cohort with C5 appended; C5's delivery copied to delivered/ (the rest discarded)."""
-    from radstudy.ingest import stage as stages
+    from radstudy.demo import stage as demo
     from radstudy.config import load_study
 
     gen = work / "generator"
@@ -121,7 +121,7 @@ def deliver_new_center(work: Path, patients: int, role: str) -> None:
     cwd = os.getcwd()
     os.chdir(gen)
     try:
-        stages.demo(load_study(config))
+        demo.generate(load_study(config))
     finally:
         os.chdir(cwd)
     delivered = work / "delivered"

@@ -48,7 +48,7 @@ GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics", "radiom
 # Overrides a site with slurmdbd would not need: no accounting database here (sacct would poll forever, and the
 # plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence.
 TEST_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-no-account",
-                  "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "3"]
+                  "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "9"]
 
 
 def _profile() -> dict:

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             roles = ", ".join(f"{c.id} ({c.role})" for c in study.centers)
             print(f"{args.config}: valid; study {study.config['study']['name']}; centers: {roles}")
         elif args.command == "demo":
-            stages.demo(study)
+            from radstudy.demo import stage as demo  # the generator's imports: only for the demo
+
+            demo.generate(study)
         elif args.command == "discover":
             stages.discover(study, args.center, args.out)
         elif args.command == "ingest":

@@ -3,9 +3,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workflow/: radstudy, in any env (README)
 
-from radstudy.ingest import stage as stages
+from radstudy.demo import stage as demo
 from radstudy.config import load_study
 from radstudy.logs import setup
 
 setup(snakemake.log[0])
-stages.demo(load_study(snakemake.config))
+demo.generate(load_study(snakemake.config))

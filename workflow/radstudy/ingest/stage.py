@@ -26,22 +26,6 @@ def _write_tsv(table: pd.DataFrame, path: str | Path) -> None:
     table.to_csv(path, sep="\t", index=False, na_rep="NA")
 
 
-def demo(study: Study) -> dict:
-    """Generate the synthetic cohort into the paths that the centers sheet names."""
-    from radstudy.demo.cohort import generate_cohort  # imported here: only the demo study needs it
-
-    cfg = study.config["demo"]
-    centers = [{"id": c.id, "role": c.role, "dicom_root": c.dicom_root, "clinical": c.clinical} for c in study.centers]
-    patients = cfg.get("patients", [30, 40])
-    summary = generate_cohort(
-        centers, cfg["out_dir"], seed=study.seed, patients=tuple(patients) if isinstance(patients, list) else patients,
-        size=cfg["size"], annotated_fraction=cfg["annotated_fraction"], rtstruct_per_center=cfg["rtstruct_per_center"],
-        labels=study.config["ingest"]["labels"], workers=cfg["workers"],
-    )
-    log.info("demo cohort written: %s", {k: v for k, v in summary.items() if k != "oracle"})
-    return summary
-
-
 def discover(study: Study, center_id: str, out_tsv: str | Path) -> pd.DataFrame:
     """Pseudonymise the center's delivered patients; the output lists pseudonyms only."""
     center = study.center(center_id)

@@ -1,0 +1,25 @@
+"""The demo stage's entry: the synthetic multicenter cohort written where the centers sheet says the hospitals'
+deliveries are (DICOM folders, clinical tables), with its ground truth beside them."""
+
+from __future__ import annotations
+
+import logging
+
+from radstudy.config import Study
+from radstudy.demo.cohort import generate_cohort
+
+log = logging.getLogger(__name__)
+
+
+def generate(study: Study) -> dict:
+    """Generate the synthetic cohort into the paths that the centers sheet names."""
+    cfg = study.config["demo"]
+    centers = [{"id": c.id, "role": c.role, "dicom_root": c.dicom_root, "clinical": c.clinical} for c in study.centers]
+    patients = cfg.get("patients", [30, 40])
+    summary = generate_cohort(
+        centers, cfg["out_dir"], seed=study.seed, patients=tuple(patients) if isinstance(patients, list) else patients,
+        size=cfg["size"], annotated_fraction=cfg["annotated_fraction"], rtstruct_per_center=cfg["rtstruct_per_center"],
+        labels=study.config["ingest"]["labels"], workers=cfg["workers"],
+    )
+    log.info("demo cohort written: %s", {k: v for k, v in summary.items() if k != "oracle"})
+    return summary
