@@ -153,6 +153,36 @@ def test_second_run_has_nothing_to_do(tiny_study):
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
+# files Snakemake lists as untracked that are declared all the same: inside a declared directory() output (a
+# patient's ingest folder, a center's segmentation folder, the report's evaluation folder), benchmarks and logs
+DECLARED_FOLDERS = re.compile(r"^results/(ingest/[A-Z]+/[A-Z]+-\d{4}/|segmentation/[A-Z]+/|report/evaluation/"
+                              r"|benchmarks/|logs/)")
+
+
+def test_every_file_under_results_is_declared(tiny_study):
+    listed = run(tiny_study.workdir, "--list-untracked")
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    results = [line for line in listed.stdout.splitlines() if line.startswith("results/")]
+    assert any(line.startswith("results/report/evaluation/") for line in results)  # the listing did list
+    undeclared = [line for line in results if not DECLARED_FOLDERS.match(line)]
+    assert not undeclared, undeclared[:20]
+
+
+def test_a_deleted_fitted_model_reruns_the_statistics_and_the_report_only(tiny_study, tmp_path):
+    """Dry run only: the shared study is put back as it was (the model file, with its modification time)."""
+    model = tiny_study.workdir / "results" / "models" / "binary" / "radiomic.joblib"
+    kept = tmp_path / model.name
+    shutil.move(model, kept)
+    try:
+        dry = run(tiny_study.workdir, "--dry-run")
+    finally:
+        shutil.move(kept, model)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", dry.stdout + dry.stderr, flags=re.M)
+    assert sorted(jobs) == ["all", "evaluate_report", "statistics"], jobs
+    assert "Missing output files: results/models/binary/radiomic.joblib" in dry.stdout + dry.stderr
+
+
 def test_a_trained_model_folder_in_the_config_is_used_without_training(tiny_study, tmp_path):
     """A copy of the study given the model it trained, as if from an earlier study: only segmentation reruns."""
     workdir = copy_study(tiny_study, tmp_path / "given")
