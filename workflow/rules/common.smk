@@ -69,12 +69,6 @@ def all_ingest_dirs(wildcards):
     return [d for center in CENTERS for d in ingest_dirs_of(center)]
 
 
-def segmentation_model(wildcards):
-    """The nnU-Net model folder (plans, dataset.json, fold checkpoints): the one given in the config, else the
-    one nnunet_train writes."""
-    return NNUNET_MODEL
-
-
 def segmented_rows(pattern):
     """`pattern` for every patient whose segmentation passed QC (known once each center is segmented)."""
 
@@ -103,16 +97,9 @@ def perturbed_input(wildcards):
     return "results/features/perturbed.parquet"
 
 
-def deep_model(wildcards):
-    """What the deep features read: the user's checkpoint, or the segmentation model (backbone nnunet)."""
-    if DEEP["checkpoint"]:
-        return DEEP["checkpoint"]
-    return segmentation_model(wildcards)
-
-
-def deep_model_folder():
-    """The model as deep.build_extractor takes it: nnU-Net model folder or checkpoint file."""
-    return str(DEEP["checkpoint"] or NNUNET_MODEL)
+# What the deep features read (an input of their rule): the user's checkpoint file, or the segmentation model
+# folder (backbone nnunet)
+DEEP_MODEL = str(DEEP["checkpoint"] or NNUNET_MODEL)
 
 
 def deep_ingest_dirs(wildcards):
@@ -142,7 +129,7 @@ MODEL_FILES = [
 # every split's models too (models.save_split_models): the splits follow the design, so one folder
 SPLIT_MODELS = (
     [directory("results/models/splits")]
-    if STUDY.config.get("models", {}).get("save_split_models")
+    if STUDY.config["models"]["save_split_models"]
     else []
 )
 # the combined model per endpoint: SHAP and the nomogram of the report

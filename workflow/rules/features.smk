@@ -51,7 +51,7 @@ rule deep_features_center:
     input:
         segmentation="results/segmentation/{center}",
         ingest=deep_ingest_dirs,
-        model=deep_model,
+        model=DEEP_MODEL,
     output:
         table="results/features/deep/{center}.parquet",
         issues="results/features/deep/{center}.issues.tsv",
@@ -65,8 +65,6 @@ rule deep_features_center:
     threads: DEEP["threads"]
     resources:
         gpu=1 if features_stage.deep_wants_gpu(STUDY) else 0,
-    params:
-        model=deep_model_folder(),
     script:
         "../scripts/deep_features_center.py"
 

@@ -80,7 +80,7 @@ rule nnunet_train:
 
 checkpoint segment_center:
     input:
-        model=segmentation_model,
+        model=NNUNET_MODEL,
         qc="results/qc/{center}/patients.tsv",
         ingest=center_ingest_dirs,
     output:
@@ -94,8 +94,6 @@ checkpoint segment_center:
     threads: SEG["threads"]
     resources:
         gpu=1 if SEG["gpu"] else 0,
-    params:
-        model_folder=NNUNET_MODEL,
     script:
         "../scripts/segment_center.py"
 

@@ -10,5 +10,5 @@ from radstudy.logs import setup
 setup(snakemake.log[0])
 features_stage.deep_center(
     load_study(snakemake.config), snakemake.wildcards.center, snakemake.input.segmentation, snakemake.input.ingest,
-    snakemake.params.model, snakemake.output.table, snakemake.output.issues, snakemake.output.meta,
+    snakemake.input.model, snakemake.output.table, snakemake.output.issues, snakemake.output.meta,
 )

@@ -880,12 +880,13 @@ def study_table(rows: Iterable[pd.DataFrame] | Iterable[str | Path]) -> pd.DataF
     return table
 
 
-def write_study(rows, out: str | Path, params) -> tuple[pd.DataFrame, Path]:
-    """Study table to `out` (.parquet/.tsv/.csv) and its metadata to `<out stem>.meta.json` beside it."""
+def write_study(rows, out: str | Path, params, meta_out: str | Path | None = None) -> tuple[pd.DataFrame, Path]:
+    """Study table to `out` (.parquet/.tsv/.csv) and its metadata to `meta_out` (default: `<out stem>.meta.json`
+    beside it)."""
     out = Path(out)
     table = study_table(rows)
     write_row(table, out)
-    meta_path = out.with_name(out.name.split(".")[0] + ".meta.json")
+    meta_path = Path(meta_out) if meta_out is not None else out.with_name(out.name.split(".")[0] + ".meta.json")
     meta = feature_metadata(params)
     meta["patients"] = len(table)
     meta["features"] = int(len(table.columns) - len(ID_COLUMNS) - len(FLAG_COLUMNS))

@@ -184,9 +184,7 @@ def study_table(study: Study, rows: list[str | Path], out_table: str | Path, out
     qc.tsv: included / excluded per patient; `message` also carries the patient's deep-feature issues.
     out_meta: the table's metadata (versions, parameters hash; default: <table stem>.meta.json beside it);
     deep_meta: the centers' deep-extractor settings (deep_center's out_meta), the first one recorded in out_meta."""
-    table, meta = features.write_study(rows, out_table, study.config["features"]["radiomics"]["params"])
-    if out_meta is not None and Path(out_meta) != meta:
-        meta = Path(meta).replace(out_meta)
+    table, meta = features.write_study(rows, out_table, study.config["features"]["radiomics"]["params"], out_meta)
     notes: dict[str, str] = {}
     if deep_tables:
         table = _join_deep(table, list(deep_tables))
