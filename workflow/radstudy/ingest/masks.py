@@ -1,5 +1,10 @@
 """Masks: RTSTRUCT contours rasterised onto an image grid, and label-mask files (NIfTI / NRRD / MHA).
 
+Every delivered mask file is read into a *mask source* (`MaskSource`): its kind, the file, the series and
+frame of reference it references, the names of its regions (ROI names, segment labels) and `region(name,
+reference)`, the region as a 0/1 uint8 image on the reference grid. `radstudy.ingest.patient` chooses among a
+patient's sources and maps their region names to the config's labels.
+
 `radstudy.ingest.dicomio` re-exports the public names, so callers can use one module for all reading.
 
 Failures raise `PatientExcluded(MASK_UNREADABLE | MASK_GRID_MISMATCH, ...)`, naming the patient
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pydicom
@@ -27,6 +33,25 @@ CONTOUR_DATA_TAG = 0x30060050
 BOUNDARY_TOLERANCE = 1e-6
 
 
+class MaskSource(Protocol):
+    """A delivered mask file as `radstudy.ingest.patient` uses it (RTStruct; DICOM SEG; named label maps)."""
+
+    kind: str  # "rtstruct" | "seg" | "label_map"
+    file: str  # relative to the patient's folder, as messages and the QC record name it
+    frame_of_reference_uid: str | None
+    referenced_series_uid: str | None  # the image series the file says it was drawn on, where it names one
+
+    @property
+    def names(self) -> list[str]:
+        """Region names (ROI names, segment labels), in the file's order; empty where the file names none."""
+        ...
+
+    def region(self, name: str, reference: sitk.Image, *, patient: str = "") -> sitk.Image:
+        """Region `name` (one of `names`) as a uint8 0/1 image on the grid of `reference`; PatientExcluded
+        (MASK_UNREADABLE / MASK_GRID_MISMATCH) naming the patient, file and region when it cannot be placed."""
+        ...
+
+
 @dataclass
 class ROI:
     number: int | None
@@ -41,6 +66,14 @@ class RTStruct:
     rois: list[ROI]
     frame_of_reference_uid: str | None  # the referenced FrameOfReferenceUID
     referenced_series_uid: str | None  # the referenced image SeriesInstanceUID, where the file names one
+    kind: str = "rtstruct"
+
+    @property
+    def names(self) -> list[str]:
+        return self.roi_names
+
+    def region(self, name: str, reference: sitk.Image, *, patient: str = "") -> sitk.Image:
+        return rasterise_roi(self, name, reference, patient=patient)
 
     @property
     def roi_names(self) -> list[str]:
