@@ -41,6 +41,12 @@ def image_file(channel: str) -> str:
     return f"image_{channel}.nii.gz"
 
 
+def fov_file(channel: str) -> str:
+    """The channel's field-of-view mask (uint8, 1 inside), written only for a channel that does not cover the
+    whole reference grid: voxels outside it hold a fill value and are kept out of every feature."""
+    return f"fov_{channel}.nii.gz"
+
+
 def ingest_patient(study: Study, center_id: str, pseudonym: str, out_dir: str | Path) -> dict:
     """Ingest one patient into `out_dir` (created); always writes `qc.json`. An unusable patient gets
     status 'excluded' with the reason, unless the config's ingest.on_error is 'fail' (then it raises)."""
