@@ -27,12 +27,16 @@ def _schema(name: str) -> dict:
 
 
 def _with_defaults(value: Any, schema: dict) -> Any:
-    """Fill `default`s of object properties (recursively), as snakemake.utils.validate(set_default=True) does."""
+    """Fill `default`s of object properties (recursively), as snakemake.utils.validate(set_default=True) does.
+    An absent optional section (an object with no required key and no default of its own) is filled as an empty
+    one, so that its keys get their defaults too: every config that validates has every optional key."""
     if not isinstance(value, dict) or schema.get("type") != "object":
         return value
     for key, sub in schema.get("properties", {}).items():
         if key not in value and "default" in sub:
             value[key] = copy.deepcopy(sub["default"])
+        elif key not in value and sub.get("type") == "object" and not sub.get("required"):
+            value[key] = {}
         if key in value:
             value[key] = _with_defaults(value[key], sub)
     extra = schema.get("additionalProperties")

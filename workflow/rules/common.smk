@@ -13,7 +13,7 @@ except ConfigError as error:
     raise WorkflowError(str(error))
 
 CENTERS = [c.id for c in STUDY.centers]
-DEMO = STUDY.config.get("demo", {}).get("enabled", False)
+DEMO = STUDY.config["demo"]["enabled"]
 SEG = STUDY.config["segmentation"]
 NNUNET = SEG["work_dir"]
 NNUNET_DATASET = segmentation_stage.dataset_name(STUDY)

@@ -21,14 +21,29 @@ QC_COLUMNS = ["patient", "center", "role", "status", "stage", "reason", "reason_
 def center_patients(ingest_dirs: list[Path], clinical: pd.DataFrame) -> pd.DataFrame:
     """One row per delivered patient of a center from the ingestion QC records and the clinical table."""
     records = [json.loads((Path(d) / "qc.json").read_text()) for d in ingest_dirs]
-    table = pd.DataFrame(records).reindex(columns=QC_COLUMNS + ["channels", "mask"]).astype({c: object for c in QC_COLUMNS})
+    table = pd.DataFrame(records).reindex(columns=QC_COLUMNS + ["channels", "mask", "unused_files"]).astype({c: object for c in QC_COLUMNS})
     has_record = clinical.set_index("patient")["has_clinical_record"]
     lacking = (table["status"] == "included") & ~table["patient"].map(has_record).fillna(False).astype(bool)
     table.loc[lacking, ["status", "stage", "reason", "reason_text"]] = [
         "excluded", "clinical", NO_CLINICAL_RECORD, REASONS[NO_CLINICAL_RECORD]]
     table.loc[lacking, "message"] = table.loc[lacking, "patient"] + ": no row in the center's clinical table"
     table["annotated"] = table["mask"].map(lambda m: isinstance(m, dict) and m.get("source", "none") != "none")
+    table["mask_source"] = table["mask"].map(lambda m: m.get("source", "none") if isinstance(m, dict) else "")
+    table["mask_notes"] = table["mask"].map(mask_notes)
+    table["unused_files"] = [len(u) if isinstance(u, list) else 0 for u in table["unused_files"]]
     return table.drop(columns=["channels", "mask"]).sort_values("patient").reset_index(drop=True)
+
+
+def mask_notes(mask) -> str:
+    """What a reader of the patient table should know about the manual mask: labels combined from several
+    regions or chosen among them, and labels taken from a file drawn on another series than the reference."""
+    notes = []
+    for region, record in (mask.get("regions", {}) if isinstance(mask, dict) else {}).items():
+        if record["taken"] != "single":
+            notes.append(f"{region}: {record['taken']} of {', '.join(record['matched'])}")
+        if "other_series" in record["reference"]:
+            notes.append(f"{region}: drawn on another series ({', '.join(record['files'])})")
+    return "; ".join(notes)
 
 
 def apply_stage_exclusions(patients: pd.DataFrame, stage_tables: list[pd.DataFrame]) -> pd.DataFrame:
