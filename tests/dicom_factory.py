@@ -161,3 +161,170 @@ def _ds(value: float) -> str:
     """A decimal string within the DS limit of 16 characters."""
     text = f"{float(value):.10g}"
     return text if len(text) <= 16 else f"{float(value):.8g}"
+
+
+# --------------------------------------------------------------------------- enhanced multi-frame images
+# The slices of a single-frame series (write_ct_series) as one enhanced multi-frame file, so that tests compare the
+# two deliveries of the same data.
+
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def write_legacy_enhanced(path: Path, series: SeriesUIDs, *, modality: str = "CT") -> Path:
+    """A Legacy Converted Enhanced CT or MR file, converted by highdicom from the single-frame files of `series`."""
+    import highdicom as hd
+    import pydicom
+
+    datasets = [pydicom.dcmread(f) for f in series.files]
+    if modality == "MR":
+        for ds in datasets:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+            ds.Modality = "MR"
+    converter = {"CT": hd.legacy.LegacyConvertedEnhancedCTImage, "MR": hd.legacy.LegacyConvertedEnhancedMRImage}[modality]
+    enhanced = converter(datasets, series_instance_uid=generate_uid(), series_number=datasets[0].SeriesNumber,
+                         sop_instance_uid=generate_uid(), instance_number=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    enhanced.save_as(path)
+    return path
+
+
+def write_enhanced(
+    path: Path,
+    series: SeriesUIDs,
+    *,
+    modality: str = "CT",
+    frames=None,
+    per_frame_groups=("PlanePositionSequence",),
+    omit=(),
+    frame_content=None,
+    dimensions=(),
+    transfer_syntax: str = ExplicitVRLittleEndian,
+) -> Path:
+    """An Enhanced CT or MR Image file (written with pydicom) holding the slices of the single-frame `series` as frames.
+
+    frames: indices into series.files, in frame order (default: all, in file order).
+    per_frame_groups: functional groups written per frame; the others (plane orientation, pixel measures, pixel
+        value transformation) are shared, taken from the first frame's file.
+    omit: functional groups left out, for files that lack them.
+    frame_content: one {functional group: {attribute: value}} per frame, written per frame (b-values...).
+    dimensions: (functional group, attribute) pairs declared in DimensionIndexSequence after the plane position.
+    """
+    import pydicom
+    from pydicom.datadict import tag_for_keyword
+
+    sources = [pydicom.dcmread(series.files[i]) for i in (range(len(series.files)) if frames is None else frames)]
+    first = sources[0]
+    sop_class = {"CT": ENHANCED_CT_IMAGE_STORAGE, "MR": ENHANCED_MR_IMAGE_STORAGE}[modality]
+    ds = _base_dataset(sop_class, str(first.PatientID), series.study_uid, modality)
+    ds.SeriesInstanceUID = generate_uid()  # a new series, as converters and scanners make
+    for keyword in ("PatientName", "FrameOfReferenceUID", "SeriesDescription", "SeriesNumber",
+                    "Manufacturer", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+                    "BitsStored", "HighBit", "PixelRepresentation"):
+        setattr(ds, keyword, first.data_element(keyword).value)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(sources)
+    ds.DimensionOrganizationSequence = Sequence([Dataset()])
+    ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = organization = generate_uid()
+    ds.DimensionIndexSequence = Sequence()
+    for group, keyword in (("PlanePositionSequence", "ImagePositionPatient"), *dimensions):
+        dimension = Dataset()
+        dimension.DimensionOrganizationUID = organization
+        dimension.DimensionIndexPointer = tag_for_keyword(keyword)
+        dimension.FunctionalGroupPointer = tag_for_keyword(group)
+        ds.DimensionIndexSequence.append(dimension)
+
+    shared = Dataset()
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence()
+    for number, source in enumerate(sources, start=1):
+        item = Dataset()
+        extra = frame_content[number - 1] if frame_content else {}
+        groups = _frame_groups(source, modality)
+        groups["FrameContentSequence"] = {"StackID": "1", "InStackPositionNumber": number, "DimensionIndexValues": number}
+        for group, values in extra.items():
+            groups.setdefault(group, {}).update(values)
+        for group, values in groups.items():
+            if group in omit:
+                continue
+            if group in per_frame_groups or group == "FrameContentSequence" or group in extra:
+                setattr(item, group, Sequence([_dataset(values)]))
+            elif number == 1:
+                setattr(shared, group, Sequence([_dataset(values)]))
+        ds.PerFrameFunctionalGroupsSequence.append(item)
+    ds.PixelData = b"".join(source.PixelData for source in sources)
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _frame_groups(source: Dataset, modality: str) -> dict[str, dict]:
+    """The functional groups of one single-frame file's geometry and rescale, as {group: {attribute: value}}."""
+    return {
+        "PlanePositionSequence": {"ImagePositionPatient": source.ImagePositionPatient},
+        "PlaneOrientationSequence": {"ImageOrientationPatient": source.ImageOrientationPatient},
+        "PixelMeasuresSequence": {"PixelSpacing": source.PixelSpacing, "SliceThickness": source.SliceThickness},
+        "PixelValueTransformationSequence": {"RescaleSlope": source.RescaleSlope, "RescaleIntercept": source.RescaleIntercept,
+                                             "RescaleType": "HU" if modality == "CT" else "US"},
+        f"{modality}ImageFrameTypeSequence": {"FrameType": ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]},
+    }
+
+
+def _dataset(values: dict) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def write_seg(
+    path: Path,
+    image: SeriesUIDs,
+    segments: dict[str, np.ndarray],
+    *,
+    fractional: bool = False,
+    slices=None,
+    affine=None,
+) -> Path:
+    """A DICOM SEG written by highdicom on the CT series `image`: one segment per entry of `segments` (name ->
+    (slices, rows, columns) array of 0/1, or of fractions in 0..1 when `fractional`), numbered from 1 in order.
+    By default the arrays lie on the CT's grid; `slices` keeps only those CT slices (the arrays then hold just
+    them), and `affine` (highdicom's 4x4 from (slice, row, column) index to patient mm) puts them on another
+    grid in the CT's frame of reference. Empty frames are omitted, as highdicom does by default."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(file) for file in image.files]
+    for ds in sources:  # attributes the SEG copies (type 2) that the synthetic CT leaves out
+        for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+                        "StudyID", "AccessionNumber"):
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    if slices is not None:
+        sources = [sources[i] for i in slices]
+    stacked = np.stack([np.asarray(mask) for mask in segments.values()], axis=-1)
+    stacked = stacked.astype(np.float32 if fractional else np.uint8)
+    pixels = stacked if affine is None else hd.Volume(
+        stacked, affine, coordinate_system="PATIENT", frame_of_reference_uid=image.frame_of_reference_uid,
+        channels={"SegmentNumber": list(range(1, len(segments) + 1))})
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for number, name in enumerate(segments, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        sources, pixels, "FRACTIONAL" if fractional else "BINARY", descriptions,
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="TESTCO", manufacturer_model_name="factory", software_versions="1", device_serial_number="1")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
+    return path

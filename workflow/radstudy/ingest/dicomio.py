@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.datadict import keyword_for_tag
+from pydicom.pixels import get_decoder, iter_pixels
 
 from radstudy.config import settings
 from radstudy.errors import (
@@ -52,7 +54,29 @@ _HEADER_TAGS = [
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
     "InstanceNumber", "SliceThickness", "RescaleSlope", "RescaleIntercept",
     "Manufacturer", "ConvolutionKernel", "BitsStored", "PixelRepresentation", "NumberOfFrames",
+    # Enhanced multi-frame images keep geometry and rescale here; single-frame files have none, so reading
+    # them costs those files nothing.
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "DimensionIndexSequence",
 ]
+
+# Enhanced multi-frame images (one file, one frame per slice; PS3.3 C.7.6.16 functional groups) that scanning
+# expands into one header per frame: Enhanced CT, Legacy Converted Enhanced CT, Enhanced MR, Legacy Converted
+# Enhanced MR.
+ENHANCED_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4",
+})
+# Per-frame attributes (functional group, attribute) that tell volumes apart inside one enhanced file, besides the
+# non-spatial dimensions its DimensionIndexSequence declares: frames differing in one of them are not one stack.
+STACK_ATTRIBUTES = (
+    ("FrameContentSequence", "StackID"), ("FrameContentSequence", "TemporalPositionIndex"),
+    ("MRDiffusionSequence", "DiffusionBValue"), ("MREchoSequence", "EffectiveEchoTime"),
+)
+SPATIAL_DIMENSIONS = frozenset({"ImagePositionPatient", "InStackPositionNumber"})
+# The functional group that holds each geometry attribute of a frame (named when a frame lacks one).
+FRAME_GROUPS = {
+    "ImagePositionPatient": "PlanePositionSequence", "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+}
 
 # Geometry tolerances that are not study settings.
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines; 1e-3 is ~0.06 degrees
@@ -95,10 +119,17 @@ class DicomHeader:
     bits_stored: int | None = None
     pixel_representation: int | None = None  # 0 unsigned, 1 two's complement
     number_of_frames: int = 1
+    frame_number: int | None = None  # 1-based frame of an enhanced multi-frame file; None for a single-frame file
+    stack: tuple[tuple[str, str], ...] = ()  # (attribute, value) of the frame's non-spatial dimensions (StackID, b-value...)
 
     @property
     def has_pixels(self) -> bool:
         return self.rows is not None and self.columns is not None
+
+    @property
+    def name(self) -> str:
+        """The file relative to the scanned folder, and the frame for a frame of a multi-frame file: what messages name."""
+        return self.relative_path if self.frame_number is None else f"{self.relative_path} frame {self.frame_number}"
 
 
 def patient_key(patient_id: str) -> str:
@@ -112,8 +143,8 @@ def patient_key(patient_id: str) -> str:
 def scan_folder(folder: Path) -> tuple[list[DicomHeader], list[tuple[str, str]]]:
     """Read the headers of every DICOM file under `folder` (any layout, any file names).
 
-    Returns the headers of the readable DICOM files and (relative path, short reason) for every
-    other file. Mask and table files (NON_DICOM_SUFFIXES), hidden files and DICOMDIR are skipped
+    Returns the headers of the readable DICOM files, one per frame for an enhanced multi-frame image,
+    and (relative path, short reason) for every other file. Mask and table files (NON_DICOM_SUFFIXES), hidden files and DICOMDIR are skipped
     silently: they are expected beside the images and are not errors.
     """
     folder = Path(folder)
@@ -126,10 +157,9 @@ def scan_folder(folder: Path) -> tuple[list[DicomHeader], list[tuple[str, str]]]
             relative = path.relative_to(folder).as_posix()
             if _skipped_by_name(name) or not path.is_file():
                 continue
-            header, problem = _read_header(path, relative)
-            if header is not None:
-                headers.append(header)
-            elif problem is not None:  # None, None: a DICOMDIR
+            found, problem = _read_header(path, relative)
+            headers += found
+            if problem is not None:  # None, None: a DICOMDIR
                 bad_files.append((relative, problem))
     return headers, bad_files
 
@@ -155,30 +185,37 @@ def _looks_like_dicom(path: Path) -> tuple[bool, bool]:
     return False, False
 
 
-def _read_header(path: Path, relative: str) -> tuple[DicomHeader | None, str | None]:
-    """The header of one file, or (None, reason); (None, None) for a DICOMDIR."""
+def _read_header(path: Path, relative: str) -> tuple[list[DicomHeader], str | None]:
+    """The header of one file (one per frame of an enhanced multi-frame image), or ([], reason); ([], None) for a DICOMDIR."""
     try:
         if path.stat().st_size == 0:
-            return None, "empty file"
+            return [], "empty file"
         is_dicom, has_preamble = _looks_like_dicom(path)
         if not is_dicom:
-            return None, "not a DICOM file"
+            return [], "not a DICOM file"
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=not has_preamble)
     except Exception as error:  # damaged files raise many types (struct.error, EOFError, ...): one scan must not stop
-        return None, f"unreadable DICOM header ({type(error).__name__})"
+        return [], f"unreadable DICOM header ({type(error).__name__})"
     media_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     if str(media_class or "") == DICOMDIR_SOP_CLASS:
-        return None, None
+        return [], None
     try:
-        return _header_from_dataset(ds, path, relative), None
+        header = _header_from_dataset(ds, path, relative)
+        return (_frame_headers(ds, header) if header.sop_class_uid in ENHANCED_SOP_CLASSES else [header]), None
     except _MissingTag as missing:
-        return None, f"DICOM without {missing}"
+        return [], f"DICOM without {missing}"
+    except _Unsupported as unsupported:
+        return [], str(unsupported)
     except Exception as error:  # malformed values (text in a number, ...)
-        return None, f"malformed DICOM header ({type(error).__name__})"
+        return [], f"malformed DICOM header ({type(error).__name__})"
 
 
 class _MissingTag(Exception):
     pass
+
+
+class _Unsupported(Exception):
+    """A DICOM image file of a kind or variant that cannot be read; the message names what."""
 
 
 def _header_from_dataset(ds: pydicom.Dataset, path: Path, relative: str) -> DicomHeader:
@@ -251,6 +288,78 @@ def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
     if len(values) != count:
         return None  # absent or malformed: the series then fails the geometry check, naming the file
     return tuple(float(v) for v in values)
+
+
+def _frame_headers(ds: pydicom.Dataset, header: DicomHeader) -> list[DicomHeader]:
+    """One header per frame of an enhanced multi-frame image: position, orientation, pixel spacing and rescale from
+    the frame's functional groups, else the shared ones, else the top level (where a converter left them).
+
+    A frame without a position cannot be placed, so the whole file is unsupported (naming what is missing);
+    other missing geometry is left to `check_geometry`, which names the frame.
+    """
+    kind = f"enhanced multi-frame {header.modality or 'image'}"
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != header.number_of_frames:
+        raise _Unsupported(f"{kind} with {len(per_frame)} PerFrameFunctionalGroupsSequence item(s) for "
+                           f"{header.number_of_frames} frame(s) is not supported")
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    stack_attributes = _stack_attributes(ds)
+    frames = []
+    for number, item in enumerate(per_frame, start=1):
+        groups = (item, shared)
+        position = _group_floats(groups, "PlanePositionSequence", "ImagePositionPatient", 3)
+        if position is None:
+            raise _Unsupported(f"{kind} without PlanePositionSequence > ImagePositionPatient (frame {number} of "
+                               f"{len(per_frame)}) is not supported")
+        slope = _group_float(groups, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _group_float(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        kernel = _group_item(groups, "CTReconstructionSequence", "ConvolutionKernel") or _group_item(
+            groups, "UnassignedSharedConvertedAttributesSequence", "ConvolutionKernel")
+        frames.append(replace(
+            header,
+            frame_number=number,
+            position=position,
+            orientation=_group_floats(groups, "PlaneOrientationSequence", "ImageOrientationPatient", 6) or header.orientation,
+            pixel_spacing=_group_floats(groups, "PixelMeasuresSequence", "PixelSpacing", 2) or header.pixel_spacing,
+            slice_thickness=_group_float(groups, "PixelMeasuresSequence", "SliceThickness") or header.slice_thickness,
+            rescale_slope=slope or header.rescale_slope,
+            rescale_intercept=header.rescale_intercept if intercept is None else intercept,
+            convolution_kernel=header.convolution_kernel or ("\\".join(_multi(kernel, "ConvolutionKernel")) if kernel else ""),
+            stack=tuple((keyword, _text(found, keyword)) for group, keyword in stack_attributes
+                        if (found := _group_item(groups, group, keyword)) is not None),
+        ))
+    return frames
+
+
+def _group_item(groups, sequence: str, keyword: str) -> pydicom.Dataset | None:
+    """The first item of functional group `sequence` that holds `keyword`, searched in `groups` in order."""
+    for group in groups:
+        items = group.get(sequence) if group is not None else None
+        if items and items[0].get(keyword) not in (None, ""):
+            return items[0]
+    return None
+
+
+def _group_floats(groups, sequence: str, keyword: str, count: int) -> tuple[float, ...] | None:
+    item = _group_item(groups, sequence, keyword)
+    return None if item is None else _floats(item, keyword, count)
+
+
+def _group_float(groups, sequence: str, keyword: str) -> float | None:
+    item = _group_item(groups, sequence, keyword)
+    return None if item is None else _float(item, keyword)
+
+
+def _stack_attributes(ds: pydicom.Dataset) -> list[tuple[str, str]]:
+    """(functional group, attribute) of STACK_ATTRIBUTES and of the non-spatial dimensions that the file's
+    DimensionIndexSequence declares (cardiac phase, contrast phase...)."""
+    attributes = list(STACK_ATTRIBUTES)
+    for dimension in ds.get("DimensionIndexSequence") or []:
+        keyword = keyword_for_tag(dimension.get("DimensionIndexPointer") or 0)
+        group = keyword_for_tag(dimension.get("FunctionalGroupPointer") or 0)
+        if keyword and group and keyword not in SPATIAL_DIMENSIONS and (group, keyword) not in attributes:
+            attributes.append((group, keyword))
+    return attributes
 
 
 # --------------------------------------------------------------------------- series
@@ -405,16 +514,20 @@ def check_geometry(
     if not headers:
         raise PatientExcluded(GEOMETRY_MIXED, f"patient {patient}: series {series.summary()} has no files")
     for header in headers:
-        if header.number_of_frames != 1:
+        if header.number_of_frames != 1 and header.frame_number is None:
             raise PatientExcluded(GEOMETRY_MIXED, f"patient {patient}: multi-frame image ({header.number_of_frames} "
-                                  "frames) in the series; only single-frame slices are supported", file=header.relative_path)
+                                  f"frames, {pydicom.uid.UID(header.sop_class_uid).name}) in the series; only single-frame "
+                                  "slices and enhanced CT and MR images are supported", file=header.relative_path)
         missing = [name for name, value in (
             ("ImagePositionPatient", header.position), ("ImageOrientationPatient", header.orientation),
             ("PixelSpacing", header.pixel_spacing), ("Rows", header.rows), ("Columns", header.columns),
         ) if value is None]
         if missing:
-            raise PatientExcluded(GEOMETRY_MIXED, f"patient {patient}: slice lacks {', '.join(missing)}",
+            if header.frame_number is not None:
+                missing = [f"{FRAME_GROUPS[name]} > {name}" if name in FRAME_GROUPS else name for name in missing]
+            raise PatientExcluded(GEOMETRY_MIXED, f"patient {patient}: {header.name} lacks {', '.join(missing)}",
                                   file=header.relative_path)
+    _check_one_stack(headers, patient)
 
     first = headers[0]
     orientation = np.asarray(first.orientation, dtype=float)
@@ -422,8 +535,8 @@ def check_geometry(
         if np.max(np.abs(np.asarray(header.orientation) - orientation)) > ORIENTATION_TOLERANCE:
             raise PatientExcluded(
                 GEOMETRY_ORIENTATION,
-                f"patient {patient}: slice orientation {_fmt(header.orientation)} differs from "
-                f"{_fmt(first.orientation)} ({first.relative_path})",
+                f"patient {patient}: orientation {_fmt(header.orientation)} of {header.name} differs from "
+                f"{_fmt(first.orientation)} ({first.name})",
                 file=header.relative_path,
             )
         if (header.rows, header.columns) != (first.rows, first.columns) or not np.allclose(
@@ -431,8 +544,8 @@ def check_geometry(
         ):
             raise PatientExcluded(
                 GEOMETRY_MIXED,
-                f"patient {patient}: slice matrix {header.rows}x{header.columns} spacing {_fmt(header.pixel_spacing)} "
-                f"differs from {first.rows}x{first.columns} spacing {_fmt(first.pixel_spacing)} ({first.relative_path})",
+                f"patient {patient}: matrix {header.rows}x{header.columns} spacing {_fmt(header.pixel_spacing)} of {header.name} "
+                f"differs from {first.rows}x{first.columns} spacing {_fmt(first.pixel_spacing)} ({first.name})",
                 file=header.relative_path,
             )
 
@@ -449,7 +562,7 @@ def check_geometry(
         raise PatientExcluded(
             GEOMETRY_MIXED,
             f"patient {patient}: two slices at the same position {along[i]:.3f} mm "
-            f"({headers[i].relative_path} and {headers[i + 1].relative_path}): mixed or duplicated series",
+            f"({headers[i].name} and {headers[i + 1].name}): mixed or duplicated series",
             file=headers[i + 1].relative_path,
         )
 
@@ -481,7 +594,7 @@ def check_geometry(
                 GEOMETRY_GAP,
                 f"patient {patient}: missing slice(s) at {', '.join(f'{p:.2f}' for p in missing)} mm along the "
                 f"slice normal (slice distance {typical:.3f} mm; first gap of {distances[i]:.3f} mm between "
-                f"{headers[i].relative_path} and {headers[i + 1].relative_path})",
+                f"{headers[i].name} and {headers[i + 1].name})",
                 file=headers[i + 1].relative_path,
             )
         deviating = np.flatnonzero(np.abs(distances - typical) > spacing_tolerance * typical)
@@ -491,7 +604,7 @@ def check_geometry(
                 GEOMETRY_SPACING,
                 f"patient {patient}: slice distances vary from {distances.min():.3f} to {distances.max():.3f} mm "
                 f"(median {typical:.3f}, tolerance {spacing_tolerance:.0%}); first irregular distance "
-                f"{distances[i]:.3f} mm between {headers[i].relative_path} and {headers[i + 1].relative_path}",
+                f"{distances[i]:.3f} mm between {headers[i].name} and {headers[i + 1].name}",
                 file=headers[i + 1].relative_path,
             )
     else:  # a single slice has no measured distance
@@ -508,6 +621,34 @@ def check_geometry(
         headers=headers,
         slice_positions=tuple(float(v) for v in along),
     )
+
+
+def _check_one_stack(headers: list[DicomHeader], patient: str) -> None:
+    """Frames of several volumes (time points, b-values, echoes, stacks) in one series cannot be stacked into one
+    grid: exclude, naming the attributes that differ and their values."""
+    labels = {header.stack for header in headers}
+    if len(labels) <= 1:
+        return
+    keywords = dict.fromkeys(keyword for label in labels for keyword, _ in label)
+    differing = []
+    for keyword in keywords:
+        values = sorted({dict(label).get(keyword, "none") for label in labels}, key=_numeric_first)
+        if len(values) > 1:
+            differing.append(f"{len(values)} values of {keyword}: {', '.join(values)}")
+    first = headers[0]
+    raise PatientExcluded(
+        GEOMETRY_MIXED,
+        f"patient {patient}: enhanced multi-frame {first.modality} with several volumes in one series "
+        f"({'; '.join(differing)}) is not supported; select a series that holds one volume",
+        file=first.relative_path,
+    )
+
+
+def _numeric_first(value: str):
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _unit(vector) -> np.ndarray:
@@ -558,9 +699,12 @@ def read_series(geometry: SeriesGeometry, *, patient: str) -> sitk.Image:
     """The series in HU (rescale applied) as sitkInt16, or sitkFloat32 when HU are not integral or
     exceed int16; origin, spacing and direction are those that `check_geometry` measured."""
     pixel_type, check_range = output_pixel_type(geometry.headers)
-    image = _read_checked_int16(geometry, patient) if check_range else None
-    if image is None:  # no check needed, or values beyond int16
-        image = _read_files(geometry, geometry.headers, sitk.sitkFloat32 if check_range else pixel_type, patient)
+    if any(h.frame_number is not None for h in geometry.headers):
+        image = _read_frames(geometry, pixel_type, check_range, patient)
+    else:
+        image = _read_checked_int16(geometry, patient) if check_range else None
+        if image is None:  # no check needed, or values beyond int16
+            image = _read_files(geometry, geometry.headers, sitk.sitkFloat32 if check_range else pixel_type, patient)
     image.SetOrigin(geometry.origin)
     image.SetSpacing(geometry.spacing)
     image.SetDirection(geometry.direction)
@@ -619,6 +763,61 @@ def _read_files(geometry: SeriesGeometry, headers: list[DicomHeader], pixel_type
         raise PatientExcluded(PIXEL_DATA_ERROR, f"patient {patient}: decoded size {image.GetSize()} differs from "
                               f"the headers' {expected}", file=headers[0].relative_path)
     return image
+
+
+def _read_frames(geometry: SeriesGeometry, pixel_type: int, check_range: bool, patient: str) -> sitk.Image:
+    """A series holding frames of enhanced multi-frame files, decoded by pydicom (GDCM's series reader takes one
+    slice per file) and rescaled as GDCM rescales single-frame files: stored * slope + intercept in float64, then
+    int16 or float32; int16 with a range check turns float32 as soon as one value does not fit."""
+    columns, rows, n_slices = geometry.size
+    volume = np.empty((n_slices, rows, columns), dtype=np.float32 if pixel_type == sitk.sitkFloat32 else np.int16)
+    for index, header, stored in _decoded_slices(geometry.headers, patient):
+        values = stored.astype(np.float64) * header.rescale_slope + header.rescale_intercept
+        if check_range and volume.dtype == np.int16 and (values.min() < INT16_MIN or values.max() > INT16_MAX):
+            volume = volume.astype(np.float32)
+        volume[index] = values
+    return sitk.GetImageFromArray(volume)
+
+
+def _decoded_slices(headers: list[DicomHeader], patient: str):
+    """(index in `headers`, header, stored values) of every slice, decoding each file once and frame by frame."""
+    by_file: dict[Path, list[int]] = {}
+    for index, header in enumerate(headers):
+        by_file.setdefault(header.path, []).append(index)
+    for indices in by_file.values():
+        first = headers[indices[0]]
+        try:
+            if first.frame_number is None:
+                arrays = [pydicom.dcmread(first.path, force=True).pixel_array]
+            else:
+                indices = sorted(indices, key=lambda i: headers[i].frame_number)
+                arrays = iter_pixels(first.path, indices=[headers[i].frame_number - 1 for i in indices])
+            for index, stored in zip(indices, arrays, strict=True):
+                if stored.shape != (first.rows, first.columns):
+                    raise PatientExcluded(PIXEL_DATA_ERROR, f"patient {patient}: {headers[index].name} decodes to shape "
+                                          f"{stored.shape}, not {first.rows}x{first.columns} grey values", file=first.relative_path)
+                yield index, headers[index], stored
+        except PatientExcluded:
+            raise
+        except Exception as error:  # decoders raise many types
+            raise PatientExcluded(PIXEL_DATA_ERROR, _undecodable(first, patient, error), file=first.relative_path) from None
+
+
+def _undecodable(header: DicomHeader, patient: str, error: Exception) -> str:
+    """Why pydicom cannot decode `header`'s file: a transfer syntax without an installed decoder, or damaged data."""
+    syntax = pydicom.dcmread(header.path, stop_before_pixels=True, force=True).file_meta.get("TransferSyntaxUID")
+    if syntax is not None and not _has_decoder(syntax):
+        kind = "image" if header.frame_number is None else f"enhanced multi-frame {header.modality}"
+        return (f"patient {patient}: {kind} with transfer syntax {syntax.name} is not supported: no installed pydicom "
+                f"decoder plugin reads it ({header.relative_path})")
+    return f"patient {patient}: pixel data of {header.relative_path} cannot be decoded ({type(error).__name__})"
+
+
+def _has_decoder(syntax: str) -> bool:
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:  # a transfer syntax that pydicom does not know
+        return False
 
 
 def _find_undecodable_file(headers: list[DicomHeader]) -> str | None:
