@@ -273,6 +273,7 @@ def _frame_groups(source: Dataset, modality: str) -> dict[str, dict]:
         "PixelValueTransformationSequence": {"RescaleSlope": source.RescaleSlope, "RescaleIntercept": source.RescaleIntercept,
                                              "RescaleType": "HU" if modality == "CT" else "US"},
         f"{modality}ImageFrameTypeSequence": {"FrameType": ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]},
+        **({"CTReconstructionSequence": {"ConvolutionKernel": source.ConvolutionKernel}} if modality == "CT" else {}),
     }
 
 
@@ -288,13 +289,13 @@ def write_seg(
     image: SeriesUIDs,
     segments: dict[str, np.ndarray],
     *,
-    fractional: bool = False,
+    segmentation_type: str = "BINARY",
     slices=None,
     affine=None,
 ) -> Path:
     """A DICOM SEG written by highdicom on the CT series `image`: one segment per entry of `segments` (name ->
-    (slices, rows, columns) array of 0/1, or of fractions in 0..1 when `fractional`), numbered from 1 in order.
-    By default the arrays lie on the CT's grid; `slices` keeps only those CT slices (the arrays then hold just
+    (slices, rows, columns) array of 0/1, or of fractions in 0..1 for a FRACTIONAL `segmentation_type`; LABELMAP
+    segments must not overlap), numbered from 1 in order. By default the arrays lie on the CT's grid; `slices` keeps only those CT slices (the arrays then hold just
     them), and `affine` (highdicom's 4x4 from (slice, row, column) index to patient mm) puts them on another
     grid in the CT's frame of reference. Empty frames are omitted, as highdicom does by default."""
     import highdicom as hd
@@ -310,7 +311,7 @@ def write_seg(
     if slices is not None:
         sources = [sources[i] for i in slices]
     stacked = np.stack([np.asarray(mask) for mask in segments.values()], axis=-1)
-    stacked = stacked.astype(np.float32 if fractional else np.uint8)
+    stacked = stacked.astype(np.float32 if segmentation_type == "FRACTIONAL" else np.uint8)
     pixels = stacked if affine is None else hd.Volume(
         stacked, affine, coordinate_system="PATIENT", frame_of_reference_uid=image.frame_of_reference_uid,
         channels={"SegmentNumber": list(range(1, len(segments) + 1))})
@@ -321,7 +322,7 @@ def write_seg(
         for number, name in enumerate(segments, start=1)
     ]
     seg = hd.seg.Segmentation(
-        sources, pixels, "FRACTIONAL" if fractional else "BINARY", descriptions,
+        sources, pixels, segmentation_type, descriptions,
         series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="TESTCO", manufacturer_model_name="factory", software_versions="1", device_serial_number="1")
     path = Path(path)

@@ -3,16 +3,25 @@ single-frame slices, with the same geometry checks, and every variant that canno
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import yaml
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from dicom_factory import AXIAL, write_ct_series, write_enhanced, write_legacy_enhanced
 from radstudy import errors
+from radstudy.config import load_study
 from radstudy.errors import PatientExcluded
 from radstudy.ingest import dicomio
+from radstudy.ingest.patient import image_file, ingest_patient
+from radstudy.ingest.pseudonym import assign_pseudonyms
+
+REPO = Path(__file__).resolve().parents[2]
 
 PATIENT = "RS-0042"
 N_SLICES, ROWS, COLUMNS = 12, 8, 6
@@ -74,6 +83,7 @@ def test_legacy_converted_enhanced_equals_single_frame_series(tmp_path, modality
     assert geometry.slice_positions == plain_geometry.slice_positions
     assert [h.frame_number for h in geometry.headers] == list(range(N_SLICES, 0, -1))  # frames in file order, z descending
     assert len(geometry.files) == N_SLICES and set(geometry.files) == {path}
+    assert {h.convolution_kernel for h in geometry.headers} == {"STANDARD"}  # kept by the converter among unassigned attributes
 
 
 @pytest.mark.parametrize(("slope", "intercept", "pixel_type"), [(1.0, -1024.0, sitk.sitkInt16), (0.3, -1000.25, sitk.sitkFloat32)])
@@ -92,7 +102,20 @@ def test_enhanced_with_shuffled_frames_oblique_and_per_frame_rescale_equals_sing
     assert image.GetPixelID() == pixel_type
     assert_same_image(image, plain)
     assert geometry.direction == pytest.approx((1, 0, 0, 0, OBLIQUE[4], -OBLIQUE[5], 0, OBLIQUE[5], OBLIQUE[4]))
-    assert {h.convolution_kernel for h in geometry.headers} == {""}  # no kernel in these files: nothing invented
+    assert {h.convolution_kernel for h in geometry.headers} == {"STANDARD" if modality == "CT" else ""}  # MR: none
+
+
+def test_per_frame_rescale_of_each_frame_is_applied(tmp_path):
+    uids = single_frame(tmp_path)
+    for i, path in enumerate(uids.files):  # scanners may rescale each slice differently
+        ds = pydicom.dcmread(path)
+        ds.RescaleIntercept, ds.RescaleSlope = -1024 + 10 * i, 1 + i % 3
+        ds.save_as(path)
+    write_enhanced(tmp_path / "enhanced" / "e.dcm", uids, per_frame_groups=("PlanePositionSequence", "PixelValueTransformationSequence"))
+    geometry, image = read(tmp_path / "enhanced")
+    _, plain = read(tmp_path / "single")
+    assert len({(h.rescale_slope, h.rescale_intercept) for h in geometry.headers}) == N_SLICES
+    assert_same_image(image, plain)
 
 
 def test_enhanced_values_beyond_int16_turn_float32_as_single_frames_do(tmp_path):
@@ -210,3 +233,36 @@ def test_scanning_reads_functional_groups_only_of_enhanced_files(tmp_path):
         twin = by_position[frame.position]
         assert (frame.orientation, frame.pixel_spacing, frame.rescale_slope, frame.rescale_intercept, frame.slice_thickness) == (
             twin.orientation, twin.pixel_spacing, twin.rescale_slope, twin.rescale_intercept, twin.slice_thickness)
+
+
+# --------------------------------------------------------------------------- one patient, end to end
+
+
+def _study(tmp_path: Path):
+    """The project's config with this test's center: patients' folders under tmp_path/dicom."""
+    config = copy.deepcopy(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    config["centers"] = "centers.tsv"
+    config["pseudonymisation"]["key_file"] = "private/key.tsv"
+    config["demo"]["enabled"] = False
+    (tmp_path / "centers.tsv").write_text("id\trole\tdicom_root\tclinical\nT\tdevelopment\tdicom\tclinical.csv\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    study = load_study(tmp_path / "config.yaml", base_dir=tmp_path)
+    key = assign_pseudonyms(study.center("T"), study.key_file)
+    return study, dict(zip(key["original_id"], key["pseudonym"]))
+
+
+def test_patient_delivered_as_one_enhanced_file_is_ingested_as_its_single_frames(tmp_path):
+    uids = write_ct_series(tmp_path / "dicom" / "PLAIN", volume(), description="ABD PV 3mm")
+    write_enhanced(tmp_path / "dicom" / "ENHANCED" / "ct.dcm", uids, frames=np.random.default_rng(5).permutation(N_SLICES))
+    write_enhanced(tmp_path / "dicom" / "NOPOSITION" / "ct.dcm", uids, omit=("PlanePositionSequence",))
+    study, ids = _study(tmp_path)
+
+    records = {name: ingest_patient(study, "T", ids[name], tmp_path / "out" / name) for name in ids}
+
+    assert records["ENHANCED"]["status"] == records["PLAIN"]["status"] == "included", records
+    assert records["ENHANCED"]["channels"] == records["PLAIN"]["channels"]
+    assert_same_image(sitk.ReadImage(str(tmp_path / "out" / "ENHANCED" / image_file("CT"))),
+                      sitk.ReadImage(str(tmp_path / "out" / "PLAIN" / image_file("CT"))))
+    missing = records["NOPOSITION"]
+    assert missing["status"] == "excluded" and missing["reason"] == errors.UNREADABLE_FILES and missing["file"] == "ct.dcm"
+    assert "enhanced multi-frame CT without PlanePositionSequence" in missing["message"]
