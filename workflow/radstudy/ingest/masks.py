@@ -8,7 +8,8 @@ patient's sources and maps their region names to the config's labels. The reader
 `read_seg` (SegSource, through highdicom) and `read_label_file` (LabelMapSource; a file that names no segments
 keeps its label values, `.image`).
 
-`radstudy.ingest.dicomio` re-exports the public names, so callers can use one module for all reading.
+`radstudy.ingest.dicomio` re-exports the RTSTRUCT and label-mask names (read_rtstruct, rasterise_roi,
+read_label_mask, check_same_grid), so its callers can use one module for that reading.
 
 Failures raise `PatientExcluded(MASK_UNREADABLE | MASK_GRID_MISMATCH, ...)`, naming the patient
 (pseudonym), the region and the file relative to the patient's folder.
