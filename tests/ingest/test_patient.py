@@ -9,22 +9,24 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import yaml
 
 from radstudy.config import load_study
 from radstudy.errors import PatientExcluded
-from radstudy.ingest.patient import MASK_FILE, image_file, ingest_patient
+from radstudy.ingest import dicomio
+from radstudy.ingest.patient import MASK_FILE, fov_file, image_file, ingest_patient
 from radstudy.ingest.pseudonym import assign_pseudonyms
 
-from dicom_factory import write_ct_series, write_rtstruct
+from dicom_factory import write_ct_series, write_rtstruct, write_seg
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
-def _study(tmp_path: Path, *, channels=None, rtstruct_rois=None, on_error="exclude"):
+def _study(tmp_path: Path, *, channels=None, rtstruct_rois=None, on_error="exclude", masks=None):
     config = copy.deepcopy(BASE_CONFIG)
     config["centers"] = "centers.tsv"
     config["pseudonymisation"]["key_file"] = "private/key.tsv"
@@ -33,6 +35,7 @@ def _study(tmp_path: Path, *, channels=None, rtstruct_rois=None, on_error="exclu
         config["ingest"]["channels"] = channels
     if rtstruct_rois:
         config["ingest"]["masks"]["rtstruct_rois"] = rtstruct_rois
+    config["ingest"]["masks"].update(masks or {})
     config["ingest"]["on_error"] = on_error
     (tmp_path / "centers.tsv").write_text("id\trole\tdicom_root\tclinical\nT\tdevelopment\tdicom\tclinical.csv\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # channel order matters
@@ -210,3 +213,196 @@ def test_redactor_covers_name_parts_and_nested_values():
     record = {"file": "DOE_JOHN/ct/doe-john.dcm", "notes": ["acc998877 scanned at St. Elsewhere Hospital"], "n": 3}
     assert redact(record) == {"file": "H-0001/ct/[redacted]-[redacted].dcm",
                               "notes": ["[redacted] scanned at [redacted]"], "n": 3}
+
+
+# --------------------------------------------------------------------------- masks as hospitals deliver them
+
+
+def _square(x0, y0, x1, y1, z):
+    return np.array([[x0, y0, z], [x1, y0, z], [x1, y1, z], [x0, y1, z]], dtype=float)
+
+
+def _rasterised(folder: Path, rtstruct: str, roi: str, out: Path) -> np.ndarray:
+    """The ROI rasterised alone onto the ingested CT: what the mask must equal."""
+    structure = dicomio.read_rtstruct(folder / rtstruct)
+    return sitk.GetArrayFromImage(dicomio.rasterise_roi(structure, roi, sitk.ReadImage(str(out / image_file("CT"))))) > 0
+
+
+def _one_rtstruct_per_modality(folder: Path) -> None:
+    """A PET/CT/MR delivery: CT, PT (same frame of reference, other grid) and MR series, each with its own
+    RTSTRUCT (all SeriesNumber 1, as treatment-planning exports number them) and ROIs named per modality; the
+    PT and MR contours lie elsewhere, so a mask taken from them is visibly wrong."""
+    frame = "1.2.826.0.1.3680043.8.498.77"
+    ct = write_ct_series(folder / "ct", _volume(), z_positions=np.arange(12) * 2.0, description="PORTAL VENOUS",
+                         frame_of_reference_uid=frame)
+    pt = write_ct_series(folder / "pt", _volume(6, 10, 10), z_positions=np.arange(6) * 4.0, description="PET AC",
+                         modality="PT", pixel_spacing=(2.0, 2.0), frame_of_reference_uid=frame, series_number=3)
+    mr = write_ct_series(folder / "mr", _volume(8, 16, 16), z_positions=np.arange(8) * 3.0, description="T2 AX",
+                         modality="MR", series_number=4)
+    for name, uids, roi, box in [("rs_mr.dcm", mr, "GTV_MR", (-9, -19, -5, -15)),
+                                 ("rs_ct.dcm", ct, "GTV_CT", (-6, -14, 0, -6)),
+                                 ("rs_pt.dcm", pt, "GTV_PT", (-3, -10, 3, -3))]:
+        contours = [_square(*box, z) for z in (4.0, 6.0, 8.0)]
+        path = write_rtstruct(folder / name, uids, {roi: contours, "BODY": [_square(-10, -20, 3, -2, 6.0)]})
+        ds = pydicom.dcmread(path)
+        ds.SeriesNumber = 1
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("pattern", ["^GTV_CT$", "gtv"])
+def test_mask_comes_from_the_structure_set_of_the_reference_series(tmp_path, pattern):
+    folder = tmp_path / "dicom" / "MRN1"
+    _one_rtstruct_per_modality(folder)
+    study, ids = _study(tmp_path, rtstruct_rois={"tumour": pattern})
+    out = tmp_path / "out"
+    record = ingest_patient(study, "T", ids["MRN1"], out)
+    assert record["status"] == "included", record.get("message")
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE)))
+    expected = _rasterised(folder, "rs_ct.dcm", "GTV_CT", out)
+    assert expected.sum() > 0 and np.array_equal(mask == 2, expected)  # Dice 1.0 with the CT's own contour
+    tumour = record["mask"]["regions"]["tumour"]
+    assert tumour["names"] == ["GTV_CT"] and tumour["files"] == ["rs_ct.dcm"] and tumour["reference"] == ["series"]
+    unused = {u["file"]: u["why"] for u in record["unused_files"]}
+    assert "references series #4 MR 'T2 AX'" in unused["rs_mr.dcm"] and "#3 PT 'PET AC'" in unused["rs_pt.dcm"]
+    assert any(f.startswith("pt/") for f in unused) and any(f.startswith("mr/") for f in unused)
+
+
+def test_no_structure_set_of_the_reference_series_is_an_exclusion_unless_allowed(tmp_path):
+    folder = tmp_path / "dicom" / "MRN1"
+    _one_rtstruct_per_modality(folder)
+    (folder / "rs_ct.dcm").unlink()
+    record = _exclusion(tmp_path, lambda f: None, rtstruct_rois={"tumour": "gtv_pt"})
+    assert record["reason"] == "mask_unreadable" and "no RTSTRUCT / SEG references the reference series" in record["message"]
+    assert "rs_pt.dcm" in record["message"] and "PORTAL VENOUS" in record["message"] and "other_series" in record["message"]
+    # the PT shares the CT's frame of reference: its contour may be used when the config allows it
+    study, ids = _study(tmp_path, rtstruct_rois={"tumour": "gtv_pt"}, masks={"other_series": "allow"})
+    out = tmp_path / "allowed"
+    record = ingest_patient(study, "T", ids["MRN1"], out)
+    assert record["status"] == "included", record.get("message")
+    assert record["mask"]["regions"]["tumour"]["reference"] == ["other_series"]
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))) == 2,
+                          _rasterised(folder, "rs_pt.dcm", "GTV_PT", out))
+    assert "rs_mr.dcm" in {u["file"] for u in record["unused_files"]}  # another frame of reference: never
+
+
+def _two_lesions(folder: Path) -> None:
+    uids = write_ct_series(folder, _volume(), z_positions=np.arange(12) * 2.0, description="PORTAL VENOUS")
+    write_rtstruct(folder / "rs.dcm", uids, {"GTV-1": [_square(-9, -19, -6, -16, 6.0)],
+                                             "GTV-2": [_square(-4, -12, 2, -4, z) for z in (4.0, 6.0)]})
+
+
+@pytest.mark.parametrize("policy", ["union", "largest", "error"])
+def test_several_rois_matching_one_label(tmp_path, policy):
+    folder = tmp_path / "dicom" / "MRN1"
+    if policy == "error":
+        record = _exclusion(tmp_path, _two_lesions, masks={"multiple_matches": {"tumour": policy}})
+        assert "2 regions match label 'tumour'" in record["message"] and "'GTV-1'" in record["message"]
+        return
+    _two_lesions(folder)
+    study, ids = _study(tmp_path, masks={"multiple_matches": policy})
+    out = tmp_path / "out"
+    record = ingest_patient(study, "T", ids["MRN1"], out)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))) == 2
+    one, two = (_rasterised(folder, "rs.dcm", roi, out) for roi in ("GTV-1", "GTV-2"))
+    assert two.sum() > one.sum() > 0
+    tumour = record["mask"]["regions"]["tumour"]
+    assert tumour["matched"] == ["GTV-1", "GTV-2"] and tumour["taken"] == policy
+    assert np.array_equal(mask, one | two if policy == "union" else two)
+    assert tumour["names"] == (["GTV-1", "GTV-2"] if policy == "union" else ["GTV-2"])
+
+
+def test_files_delivered_and_not_used_are_listed(tmp_path):
+    folder = tmp_path / "dicom" / "MRN1"
+    _good_patient(folder)
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4 not an image")
+    (folder / "notes.txt").write_text("reader notes")
+    study, ids = _study(tmp_path)
+    record = ingest_patient(study, "T", ids["MRN1"], tmp_path / "out")
+    unused = {u["file"]: u for u in record["unused_files"]}
+    assert unused["report.pdf"]["why"] == "not a DICOM file" and "notes.txt" in unused
+    assert "NON CONTRAST" in next(u["series"] for f, u in unused.items() if f.startswith("s2/"))
+    assert "Scout" in next(u["series"] for f, u in unused.items() if f.startswith("s3/"))
+    assert not any(f.startswith("s1/") for f in unused)  # the series the CT channel took
+
+
+def test_a_channel_smaller_than_the_reference_keeps_its_outside_out(tmp_path):
+    """An MR covering half the CT's extent: filled with 0 (not CT air) outside, with its field-of-view mask and
+    the fractions outside recorded for the grid and for each manual-mask label."""
+    folder = tmp_path / "dicom" / "MRN1"
+    frame = "1.2.826.0.1.3680043.8.498.5"
+    ct = write_ct_series(folder / "ct", _volume(), z_positions=np.arange(12) * 2.0, description="PORTAL VENOUS",
+                         frame_of_reference_uid=frame)
+    write_ct_series(folder / "mr", _volume(6, 24, 20), z_positions=np.arange(6) * 2.0, description="T2",
+                    modality="MR", frame_of_reference_uid=frame, intercept=0.0)
+    write_rtstruct(folder / "rs.dcm", ct, {"GTV": [_square(-8, -18, -2, -6, z) for z in (8.0, 10.0, 12.0, 14.0)]})
+    channels = {"CT": {"description": "PORTAL"}, "MR": {"modality": "MR", "min_slices": 2}}
+    study, ids = _study(tmp_path, channels=channels)
+    out = tmp_path / "out"
+    record = ingest_patient(study, "T", ids["MRN1"], out)
+    assert record["status"] == "included", record.get("message")
+    fov = sitk.GetArrayFromImage(sitk.ReadImage(str(out / fov_file("MR"))))
+    assert fov[:6].all() and not fov[6:].any()  # MR slices at z 0..10 mm of the CT's 0..22 mm
+    mr = sitk.GetArrayFromImage(sitk.ReadImage(str(out / image_file("MR"))))
+    assert (mr[6:] == 0).all() and mr[:6].min() > 900  # MR's own values inside, 0 outside (not -1024)
+    fractions = record["channels"]["MR"]["fov_outside_fraction"]
+    assert fractions["grid"] == pytest.approx(0.5)
+    assert fractions["manual_mask"]["tumour"] == pytest.approx(0.5) and fractions["manual_mask"]["liver"] is None
+    assert record["channels"]["MR"]["hu_min"] > 900  # the channel's own value range, not the fill
+    assert not (out / fov_file("CT")).exists() and record["channels"]["CT"]["fov_outside_fraction"]["grid"] == 0.0
+
+
+def _ct_with_label_map(folder: Path):
+    """A portal CT series and the label map that its masks (SEG, .seg.nrrd) are made from: liver 1 on slices
+    2-8, tumour 2 inside it on slices 4-5 only."""
+    uids = write_ct_series(folder / "ct", _volume(), z_positions=np.arange(12) * 2.0, description="PORTAL VENOUS")
+    labels = np.zeros((12, 24, 20), dtype=np.uint8)
+    labels[2:9, 4:18, 3:15] = 1
+    labels[4:6, 8:12, 6:10] = 2
+    return uids, labels
+
+
+def test_a_dicom_seg_gives_the_same_mask_as_the_label_map(tmp_path):
+    folder = tmp_path / "dicom" / "MRN1"
+    uids, labels = _ct_with_label_map(folder)
+    write_seg(folder / "seg.dcm", uids, {"Liver": labels >= 1, "Tumor": labels == 2})
+    study, ids = _study(tmp_path)
+    out = tmp_path / "out"
+    record = ingest_patient(study, "T", ids["MRN1"], out)
+    assert record["status"] == "included", record.get("message")
+    assert record["mask"]["source"] == "seg" and record["mask"]["files"] == ["seg.dcm"]
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))), labels)  # Dice 1.0
+    assert not record["unused_files"]
+
+
+def test_a_seg_of_another_series_is_refused_naming_both(tmp_path):
+    def make(folder):
+        uids, labels = _ct_with_label_map(folder)
+        other = write_ct_series(folder / "other", _volume(), z_positions=np.arange(12) * 2.0, description="ARTERIAL",
+                                frame_of_reference_uid=uids.frame_of_reference_uid, series_number=5)
+        write_seg(folder / "seg.dcm", other, {"Liver": labels >= 1})
+    record = _exclusion(tmp_path, make)
+    assert record["reason"] == "mask_unreadable" and "seg.dcm" in record["message"]
+    assert "PORTAL VENOUS" in record["message"] and "ARTERIAL" in record["message"]
+
+
+def test_a_slicer_seg_nrrd_is_mapped_by_segment_name(tmp_path):
+    import nrrd
+
+    folder = tmp_path / "dicom" / "MRN1"
+    _, labels = _ct_with_label_map(folder)
+    study, ids = _study(tmp_path)
+    out = tmp_path / "out"
+    assert ingest_patient(study, "T", ids["MRN1"], out)["status"] == "included"
+    image = sitk.ReadImage(str(out / image_file("CT")))
+    # Slicer's own label values (3 = tumour, 7 = liver) differ from the config's: the names decide
+    slicer = np.where(labels == 2, 3, np.where(labels == 1, 7, 0)).astype(np.uint8)
+    header = {"space": "left-posterior-superior", "space origin": np.array(image.GetOrigin()),
+              "space directions": np.diag(image.GetSpacing()), "kinds": ["domain"] * 3,
+              "Segment0_Name": "Liver", "Segment0_LabelValue": "7", "Segment0_Layer": "0", "Segment0_ID": "Segment_1",
+              "Segment1_Name": "Tumor 1", "Segment1_LabelValue": "3", "Segment1_Layer": "0", "Segment1_ID": "Segment_2"}
+    nrrd.write(str(folder / "case.seg.nrrd"), slicer.transpose(2, 1, 0), header)  # NRRD: x fastest
+    record = ingest_patient(study, "T", ids["MRN1"], out)
+    assert record["status"] == "included", record.get("message")
+    assert record["mask"]["source"] == "label_map" and record["mask"]["regions"]["tumour"]["names"] == ["Tumor 1"]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE)))
+    assert np.array_equal(mask, labels)  # Dice 1.0 with the label map

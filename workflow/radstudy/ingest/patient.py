@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from radstudy.ingest import dicomio
+from radstudy.ingest import dicomio, masks
 from radstudy.config import Study
 from radstudy.errors import (
     CHANNEL_GRID_MISMATCH,
@@ -108,6 +108,8 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
     channels: dict[str, dict] = {}
     reference: sitk.Image | None = None
     reference_for: str | None = None
+    reference_series = None
+    used_series: list[str] = []
     for name, selector in cfg["channels"].items():
         chosen = dicomio.select_series(series, selector, patient=pseudonym)
         grid = dicomio.check_geometry(
@@ -115,9 +117,9 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
         )
         image = dicomio.read_series(grid, patient=pseudonym)
         frame = chosen.headers[0].frame_of_reference_uid
-        resampled = False
+        resampled, fov = False, None
         if reference is None:
-            reference, reference_for = image, frame
+            reference, reference_for, reference_series = image, frame, chosen
         elif not same_grid(image, reference, geometry["grid_tolerance"], direction_tolerance=1e-6):
             if frame is None or frame != reference_for:
                 raise PatientExcluded(
@@ -126,17 +128,83 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
                     f"{next(iter(cfg['channels']))}; registration is not part of ingestion",
                 )
             # Same frame of reference: the scanner placed both series in one patient coordinate system.
-            image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, image.GetPixelID())
+            image, fov = resample_channel(image, reference, chosen.modality)
             resampled = True
         sitk.WriteImage(image, str(out_dir / image_file(name)), useCompression=True)
-        channels[name] = _channel_record(chosen, grid, image, folder, len(series), resampled)
-    mask = _ingest_mask(folder, series, reference, pseudonym, cfg, out_dir)
-    return {"channels": channels, "mask": mask, "unreadable_files": len(unreadable)}
+        if fov is not None and fov_outside(fov) > 0:
+            sitk.WriteImage(fov, str(out_dir / fov_file(name)), useCompression=True)
+        channels[name] = _channel_record(chosen, grid, image, len(series), resampled, fov)
+        used_series.append(chosen.uid)
+    unused = _unused_series(series, used_series)
+    mask = _ingest_mask(folder, series, reference, reference_series, pseudonym, cfg, out_dir, unused)
+    for name, record in channels.items():
+        fov_path = out_dir / fov_file(name)
+        if fov_path.exists() and mask.get("labels"):
+            record["fov_outside_fraction"]["manual_mask"] = _outside_per_label(
+                sitk.ReadImage(str(fov_path)), out_dir / MASK_FILE, cfg["labels"])
+    unused += [{"file": file, "why": why} for file, why in unreadable]
+    unused += [{"file": file, "why": "not read: a mask/table/notes file that is not the patient's mask"}
+               for file in _files_skipped_by_name(folder, mask)]
+    return {"channels": channels, "mask": mask, "unreadable_files": len(unreadable), "unused_files": unused}
 
 
-def _channel_record(series, grid, image: sitk.Image, folder: Path, n_series: int, resampled: bool) -> dict:
+# A fill value that no feature treats as tissue is not enough on its own (a ring or texture feature still sees it):
+# the fill marks "no data" in the image, and fov_{channel}.nii.gz keeps those voxels out of every feature.
+FILL_VALUES = {"CT": -1024.0}  # air; MR, PT and other modalities: 0
+
+
+def resample_channel(image: sitk.Image, reference: sitk.Image, modality: str) -> tuple[sitk.Image, sitk.Image]:
+    """The channel on the reference grid (linear) and its field of view there (uint8, 1 where the channel has
+    data: voxel centres inside its own image extent, the same nearest-neighbour rule as ITK's interpolators)."""
+    fill = FILL_VALUES.get(modality.upper(), 0.0)
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, fill, image.GetPixelID())
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    fov = sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return resampled, fov
+
+
+def fov_outside(fov: sitk.Image) -> float:
+    """Fraction of the reference grid outside the channel's field of view."""
+    return 1.0 - float(sitk.GetArrayViewFromImage(fov).mean(dtype=np.float64))
+
+
+def _outside_per_label(fov: sitk.Image, mask_file: Path, labels: dict[str, int]) -> dict[str, float | None]:
+    inside = sitk.GetArrayViewFromImage(fov) > 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_file)))
+    fractions = {}
+    for region, value in labels.items():
+        voxels = mask == value
+        fractions[region] = round(float((voxels & ~inside).sum() / voxels.sum()), 4) if voxels.any() else None
+    return fractions
+
+
+def _unused_series(series, used: list[str]) -> list[dict]:
+    """Image series of the folder that no channel took (other phases, localizers, secondary captures); masks
+    are accounted for by the mask step."""
+    unused = []
+    for one in series:
+        if one.uid in used or one.modality in MASK_MODALITIES:
+            continue
+        files = sorted(h.relative_path for h in one.headers)
+        unused.append({"file": files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)",
+                       "series": one.summary(), "why": "series not selected by any channel"})
+    return unused
+
+
+def _files_skipped_by_name(folder: Path, mask: dict) -> list[str]:
+    """Files that scanning skips by their name (NIfTI, NRRD, JSON, text...) and the mask step did not use."""
+    used = set(mask.get("files", []))
+    return [rel for path in sorted(folder.rglob("*")) if path.is_file()
+            and (rel := path.relative_to(folder).as_posix()) not in used and dicomio._skipped_by_name(path.name)
+            and not path.name.startswith(".") and path.name.lower() != "dicomdir"]
+
+
+def _channel_record(series, grid, image: sitk.Image, n_series: int, resampled: bool, fov: sitk.Image | None) -> dict:
     first = series.headers[0]
     voxels = sitk.GetArrayViewFromImage(image)
+    if fov is not None:  # the value range of the channel's own data, not of the fill
+        voxels = voxels[sitk.GetArrayViewFromImage(fov) > 0]
     return {
         "series_description": first.series_description,
         "series_number": first.series_number,
@@ -152,65 +220,175 @@ def _channel_record(series, grid, image: sitk.Image, folder: Path, n_series: int
         "hu_max": float(voxels.max()),
         "hu_mean": round(float(voxels.mean(dtype=np.float64)), 2),
         "resampled_to_reference": resampled,
+        # fractions of the reference grid (and of each manual-mask label) outside the channel's field of view
+        "fov_outside_fraction": {"grid": round(fov_outside(fov), 4) if fov is not None else 0.0},
     }
 
 
-def _ingest_mask(folder, series, reference: sitk.Image, pseudonym: str, cfg: dict, out_dir: Path) -> dict:
-    """Manual mask as a label map on the reference grid: a label-map file if delivered, else an RTSTRUCT."""
+MASK_MODALITIES = ("RTSTRUCT", "SEG")
+
+
+def _ingest_mask(folder, series, reference: sitk.Image, reference_series, pseudonym: str, cfg: dict, out_dir: Path,
+                 unused: list[dict]) -> dict:
+    """The manual mask as a label map on the reference grid, from a label-map file if one is delivered, else from
+    the RTSTRUCT / SEG files that reference the reference channel's series. Every mask file not used is added to
+    `unused` with the reason. Returns the mask's QC record: its source, the files and the regions each label came
+    from, and the label volumes."""
     labels: dict[str, int] = cfg["labels"]
     masks_cfg = cfg["masks"]
-    label_files = sorted(folder.glob(masks_cfg["label_map_glob"]))
-    rtstructs = [s for s in series if s.modality == "RTSTRUCT"]
+    globs = [masks_cfg["label_map_glob"]] if isinstance(masks_cfg["label_map_glob"], str) else masks_cfg["label_map_glob"]
+    label_files = sorted({path for pattern in globs for path in folder.glob(pattern) if path.is_file()})
+    dicom_masks = [s for s in series if s.modality in MASK_MODALITIES]
     if label_files:
-        path = label_files[0]
-        rel = str(path.relative_to(folder))
-        mask = dicomio.read_label_mask(path, patient=pseudonym, file=rel)
-        dicomio.check_same_grid(mask, reference, patient=pseudonym, file=rel, tolerance=cfg["geometry"]["grid_tolerance"])
-        unknown = set(_label_counts(mask)) - set(labels.values())
-        if unknown:
-            raise PatientExcluded(
-                MASK_UNREADABLE,
-                f"{pseudonym}: mask holds label value(s) {sorted(unknown)}; the config's labels are {labels}",
-                file=rel,
-            )
-        mask.CopyInformation(reference)  # within tolerance: take the image's exact geometry
-        source = {"source": "label_map", "file": rel}
-    elif rtstructs:
-        mask, source = _mask_from_rtstruct(rtstructs, folder, reference, pseudonym, labels, masks_cfg["rtstruct_rois"])
+        used, *others = label_files
+        unused += [{"file": _relative(p, folder), "why": f"another label-map file was used ({_relative(used, folder)})"}
+                   for p in others]
+        unused += [{"file": h.relative_path, "series": s.summary(), "why": "a label-map file was used"}
+                   for s in dicom_masks for h in s.headers]
+        mask, record = _mask_from_label_file(used, folder, reference, pseudonym, cfg)
+    elif dicom_masks:
+        sources = _dicom_mask_sources(series, reference_series, pseudonym, masks_cfg["other_series"], unused)
+        mask, record = _mask_from_sources(sources, reference, pseudonym, labels, masks_cfg)
+        unused += [{"file": s.file, "why": f"no region matches a configured label (regions: {s.names})"}
+                   for s in sources if s.file not in record["files"]]
     else:
         return {"source": "none"}
     sitk.WriteImage(mask, str(out_dir / MASK_FILE), useCompression=True)
-    source["labels"] = label_volumes(mask, labels)
-    return source
+    record["labels"] = label_volumes(mask, labels)
+    return record
 
 
-def _mask_from_rtstruct(rtstructs, folder, reference, pseudonym, labels, roi_patterns) -> tuple[sitk.Image, dict]:
-    path = rtstructs[0].headers[0].path
-    rel = str(Path(path).relative_to(folder))
-    structure = dicomio.read_rtstruct(Path(path), patient=pseudonym, file=rel)
+def _relative(path: Path, folder: Path) -> str:
+    return Path(path).relative_to(folder).as_posix()
+
+
+def _mask_from_label_file(path: Path, folder: Path, reference: sitk.Image, pseudonym: str, cfg: dict):
+    rel = _relative(path, folder)
+    labels = cfg["labels"]
+    source = masks.read_label_file(path, patient=pseudonym, file=rel, grid_tolerance=cfg["geometry"]["grid_tolerance"])
+    if source.names:  # a segmentation that names its segments (3D Slicer .seg.nrrd): mapped by name
+        mask, record = _mask_from_sources([source], reference, pseudonym, labels, cfg["masks"])
+        record["source"] = "label_map"
+        return mask, record
+    mask = source.image
+    dicomio.check_same_grid(mask, reference, patient=pseudonym, file=rel, tolerance=cfg["geometry"]["grid_tolerance"])
+    unknown = set(_label_counts(mask)) - set(labels.values())
+    if unknown:
+        raise PatientExcluded(
+            MASK_UNREADABLE, f"{pseudonym}: mask holds label value(s) {sorted(unknown)}; the config's labels are {labels}",
+            file=rel)
+    mask.CopyInformation(reference)  # within tolerance: take the image's exact geometry
+    return mask, {"source": "label_map", "file": rel, "files": [rel]}
+
+
+def _dicom_mask_sources(series, reference_series, pseudonym: str, other_series: str, unused: list[dict]) -> list:
+    """The RTSTRUCT / SEG files that reference the reference channel's series (by SeriesInstanceUID; by frame of
+    reference where a file names no series); with other_series 'allow', also those that only share its frame of
+    reference. Each file not taken goes to `unused` with the reason. PatientExcluded, naming the files and both
+    series, when none is usable."""
+    readable, problems = [], []
+    for one in (s for s in series if s.modality in MASK_MODALITIES):
+        for header in one.headers:
+            try:
+                source = (masks.read_rtstruct if one.modality == "RTSTRUCT" else masks.read_seg)(
+                    header.path, patient=pseudonym, file=header.relative_path)
+            except PatientExcluded as exc:
+                problems.append(exc)
+                unused.append({"file": header.relative_path, "series": one.summary(), "why": exc.message})
+                continue
+            readable.append((source, one))
+    reference_frame = reference_series.frame_of_reference_uid
+
+    def references(source) -> str | None:
+        if source.referenced_series_uid == reference_series.uid:
+            return "series"
+        if source.referenced_series_uid is None and reference_frame and source.frame_of_reference_uid == reference_frame:
+            return "frame_of_reference"
+        if other_series == "allow" and reference_frame and source.frame_of_reference_uid == reference_frame:
+            return "other_series"
+        return None
+
+    chosen = []
+    for source, one in readable:
+        how = references(source)
+        if how is None:
+            unused.append({"file": source.file, "series": one.summary(), "why": "references "
+                           f"{_series_named(source, series, reference_series)}, not the reference channel's series"})
+        else:
+            source.reference_match = how
+            chosen.append(source)
+    if chosen:
+        return chosen
+    if problems and not readable:
+        raise PatientExcluded(problems[0].reason, problems[0].message, file=problems[0].file)
+    files = ", ".join(f"{s.file} ({_series_named(s, series, reference_series)})" for s, _ in readable)
+    raise PatientExcluded(
+        MASK_UNREADABLE,
+        f"{pseudonym}: no RTSTRUCT / SEG references the reference series {reference_series.summary()}: {files}"
+        + ("" if other_series == "allow" else "; set ingest.masks.other_series: allow to use a mask drawn on another "
+           "series of the same frame of reference"),
+        file=readable[0][0].file if readable else None)
+
+
+def _series_named(source, series, reference_series) -> str:
+    """The series a mask file references, as the folder's series list names it (no UIDs in messages)."""
+    uid = source.referenced_series_uid
+    if uid is None:
+        same = source.frame_of_reference_uid == reference_series.frame_of_reference_uid
+        return f"no series, {'the same' if same else 'another'} frame of reference"
+    named = [s.summary() for s in series if s.uid == uid]
+    return f"series {named[0]}" if named else "a series that is not in the patient's folder"
+
+
+def _multiple_policy(masks_cfg: dict, region: str) -> str:
+    policy = masks_cfg["multiple_matches"]
+    return policy if isinstance(policy, str) else policy.get(region, "union")
+
+
+def _mask_from_sources(sources, reference, pseudonym, labels, masks_cfg) -> tuple[sitk.Image, dict]:
+    """The label map from the regions (ROIs, segments) whose names match each label's pattern, searched across
+    `sources`; several matches of one label are combined by ingest.masks.multiple_matches."""
+    patterns = masks_cfg["rtstruct_rois"]
     label_map = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint8)
-    found = {}
+    regions = {}
     # Higher label values are painted last, so a tumour drawn inside the liver stays tumour.
     for region, value in sorted(labels.items(), key=lambda kv: kv[1]):
-        pattern = roi_patterns.get(region)
-        if pattern is None:
+        pattern = patterns.get(region, f"^{re.escape(region)}$")
+        matches = [(source, name) for source in sources for name in source.names
+                   if re.search(pattern, name, re.IGNORECASE)]
+        if not matches:
             continue
-        names = [n for n in structure.roi_names if re.search(pattern, n, re.IGNORECASE)]
-        if not names:
-            continue
-        roi = dicomio.rasterise_roi(structure, names[0], reference, patient=pseudonym)
-        label_map[sitk.GetArrayViewFromImage(roi) > 0] = value
-        found[region] = names[0]
-    if not found:
+        policy = _multiple_policy(masks_cfg, region)
+        if len(matches) > 1 and policy == "error":
+            raise PatientExcluded(
+                MASK_UNREADABLE,
+                f"{pseudonym}: {len(matches)} regions match label {region!r} ({pattern!r}): "
+                + ", ".join(f"{name!r} in {source.file}" for source, name in matches)
+                + " (ingest.masks.multiple_matches: error; union or largest would combine or choose)",
+                file=matches[0][0].file)
+        arrays = [sitk.GetArrayFromImage(source.region(name, reference, patient=pseudonym)) > 0
+                  for source, name in matches]
+        record = {"matched": [name for _, name in matches], "taken": "union" if len(matches) > 1 else "single"}
+        if policy == "largest" and len(matches) > 1:
+            largest = int(np.argmax([a.sum() for a in arrays]))
+            record["taken"] = "largest"
+            matches, arrays = [matches[largest]], [arrays[largest]]
+        label_map[np.logical_or.reduce(arrays)] = value
+        record.update(names=[name for _, name in matches], files=sorted({s.file for s, _ in matches}),
+                      reference=sorted({getattr(s, "reference_match", "grid") for s, _ in matches}))
+        regions[region] = record
+    if not regions:
         raise PatientExcluded(
             MASK_UNREADABLE,
-            f"{pseudonym}: RTSTRUCT has no ROI matching the configured regions "
-            f"({roi_patterns}); its ROIs: {structure.roi_names}",
-            file=rel,
-        )
+            f"{pseudonym}: no region of the mask file(s) matches the configured labels ({patterns or labels}); "
+            + "; ".join(f"{s.file}: {s.names}" for s in sources),
+            file=sources[0].file)
     mask = sitk.GetImageFromArray(label_map)
     mask.CopyInformation(reference)
-    return mask, {"source": "rtstruct", "file": rel, "rois": found}
+    files = sorted({f for r in regions.values() for f in r["files"]})
+    kinds = sorted({s.kind for s in sources if s.file in files})
+    return mask, {"source": "+".join(kinds), "file": files[0], "files": files, "regions": regions,
+                  "rois": {region: r["names"][0] if len(r["names"]) == 1 else r["names"] for region, r in regions.items()}}
 
 
 def _label_counts(mask: sitk.Image) -> dict[int, int]:
