@@ -28,6 +28,17 @@ centred on it (the tumour is never cut and never distorted); with `spacing` give
 is crop_size x spacing centred on the box (absolute scale kept; a large tumour may be cut). Images are
 interpolated linearly, the region mask linearly and thresholded at 0.5; outside the image the image minimum is used.
 
+Channels that do not cover the reference grid come with a field-of-view mask (`fovs`, see
+`radstudy.features.radiomics`). No voxel outside it reaches the network with its fill value: a crop voxel counts as
+inside only when every image voxel its interpolation reads is inside (`valid_on_grid`; beyond the image's border is
+outside), and every other crop voxel is set to the normalisation's neutral value, 0: the mean after MedicalNet's z-score (computed over the inside voxels of
+the crop), the ImageNet mean colour after the ImageNet normalisation (resnet2d), the foreground mean after nnU-Net's
+CT normalisation and the channel mean after its z-score, whose statistics come from the voxels inside the field of
+view (nnU-Net's own convention for voxels outside its normalisation mask). Each channel gets its own field of view.
+A region more than `radiomics.MAX_OUTSIDE_FOV` outside a channel's field of view is a bad region
+(`outside_field_of_view`); otherwise the fractions of the region and of the crop outside it are recorded as a note
+(`partly_outside_field_of_view`, with channel, outside_region, outside_crop).
+
 Deterministic: eval mode, seeds set from the study seed, torch's deterministic algorithms (and cuDNN's), no
 benchmark mode; the same inputs give identical features on the same device.
 
@@ -287,9 +298,15 @@ def deterministic(seed: int):
 # ============================================================================ crop
 @dataclass
 class Crop:
-    image: np.ndarray  # float32, (z, y, x) (or (channels, z, y, x) from crop_channels)
+    image: np.ndarray  # float32, (z, y, x)
     mask: np.ndarray  # bool, (z, y, x)
     spacing: tuple[float, float, float]  # mm, z y x
+    valid: np.ndarray | None = None  # bool (z, y, x): inside the field of view (`valid_on_grid`); None: no fov
+
+
+# A crop voxel is inside the field of view when its interpolated field-of-view mask is 1, i.e. every voxel the
+# linear interpolation reads is inside (the tolerance absorbs float rounding of the interpolation weights).
+FOV_INSIDE = 1.0 - 1e-3
 
 
 def crop_grid(reference: sitk.Image, region: np.ndarray, size: Sequence[int], spacing: Sequence[float] | None = None,
@@ -333,14 +350,31 @@ def region_on_grid(region: np.ndarray, reference: sitk.Image, grid: sitk.Image) 
     return mask
 
 
+def valid_on_grid(fov: np.ndarray | None, reference: sitk.Image, grid: sitk.Image) -> np.ndarray | None:
+    """Crop voxels whose interpolation reads only voxels inside the field of view `fov` (bool (z, y, x) on
+    `reference`; None: the channel covers the whole grid, None returned). Crop voxels beyond the image's border lie
+    outside the field of view too (the image minimum that fills them could be the fill value)."""
+    if fov is None:
+        return None
+    image = sitk.GetImageFromArray(fov.astype(np.float32))
+    image.CopyInformation(reference)
+    return resample_to(image, grid, 0.0) >= FOV_INSIDE
+
+
+def crop_outside(valid: np.ndarray | None) -> float:
+    """Fraction of a crop outside the field of view (0 without a field-of-view mask)."""
+    return 0.0 if valid is None else 1.0 - float(valid.mean())
+
+
 def crop_region(image: sitk.Image, region: np.ndarray, size: Sequence[int], spacing: Sequence[float] | None = None,
-                margin_mm: float = 0.0, fill: float | None = None) -> Crop:
-    """The image and region on the crop grid; outside the image `fill` (default: the image minimum)."""
+                margin_mm: float = 0.0, fill: float | None = None, fov: np.ndarray | None = None) -> Crop:
+    """The image and region on the crop grid; outside the image `fill` (default: the image minimum). `fov`: the
+    channel's field of view on the image grid; the crop's `valid` then tells which crop voxels lie inside it."""
     grid = crop_grid(image, region, size, spacing, margin_mm)
     if fill is None:
         fill = float(sitk.GetArrayViewFromImage(image).min())
     return Crop(resample_to(image, grid, fill), region_on_grid(region, image, grid),
-                tuple(float(s) for s in grid.GetSpacing()[::-1]))
+                tuple(float(s) for s in grid.GetSpacing()[::-1]), valid_on_grid(fov, image, grid))
 
 
 def largest_slice(region: np.ndarray) -> int:
@@ -350,9 +384,11 @@ def largest_slice(region: np.ndarray) -> int:
 
 # ============================================================================ normalisation
 def normalise_nnunet(array: np.ndarray, scheme: str, properties: Mapping[str, float] | None,
-                     use_mask_for_norm: bool = False) -> np.ndarray:
+                     use_mask_for_norm: bool = False, valid: np.ndarray | None = None) -> np.ndarray:
     """One channel normalised as nnU-Net's preprocessing does: its normalisation class named in the plans
-    (`normalization_schemes`), with the plans' foreground intensity properties of that channel."""
+    (`normalization_schemes`), with the plans' foreground intensity properties of that channel. `valid`: the
+    channel's field of view; the normalisation then runs on the voxels inside it only (its statistics too) and the
+    others are 0, the neutral value (as nnU-Net leaves the voxels outside its normalisation mask)."""
     from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
 
     cls = getattr(schemes, scheme, None)
@@ -364,16 +400,32 @@ def normalise_nnunet(array: np.ndarray, scheme: str, properties: Mapping[str, fl
         from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
 
         seg = np.where(create_nonzero_mask(array[None]), 0, -1).astype(np.int8)
-    return normaliser.run(np.array(array, dtype=np.float32, copy=True), seg)
+    if valid is None:
+        return normaliser.run(np.array(array, dtype=np.float32, copy=True), seg)
+    out = np.zeros(array.shape, np.float32)
+    out[valid] = normaliser.run(np.array(array[valid], dtype=np.float32), None if seg is None else seg[valid])
+    return out
 
 
 def window(array: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(array.astype(np.float32), float(low), float(high))
 
 
+def standardise(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """z-score of the crop (MedicalNet's input normalisation); with `valid`, statistics of the voxels inside the
+    field of view only, and the others set to 0, the mean."""
+    if valid is None:
+        return (x - x.mean()) / max(float(x.std()), 1e-8)
+    out = np.zeros_like(x)
+    inside = x[valid]
+    out[valid] = (inside - inside.mean()) / max(float(inside.std()), 1e-8)
+    return out
+
+
 # ============================================================================ extractors
 class Extractor:
-    """A backbone loaded once; `extract(images, region)` gives one patient's feature vector."""
+    """A backbone loaded once; `extract(images, region, fovs)` gives one patient's feature vector and how much of
+    the crop lay outside each channel's field of view."""
 
     backbone: str
     n_features: int
@@ -391,8 +443,18 @@ class Extractor:
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
             return model(x).double().cpu().numpy()
 
-    def extract(self, images: Sequence[sitk.Image], region: np.ndarray) -> np.ndarray:
+    def inputs(self, images: Sequence[sitk.Image], region: np.ndarray,
+               fovs: Sequence[np.ndarray | None]) -> tuple[np.ndarray, list[float]]:
+        """The network's input batch (normalised crop, outside the fields of view neutral) and, per channel read,
+        the fraction of the crop outside its field of view. fovs: per image, bool (z, y, x) or None."""
         raise NotImplementedError
+
+    def extract(self, images: Sequence[sitk.Image], region: np.ndarray,
+                fovs: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[float]]:
+        """One patient's feature vector (the batch's pooled outputs, averaged over slices for 2D networks) and the
+        fractions of the crop outside each channel's field of view."""
+        batch, outside = self.inputs(images, region, list(fovs) if fovs else [None] * len(images))
+        return self._forward(self.model, batch).mean(0), outside
 
     def _load_resnet(self, backbone: str, dims: int, depths, checkpoint: str | Path) -> None:
         """Build the user's ResNet (3D: MedicalNet's shortcut from config or the checkpoint; 2D: torchvision's B)
@@ -418,11 +480,11 @@ class ResNet3DExtractor(Extractor):
         super().__init__(cfg, device, seed)
         self._load_resnet("resnet3d", 3, RESNET3D_DEPTHS, checkpoint)
 
-    def extract(self, images, region):
-        crop = crop_region(images[0], region, self.cfg["crop_size"], self.cfg.get("spacing"), self.cfg["margin_mm"])
-        x = window(crop.image, *self.cfg["window"])
-        x = (x - x.mean()) / max(float(x.std()), 1e-8)  # MedicalNet: z-score of the input volume
-        return self._forward(self.model, x[None, None])[0]
+    def inputs(self, images, region, fovs):
+        crop = crop_region(images[0], region, self.cfg["crop_size"], self.cfg.get("spacing"), self.cfg["margin_mm"],
+                           fov=fovs[0])
+        x = standardise(window(crop.image, *self.cfg["window"]), crop.valid)  # MedicalNet: z-score of the input
+        return x[None, None], [crop_outside(crop.valid)]
 
 
 class ResNet2DExtractor(Extractor):
@@ -431,17 +493,19 @@ class ResNet2DExtractor(Extractor):
         self._load_resnet("resnet2d", 2, RESNET2D_DEPTHS, checkpoint)
         self.meta.update(image_size=IMAGE_SIZE_2D, slice="largest")
 
-    def extract(self, images, region):
+    def inputs(self, images, region, fovs):
         one = np.zeros_like(region)
         z = largest_slice(region)
         one[z] = region[z]
         spacing = self.cfg.get("spacing")
         crop = crop_region(images[0], one, (1, IMAGE_SIZE_2D, IMAGE_SIZE_2D),
-                           None if spacing is None else (1.0, *spacing[1:]), self.cfg["margin_mm"])
+                           None if spacing is None else (1.0, *spacing[1:]), self.cfg["margin_mm"], fov=fovs[0])
         low, high = self.cfg["window"]
         x = (window(crop.image[0], low, high) - low) / (high - low)
         x = np.stack([(x - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
-        return self._forward(self.model, x[None])[0]
+        if crop.valid is not None:
+            x[:, ~crop.valid[0]] = 0.0  # the ImageNet mean colour
+        return x[None], [crop_outside(crop.valid)]
 
 
 class _PooledEncoder(nn.Module):
@@ -503,25 +567,29 @@ class NnunetExtractor(Extractor):
         self.meta.update(model_folder=str(folder), fold=fold, checkpoint=str(path), checkpoint_sha256=file_sha256(path),
                          configuration=configuration, stages=stages, normalization=self.schemes)
 
-    def extract(self, images, region):
+    def inputs(self, images, region, fovs):
         if len(images) != self.channels_used:
             raise DeepFeatureError(f"the nnU-Net model takes {self.channels_used} channel(s), {len(images)} given")
         grid = crop_grid(images[0], region, self.cfg["crop_size"], self.cfg.get("spacing"), self.cfg["margin_mm"])
-        channels = []
-        for c, image in enumerate(images):
+        channels, outside = [], []
+        for c, (image, fov) in enumerate(zip(images, fovs)):
             array = normalise_nnunet(sitk.GetArrayFromImage(image), self.schemes[c], self.properties.get(str(c)),
-                                     self.use_mask_for_norm[c])
+                                     self.use_mask_for_norm[c], fov)
             normalised = sitk.GetImageFromArray(array)
             normalised.CopyInformation(image)
-            channels.append(resample_to(normalised, grid, float(array.min())))
+            crop = resample_to(normalised, grid, float(array.min()))
+            valid = valid_on_grid(fov, image, grid)
+            if valid is not None:
+                crop[~valid] = 0.0
+            channels.append(crop)
+            outside.append(crop_outside(valid))
         mask = region_on_grid(region, images[0], grid)
         x = np.stack(channels).transpose([0, *[t + 1 for t in self.transpose]])
         mask = mask.transpose(self.transpose)
         if self.dims == 3:
-            return self._forward(self.model, x[None])[0]
+            return x[None], outside
         slices = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1))
-        batch = np.moveaxis(x[:, slices], 1, 0)  # slices x channels x H x W
-        return self._forward(self.model, batch).mean(0)
+        return np.moveaxis(x[:, slices], 1, 0), outside  # slices x channels x H x W
 
 
 def build_extractor(cfg: Mapping[str, Any], *, model: str | Path, seed: int) -> Extractor:
@@ -543,22 +611,26 @@ def build_extractor(cfg: Mapping[str, Any], *, model: str | Path, seed: int) -> 
 
 # ============================================================================ per patient
 def extract_patient(extractor: Extractor, images: Mapping[str, str | Path], mask: str | Path, *, patient: str,
-                    center: str, region: str, label: int, on_bad_region: str = "nan"
-                    ) -> tuple[pd.DataFrame, list[dict]]:
+                    center: str, region: str, label: int, on_bad_region: str = "nan",
+                    fovs: Mapping[str, str | Path] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """One patient's row (patient, center, excluded, exclusion_reason, deep features) and its issues.
 
     images: channel -> file, in the study's channel order (the first names the features; the nnU-Net backbone
-    reads as many as its model takes). A bad region or image gives NaN features and an issue, never an error."""
+    reads as many as its model takes). fovs: channel -> field-of-view mask file, for the channels that do not cover
+    the whole grid (module docstring). A bad region or image gives NaN features and an issue, never an error;
+    issues about a channel's field of view also carry channel, outside_region and outside_crop."""
     channels = [str(c) for c in images]
     names = feature_names(region, channels[0], extractor.backbone, extractor.n_features)
     values = dict.fromkeys(names, np.nan)
     issues: list[dict] = []
     bad: dict[str, str] = {}
 
-    def issue(reason: str, message: str):
-        issues.append({"patient": patient, "center": center, "region": region, "reason": reason, "message": message})
+    def issue(reason: str, message: str, **record):
+        issues.append({"patient": patient, "center": center, "region": region, "reason": reason, "message": message,
+                       **record})
         log.warning("%s", message)
-        bad.setdefault(region, reason)
+        if reason not in radiomics.NOTES:
+            bad.setdefault(region, reason)
 
     def row():
         return radiomics.feature_row(patient, center, values, bad, on_bad_region)
@@ -577,8 +649,10 @@ def extract_patient(extractor: Extractor, images: Mapping[str, str | Path], mask
         issue(reason, f"{patient}: deep features: region {region!r} {what} of label {label}) in mask {mask_file}; "
                       "deep features NaN")
         return row(), issues
-    loaded = []
-    for channel in channels[:max(1, extractor.channels_used)]:
+    used = channels[:max(1, extractor.channels_used)]
+    fovs = {str(c): str(f) for c, f in (fovs or {}).items() if str(c) in used}
+    loaded, fields = [], []
+    for channel in used:
         try:
             image = sitk.ReadImage(str(images[channel]))
         except Exception as exc:  # noqa: BLE001
@@ -589,15 +663,34 @@ def extract_patient(extractor: Extractor, images: Mapping[str, str | Path], mask
             issue(radiomics.OUTSIDE_IMAGE, f"{patient}: deep features: mask {mask_file} is not on the grid of "
                                            f"{images[channel]} ({channel})")
             return row(), issues
+        fov = None
+        if channel in fovs:
+            try:
+                fov = radiomics.read_fov(fovs[channel], image)
+            except Exception as exc:  # noqa: BLE001
+                issue(radiomics.UNREADABLE_IMAGE, f"{patient}: deep features: field-of-view mask {fovs[channel]} of "
+                                                  f"image {images[channel]} ({channel}) cannot be used ({exc})",
+                      channel=channel)
+                return row(), issues
+            share = radiomics.outside_share(voxels, fov)
+            if share > radiomics.MAX_OUTSIDE_FOV:
+                issue(radiomics.OUTSIDE_FOV, f"{patient}: deep features: {share:.1%} of region {region!r} lies outside "
+                                             f"the field of view of {channel} ({fovs[channel]}), more than "
+                                             f"{radiomics.MAX_OUTSIDE_FOV:.0%}; deep features NaN",
+                      channel=channel, outside_region=share)
+                return row(), issues
         loaded.append(image)
-    values_in = sitk.GetArrayViewFromImage(loaded[0])[voxels]
+        fields.append(fov)
+    inside = voxels if fields[0] is None else voxels & fields[0]
+    values_in = sitk.GetArrayViewFromImage(loaded[0])[inside]
     if float(np.ptp(values_in)) == 0.0:
         issue(radiomics.CONSTANT_IMAGE, f"{patient}: deep features: image {images[channels[0]]} is constant "
                                         f"({float(values_in[0]):g}) inside region {region!r}; deep features NaN")
         return row(), issues
     start = time.perf_counter()
     try:
-        vector = np.asarray(extractor.extract(loaded, voxels), dtype=np.float64)
+        vector, outside = extractor.extract(loaded, voxels, fields)
+        vector = np.asarray(vector, dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - a failing patient never stops the center
         issue(radiomics.EXTRACTION_FAILED, f"{patient}: deep features: {extractor.backbone} failed on region "
                                            f"{region!r}: {type(exc).__name__}: {exc}")
@@ -607,5 +700,13 @@ def extract_patient(extractor: Extractor, images: Mapping[str, str | Path], mask
                                            f"{vector.shape} values, {int((~np.isfinite(vector)).sum())} not finite")
         return row(), issues
     values.update(zip(names, vector.tolist()))
+    for channel, fov, crop_share in zip(used, fields, outside):
+        share = 0.0 if fov is None else radiomics.outside_share(voxels, fov)
+        if share or crop_share:
+            issue(radiomics.PARTLY_OUTSIDE_FOV, f"{patient}: deep features: {share:.1%} of region {region!r} and "
+                                                f"{crop_share:.1%} of its crop lie outside the field of view of "
+                                                f"{channel} ({fovs[channel]}); set to 0 there, the neutral value of "
+                                                "the normalised input", channel=channel, outside_region=share,
+                  outside_crop=crop_share)
     log.info("%s: %d deep features in %.2f s", patient, len(names), time.perf_counter() - start)
     return row(), issues

@@ -20,8 +20,18 @@ Pipeline per patient (`extract_patient`), free of global state so that patients 
    so it is refused.
 4. pyradiomics computes the features on the prepared crop (no diagnostics columns).
 
+Channels that do not cover the reference grid (an MR or PET field of view smaller than the CT's) come with a
+field-of-view mask (`fovs`: channel -> file, uint8 1 inside, on the channel image's grid; ingestion writes one for
+such channels only). Every feature of that channel is computed on region AND field of view, and the filters never
+see the fill value outside it: in the crop, outside voxels take the value of the nearest voxel inside (as beyond the
+image border, where IBSI and mirp extrapolate with the nearest voxel), before resampling and filtering. The
+fractions of the region and of the crop (its box + margin) outside the field of view are returned as a note
+(`partly_outside_field_of_view`, with `channel`, `outside_region`, `outside_crop`); a region more than half outside
+(`MAX_OUTSIDE_FOV`), or with fewer than 2 voxels inside, is a bad region of that channel only
+(`outside_field_of_view`): that channel's block is NaN, the other channels' are kept.
+
 Bad regions (empty, 1 voxel, mask outside the image, constant image, nothing left after re-segmentation, any
-pyradiomics failure) never crash: each gives an issue `{patient, region, reason, message}` naming the patient, the
+pyradiomics failure, region outside a channel's field of view) never crash: each gives an issue `{patient, region, reason, message}` naming the patient, the
 region and the file; with `on_bad_region="nan"` that region's features are NaN, with `"exclude"` the patient's row
 is flagged (`excluded`, `exclusion_reason`).
 
@@ -48,7 +58,7 @@ import SimpleITK as sitk
 import yaml
 from scipy import ndimage
 
-from radstudy.images import geometry, same_grid
+from radstudy.images import geometry, grid_differences, same_grid
 from radstudy.statistics.robustness import FLAG_COLUMNS, ID_COLUMNS
 from radstudy.tables import read_table
 
@@ -69,6 +79,13 @@ EMPTY_AFTER_RESEGMENTATION = "empty_after_resegmentation"
 TOO_SMALL_AFTER_RESAMPLING = "too_small_after_resampling"
 EXTRACTION_FAILED = "extraction_failed"
 FEATURES_MISSING = "features_missing"
+OUTSIDE_FOV = "outside_field_of_view"
+PARTLY_OUTSIDE_FOV = "partly_outside_field_of_view"
+NOTES = frozenset({FEATURES_MISSING, PARTLY_OUTSIDE_FOV})  # recorded, but the region's features stand
+
+# A region with more than this fraction of its voxels outside a channel's field of view is a bad region of that
+# channel (radiomics and deep features): what is left would describe another part of the lesion.
+MAX_OUTSIDE_FOV = 0.5
 
 # Wavelet filter lengths are read from PyWavelets; LoG support is taken as 4 sigma (Gaussian tail < 1e-4).
 LOG_SUPPORT_SIGMAS = 4.0
@@ -532,20 +549,71 @@ class PreparedRegion:
     grid_size: tuple[int, int, int]  # size of the whole-image grid the crop was cut from
 
 
-def prepare_region(image: sitk.Image, region: np.ndarray, ep: ExtractionParams, margin_mm: float) -> PreparedRegion:
+def crop_box(region: np.ndarray, spacing_xyz: Sequence[float], margin_mm: float) -> tuple[slice, slice, slice]:
+    """The region's bounding box plus `margin_mm` on every side, within the array (slices in z, y, x)."""
+    lo, hi = _bbox(region)
+    m = np.ceil(margin_mm / np.asarray(spacing_xyz, float)[::-1]).astype(int)
+    a, b = np.maximum(lo - m, 0), np.minimum(hi + m, np.array(region.shape) - 1)
+    return tuple(slice(int(i), int(j) + 1) for i, j in zip(a, b))
+
+
+def read_fov(path: str | Path, image: sitk.Image) -> np.ndarray:
+    """A channel's field-of-view mask (bool, z y x; nonzero = inside), which must lie on the channel image's grid."""
+    fov = sitk.ReadImage(str(path))
+    if fov.GetNumberOfComponentsPerPixel() != 1 or fov.GetDimension() != 3:
+        raise ValueError("expected a 3D scalar mask")
+    differences = grid_differences(fov, image, direction_tolerance=1e-4)
+    if differences:
+        raise ValueError("not on the image's grid: " + "; ".join(differences))
+    return sitk.GetArrayFromImage(fov) > 0
+
+
+def outside_share(region: np.ndarray, fov: np.ndarray) -> float:
+    """Fraction of the region's voxels that lie outside the field of view (0 for an empty region)."""
+    n = int(region.sum())
+    return float((region & ~fov).sum()) / n if n else 0.0
+
+
+def fill_outside_fov(values: np.ndarray, inside: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """`values` with every voxel outside the field of view replaced by the nearest voxel inside it (in mm), so
+    that filters and interpolation never read the fill value: the field of view's edge is treated as the image's
+    border is (nearest-voxel extrapolation, IBSI). `inside` must hold at least one voxel."""
+    if inside.all():
+        return values
+    nearest = ndimage.distance_transform_edt(~inside, sampling=spacing_zyx, return_distances=False,
+                                             return_indices=True)
+    return values[tuple(nearest)]
+
+
+def _crop_image(image: sitk.Image, lo_xyz, hi_xyz, fov: np.ndarray | None) -> sitk.Image:
+    """image[lo:hi+1] (x, y, z, inclusive) as float32, outside the field of view filled by `fill_outside_fov`."""
+    img = sitk.Cast(image[lo_xyz[0] : hi_xyz[0] + 1, lo_xyz[1] : hi_xyz[1] + 1, lo_xyz[2] : hi_xyz[2] + 1],
+                    sitk.sitkFloat32)
+    if fov is None:
+        return img
+    inside = fov[lo_xyz[2] : hi_xyz[2] + 1, lo_xyz[1] : hi_xyz[1] + 1, lo_xyz[0] : hi_xyz[0] + 1]
+    filled = sitk.GetImageFromArray(
+        fill_outside_fov(sitk.GetArrayFromImage(img), inside, image.GetSpacing()[::-1]))
+    filled.CopyInformation(img)
+    return filled
+
+
+def prepare_region(image: sitk.Image, region: np.ndarray, ep: ExtractionParams, margin_mm: float,
+                   fov: np.ndarray | None = None) -> PreparedRegion:
     """Crop image and region mask (array in z, y, x on the image grid) to the region's bounding box plus the
-    margin, resampling onto the whole-image IBSI grid if the parameters ask for it."""
+    margin, resampling onto the whole-image IBSI grid if the parameters ask for it. `fov`: the channel's field of
+    view (bool, z y x; None: the whole image): the region must lie within it, the image outside it is filled with
+    the nearest voxel inside (`fill_outside_fov`) before anything reads it."""
     lo_zyx, hi_zyx = _bbox(region)
     lo, hi = lo_zyx[::-1].astype(float), hi_zyx[::-1].astype(float)  # x, y, z
     spacing = np.array(image.GetSpacing(), float)
     size = np.array(image.GetSize(), int)
     rs = ep.resample
     if not rs:
-        m = np.ceil(margin_mm / spacing).astype(int)
-        a = np.maximum(lo.astype(int) - m, 0)
-        b = np.minimum(hi.astype(int) + m, size - 1)
-        img = sitk.Cast(image[a[0] : b[0] + 1, a[1] : b[1] + 1, a[2] : b[2] + 1], sitk.sitkFloat32)
-        sub = region[a[2] : b[2] + 1, a[1] : b[1] + 1, a[0] : b[0] + 1]
+        box = crop_box(region, spacing, margin_mm)
+        a, b = [s.start for s in box[::-1]], [s.stop - 1 for s in box[::-1]]
+        img = _crop_image(image, a, b, fov)
+        sub = region[box]
         msk = sitk.GetImageFromArray(sub.astype(np.uint8))
         msk.CopyInformation(img)
         return PreparedRegion(img, msk, int(sub.sum()), tuple(int(v) for v in size))
@@ -558,7 +626,7 @@ def prepare_region(image: sitk.Image, region: np.ndarray, ep: ExtractionParams, 
     pad = int(np.ceil(grid.ratio.max())) + 3
     i_lo = np.maximum(np.floor(grid.old_index(j_lo)).astype(int) - pad, 0)
     i_hi = np.minimum(np.ceil(grid.old_index(j_hi)).astype(int) + pad, size - 1)
-    src = sitk.Cast(image[i_lo[0] : i_hi[0] + 1, i_lo[1] : i_hi[1] + 1, i_lo[2] : i_hi[2] + 1], sitk.sitkFloat32)
+    src = _crop_image(image, i_lo, i_hi, fov)
     # Edge replication beyond the image border (IBSI/mirp extrapolate with the nearest voxel).
     src = sitk.ZeroFluxNeumannPad(src, [pad] * 3, [pad] * 3)
     ref = sitk.Image([int(v) for v in (j_hi - j_lo + 1)], sitk.sitkFloat32)
@@ -616,9 +684,31 @@ def _resegment_range(values: np.ndarray, ep: ExtractionParams) -> tuple[float, f
 
 
 class _BadRegion(Exception):
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, **record):
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.record = reason, record
+
+
+def within_fov(region: np.ndarray, fov: np.ndarray, spacing_xyz: Sequence[float], margin_mm: float, *, where: str,
+               channel: str, fov_file: str) -> tuple[np.ndarray, dict | None]:
+    """The region within a channel's field of view, and the record of what lay outside (None when nothing of the
+    region or of its crop, the box + `margin_mm`, did): channel, outside_region, outside_crop (fractions) and a
+    message. A region more than `MAX_OUTSIDE_FOV` outside, or with fewer than 2 voxels inside, raises _BadRegion
+    (reason OUTSIDE_FOV) with the same record."""
+    share = outside_share(region, fov)
+    crop_share = 1.0 - float(fov[crop_box(region, spacing_xyz, margin_mm)].mean())
+    inside = region & fov
+    n = int(inside.sum())
+    record = {"channel": channel, "outside_region": share, "outside_crop": crop_share}
+    text = (f"{where}: {share:.1%} of the region and {crop_share:.1%} of its box + {margin_mm:g} mm lie outside the "
+            f"field of view of {channel} ({fov_file}); {n} voxel(s) inside")
+    if share > MAX_OUTSIDE_FOV or n < 2:
+        raise _BadRegion(OUTSIDE_FOV, f"{text}: more than {MAX_OUTSIDE_FOV:.0%} outside or fewer than 2 voxels "
+                                      f"inside, so the {channel} features of this region are NaN", **record)
+    if share == 0.0 and crop_share == 0.0:
+        return inside, None
+    return inside, {**record, "message": f"{text}: features computed on them, the filters reading the nearest "
+                                         "voxel inside in place of the outside"}
 
 
 def extract_patient(
@@ -634,6 +724,7 @@ def extract_patient(
     on_bad_region: str = "nan",
     mask_perturbation: str | None = None,
     perturbation_radius: int = 1,
+    fovs: Mapping[str, str | Path] | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """One patient's feature row (patient, center, excluded, exclusion_reason, features...) and its issues.
 
@@ -641,7 +732,9 @@ def extract_patient(
     `mask`: label-map file; `labels`: region name -> label value; `derived`: see `derive_regions`.
     `margin_mm`: crop margin around each region; it is raised to `required_margin_mm` when filters need more.
     `on_bad_region`: "nan" (that region's features NaN) or "exclude" (row flagged for exclusion).
-    `mask_perturbation`: "erode" / "dilate" the label regions by `perturbation_radius` voxels (robustness analysis)."""
+    `mask_perturbation`: "erode" / "dilate" the label regions by `perturbation_radius` voxels (robustness analysis).
+    `fovs`: channel -> field-of-view mask file, for the channels that do not cover the whole grid (module docstring).
+    Issues about one channel's field of view also carry `channel`, `outside_region` and `outside_crop`."""
     if on_bad_region not in BAD_REGION_POLICIES:
         raise ValueError(f"on_bad_region must be one of {BAD_REGION_POLICIES}, got {on_bad_region!r}")
     if not images:
@@ -657,13 +750,15 @@ def extract_patient(
             for n in per_channel[c]:
                 values[f"{region}_{c}_{n}"] = np.nan
     issues: list[dict] = []
-    bad: dict[str, str] = {}  # region -> reason (for the exclusion flag)
+    bad: dict[str, str] = {}  # region, or "region (channel)" for one channel's block -> reason (exclusion flag)
+    fovs = {str(c): str(f) for c, f in (fovs or {}).items()}
 
-    def issue(region: str, reason: str, message: str) -> None:
-        issues.append({"patient": patient, "region": region, "reason": reason, "message": message})
+    def issue(region: str, reason: str, message: str, **record) -> None:
+        """record: `channel` when the issue concerns that channel's block of the region only (field of view)."""
+        issues.append({"patient": patient, "region": region, "reason": reason, "message": message, **record})
         log.warning(message)
-        if reason != FEATURES_MISSING:
-            bad.setdefault(region, reason)
+        if reason not in NOTES:
+            bad.setdefault(f"{region} ({record['channel']})" if "channel" in record else region, reason)
 
     mask_file = str(mask)
     try:
@@ -730,6 +825,16 @@ def extract_patient(
                     )
                     continue
                 on_grid[region] = _to_image_grid(regions[region], mask_img, image)
+        fov = None
+        if channel in fovs:
+            try:
+                fov = read_fov(fovs[channel], image)
+            except Exception as exc:  # noqa: BLE001 - reported, never raised
+                for region in todo:
+                    issue(region, UNREADABLE_IMAGE, f"{patient}: region {region!r}: field-of-view mask {fovs[channel]} "
+                                                     f"of image {image_file} ({channel}) cannot be used ({exc})",
+                          channel=channel)
+                continue
         margin = max(float(margin_mm), required_margin_mm(ep, image.GetSpacing()))
         extractor = _new_extractor(ep)
         if ci > 0 and "shape" in extractor.enabledFeatures:
@@ -738,18 +843,17 @@ def extract_patient(
         for region in todo:
             if region in bad or region not in on_grid:
                 continue
+            where = f"{patient}: region {region!r}, image {image_file} ({channel})"
             try:
-                feats = _extract_region(
-                    extractor,
-                    base_settings,
-                    image,
-                    on_grid[region],
-                    ep,
-                    margin,
-                    f"{patient}: region {region!r}, image {image_file} ({channel})",
-                )
+                used = on_grid[region]
+                if fov is not None and used.any():
+                    used, note = within_fov(used, fov, image.GetSpacing(), margin, where=where, channel=channel,
+                                            fov_file=fovs[channel])
+                    if note:
+                        issue(region, PARTLY_OUTSIDE_FOV, **note)
+                feats = _extract_region(extractor, base_settings, image, used, ep, margin, where, fov)
             except _BadRegion as exc:
-                issue(region, exc.reason, str(exc))
+                issue(region, exc.reason, str(exc), **exc.record)
                 continue
             except Exception as exc:  # noqa: BLE001 - pyradiomics failures become issues
                 issue(
@@ -773,8 +877,8 @@ def extract_patient(
                     f"computed (e.g. {missing[0]}); left NaN",
                 )
         del image
-    # Regions that failed after others succeeded keep NaN for all channels.
-    for region in bad:
+    # Regions that failed after others succeeded keep NaN for all channels (a failed channel block stayed NaN).
+    for region in (r for r in region_names if r in bad):
         for c in channels:
             for n in per_channel[c]:
                 values[f"{region}_{c}_{n}"] = np.nan
@@ -789,10 +893,11 @@ def _extract_region(
     ep: ExtractionParams,
     margin: float,
     where: str,
+    fov: np.ndarray | None = None,
 ) -> dict[str, float]:
     if not region.any():
         raise _BadRegion(EMPTY_REGION, f"{where}: region is empty on the image grid")
-    prep = prepare_region(image, region, ep, margin)
+    prep = prepare_region(image, region, ep, margin, fov)
     if prep.voxels < 2:
         raise _BadRegion(
             TOO_SMALL_AFTER_RESAMPLING,

@@ -4,7 +4,8 @@
     results/features/features.parquet             patients x features (+ features.meta.json: versions, params hash)
     results/features/qc.tsv                       per patient: included, or excluded with the reason
     results/features/deep/{center}.parquet        deep features of the center's patients (radstudy.features.deep)
-    results/features/deep/{center}.issues.tsv     per patient and region: why deep features are NaN
+    results/features/deep/{center}.issues.tsv     per patient and region: why deep features are NaN, and how much
+                                                  of the region and crop lay outside a channel's field of view
     results/features/deep/{center}.meta.json      the deep extractor's settings (backbone, model, device)
 
 Every function takes the folders and files it reads and writes (a patient's ingest folder, a center's
@@ -23,7 +24,7 @@ import pandas as pd
 from radstudy.features import radiomics as features
 from radstudy.config import Study
 from radstudy.errors import FEATURE_EXTRACTION, REASONS
-from radstudy.ingest.patient import MASK_FILE, image_file
+from radstudy.ingest.patient import MASK_FILE, fov_file, image_file
 from radstudy.ingest.stage import patient_folders
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,13 @@ def mask_for(study: Study, patient: str, ingest_dir: str | Path, segmentation_di
 
 
 def _patient_inputs(study: Study, patient: str, ingest_dir: str | Path,
-                    segmentation_dir: str | Path) -> tuple[dict[str, Path], Path]:
-    """The patient's channel images and the mask its features come from."""
-    images = {c: Path(ingest_dir) / image_file(c) for c in study.config["ingest"]["channels"]}
-    return images, mask_for(study, patient, ingest_dir, segmentation_dir)
+                    segmentation_dir: str | Path) -> tuple[dict[str, Path], Path, dict[str, Path]]:
+    """The patient's channel images, the mask its features come from, and the field-of-view masks of the channels
+    that do not cover the whole grid (ingestion writes one for those channels only)."""
+    channels = study.config["ingest"]["channels"]
+    images = {c: Path(ingest_dir) / image_file(c) for c in channels}
+    fovs = {c: Path(ingest_dir) / fov_file(c) for c in channels if (Path(ingest_dir) / fov_file(c)).exists()}
+    return images, mask_for(study, patient, ingest_dir, segmentation_dir), fovs
 
 
 def patient_radiomics(study: Study, center: str, patient: str, ingest_dir: str | Path, segmentation_dir: str | Path,
@@ -56,10 +60,10 @@ def patient_radiomics(study: Study, center: str, patient: str, ingest_dir: str |
     """Radiomics of one patient: ingest_dir is the patient's ingest folder, segmentation_dir its center's
     segmentation folder."""
     cfg = study.config["features"]["radiomics"]
-    images, mask = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
+    images, mask, fovs = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
     row, issues = features.extract_patient(
         images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=cfg["params"],
-        derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region=cfg["on_bad_region"],
+        derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region=cfg["on_bad_region"], fovs=fovs,
     )
     for issue in issues:
         log.warning("%s", issue["message"])
@@ -72,14 +76,14 @@ def patient_perturbed(study: Study, center: str, patient: str, ingest_dir: str |
     """The patient's radiomics on its masks eroded / dilated (features.robustness): one row per perturbation,
     with a `perturbation` column; the ICC itself is computed by the statistics stage on training patients."""
     cfg, rob = study.config["features"]["radiomics"], study.config["features"]["robustness"]
-    images, mask = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
+    images, mask, fovs = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
     params = features.load_params(cfg["params"])
     rows = []
     for how in rob["perturbations"]:
         row, issues = features.extract_patient(
             images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=params,
             derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region="nan", mask_perturbation=how,
-            perturbation_radius=rob["radius"],
+            perturbation_radius=rob["radius"], fovs=fovs,
         )
         for issue in issues:
             log.warning("%s (mask %s by %d voxel(s))", issue["message"], how, rob["radius"])
@@ -103,7 +107,8 @@ def perturbed_table(rows, out: str | Path) -> pd.DataFrame:
     return table
 
 
-ISSUE_COLUMNS = ["patient", "center", "region", "reason", "message"]
+# channel, outside_region, outside_crop: only for issues about a channel's field of view (fractions 0..1)
+ISSUE_COLUMNS = ["patient", "center", "region", "reason", "message", "channel", "outside_region", "outside_crop"]
 
 
 def deep_wants_gpu(study: Study) -> bool:
@@ -135,9 +140,10 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
                  len(patients))
         rows, issues = [], []
         for patient in patients:
-            images, mask = _patient_inputs(study, patient, folders[patient], segmentation_dir)
+            images, mask, fovs = _patient_inputs(study, patient, folders[patient], segmentation_dir)
             row, found = deep.extract_patient(extractor, images, mask, patient=patient, center=center,
-                                              region=cfg["region"], label=label, on_bad_region=cfg["on_bad_region"])
+                                              region=cfg["region"], label=label, on_bad_region=cfg["on_bad_region"],
+                                              fovs=fovs)
             rows.append(row)
             issues += found
     names = deep.feature_names(cfg["region"], channels[0], extractor.backbone, extractor.n_features)
@@ -151,7 +157,7 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
     Path(out_meta).write_text(json.dumps(extractor.meta, indent=2, sort_keys=True) + "\n")
     elapsed = time.perf_counter() - start
     log.info("center %s: deep features of %d patient(s) in %.1f s (%d with NaN)", center, len(patients), elapsed,
-             len({i["patient"] for i in issues}))
+             len({i["patient"] for i in issues if i["reason"] not in features.NOTES}))
     return table
 
 
