@@ -220,6 +220,16 @@ def test_transfer_syntax_without_decoder_is_excluded_naming_it(tmp_path):
     assert "is not supported" in error.message and error.file == "e.dcm"
 
 
+def test_other_multi_frame_images_are_excluded_naming_their_sop_class(tmp_path):
+    uids = single_frame(tmp_path)
+    path = write_enhanced(tmp_path / "enhanced" / "e.dcm", uids)
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame secondary capture
+    ds.save_as(path)
+    error = excluded(errors.GEOMETRY_MIXED, load, tmp_path / "enhanced", {"min_slices": 1})
+    assert f"multi-frame image ({N_SLICES} frames, Multi-frame Grayscale Word Secondary Capture Image Storage)" in error.message
+
+
 def test_scanning_reads_functional_groups_only_of_enhanced_files(tmp_path):
     uids = single_frame(tmp_path)
     write_enhanced(tmp_path / "enhanced" / "e.dcm", uids)

@@ -7,6 +7,9 @@ The ingestion stage calls, per patient and channel:
     geometry = check_geometry(series, patient=pseudonym)
     image = read_series(geometry, patient=pseudonym)
 
+An enhanced multi-frame CT or MR file (geometry in its functional groups) becomes one header per frame, so that
+series selection and the geometry checks treat its frames as they treat single-frame slices.
+
 Every unusable input raises `PatientExcluded` with a reason code and a message naming the patient
 (pseudonym) and the file relative to the patient's folder. Raw PatientIDs never leave `_read_header`:
 headers keep only a hash, so that objects which end up in logs or exceptions carry no identifier.
@@ -143,9 +146,9 @@ def patient_key(patient_id: str) -> str:
 def scan_folder(folder: Path) -> tuple[list[DicomHeader], list[tuple[str, str]]]:
     """Read the headers of every DICOM file under `folder` (any layout, any file names).
 
-    Returns the headers of the readable DICOM files, one per frame for an enhanced multi-frame image,
-    and (relative path, short reason) for every other file. Mask and table files (NON_DICOM_SUFFIXES), hidden files and DICOMDIR are skipped
-    silently: they are expected beside the images and are not errors.
+    Returns the headers of the readable DICOM files (one per frame for an enhanced multi-frame image)
+    and (relative path, short reason) for every other file. Mask and table files (NON_DICOM_SUFFIXES),
+    hidden files and DICOMDIR are skipped silently: they are expected beside the images and are not errors.
     """
     folder = Path(folder)
     headers: list[DicomHeader] = []
@@ -159,7 +162,7 @@ def scan_folder(folder: Path) -> tuple[list[DicomHeader], list[tuple[str, str]]]
                 continue
             found, problem = _read_header(path, relative)
             headers += found
-            if problem is not None:  # None, None: a DICOMDIR
+            if problem is not None:  # [], None: a DICOMDIR
                 bad_files.append((relative, problem))
     return headers, bad_files
 
