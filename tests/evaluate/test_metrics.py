@@ -177,6 +177,68 @@ def test_calibration_slope_and_intercept():
     assert M.brier_score([0, 1], [0.2, 0.6]) == pytest.approx((0.04 + 0.16) / 2)
 
 
+def _binomial_mle(y, x, offset=0.0):
+    """Logistic regression by another route than the code's (statsmodels' IRLS): the exact binomial
+    log-likelihood maximised by scipy (trust-region on its analytic gradient and Hessian), polished by MINPACK's
+    root finder on the score equations to 1e-14; standard errors from the observed information."""
+    from scipy import optimize
+    from scipy.special import log_expit
+
+    def nll(b):
+        eta = x @ b + offset
+        return -np.sum(y * log_expit(eta) + (1 - y) * log_expit(-eta))
+
+    def grad(b):
+        return -x.T @ (y - expit(x @ b + offset))
+
+    def info(b):
+        p = expit(x @ b + offset)
+        return (x * (p * (1 - p))[:, None]).T @ x
+
+    start = optimize.minimize(nll, np.zeros(x.shape[1]), jac=grad, hess=info, method="trust-exact").x
+    root = optimize.root(grad, start, jac=info, method="hybr", tol=1e-14)
+    assert np.abs(grad(root.x)).max() < 1e-9  # the score equations hold (MINPACK may stop short of its tol)
+    return root.x, np.sqrt(np.diag(np.linalg.inv(info(root.x))))
+
+
+@pytest.mark.parametrize("shift", [0.0, 100.0, 400.0])
+def test_calibration_of_a_raw_score_is_the_binomial_mle(asah, shift):
+    """aSAH's NDKA (a raw marker, 3-419) as the linear predictor, as R's glm(poor ~ offset(ndka), binomial) and
+    glm(poor ~ ndka, binomial) define them (R is not at hand: the reference is `_binomial_mle`). The hand-written
+    Newton iteration this replaced gave an intercept of -7.97e10 here; shifting the score by a constant must
+    shift the intercept by exactly that constant and leave the slope alone."""
+    y, _, _, ndka = asah
+    lp = ndka + shift
+    ours = M.calibration_intercept_slope(y, lp=lp)
+    (b0,), (se0,) = _binomial_mle(y.astype(float), np.ones((len(y), 1)), offset=lp)
+    (_, b1), (_, se1) = _binomial_mle(y.astype(float), np.column_stack([np.ones(len(y)), lp]))
+    assert ours["calibration_intercept"] == pytest.approx(b0, abs=1e-6)
+    assert ours["calibration_slope"] == pytest.approx(b1, abs=1e-6)
+    assert ours["calibration_intercept"] == pytest.approx(-14.2474357305 - shift, abs=1e-6)
+    assert ours["calibration_slope"] == pytest.approx(0.0185584709, abs=1e-8)
+    z = stats.norm.ppf(0.975)
+    assert ours["calibration_intercept_ci_high"] - ours["calibration_intercept"] == pytest.approx(z * se0, rel=1e-6)
+    assert ours["calibration_slope_ci_high"] - ours["calibration_slope"] == pytest.approx(z * se1, rel=1e-6)
+
+
+def test_calibration_of_a_published_logit_fit_is_ideal():
+    """Spector & Mazzeo's data (statsmodels.datasets.spector) with the logit coefficients Stata 11 published for
+    grade ~ gpa + tuce + psi (statsmodels/discrete/tests/results/results_discrete.py, class Spector): the linear
+    predictor of a maximum-likelihood fit, recalibrated on its own data, has intercept 0 and slope 1 exactly (the
+    score equations of the full model imply those of the recalibration models)."""
+    sm = pytest.importorskip("statsmodels.api")
+    data = sm.datasets.spector.load_pandas().data
+    lp = data[["GPA", "TUCE", "PSI"]].to_numpy() @ [2.82611297201, 0.0951576702557, 2.37868772835] - 13.0213483201
+    ours = M.calibration_intercept_slope(data["GRADE"].to_numpy(), lp=lp)
+    assert ours["calibration_intercept"] == pytest.approx(0, abs=1e-6)
+    assert ours["calibration_slope"] == pytest.approx(1, abs=1e-6)
+
+
+def test_calibration_of_separated_data_has_no_estimate():
+    out = M.calibration_intercept_slope([0, 0, 0, 1, 1, 1], lp=[-3.0, -2, -1, 1, 2, 3])
+    assert np.isnan(out["calibration_slope"]) and np.isfinite(out["calibration_intercept"])
+
+
 def test_calibration_curve_bins_hold_every_patient():
     rng = np.random.default_rng(2)
     p = rng.uniform(size=500)

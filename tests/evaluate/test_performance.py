@@ -16,6 +16,7 @@ from scipy.special import expit
 from radstudy.cli import main as cli_main
 from radstudy.evaluate import performance as E
 from radstudy.evaluate import metrics as M
+from radstudy.evaluate.inputs import PredictionsError
 from radstudy.report.html import table1, write_report
 from simulated_study import simulate_study
 
@@ -33,7 +34,7 @@ def evaluated(study, tmp_path_factory):
     for name in ("clinical", "flow", "dsc", "coefficients", "design"):
         study[name].to_csv(inputs / f"{name}.tsv", sep="\t", index=False)
     models = E.load_linear_models(inputs / "coefficients.tsv", inputs / "design.tsv")
-    result = E.evaluate(study["predictions"], out, horizons_months=(12, 24), n_bootstrap=200, seed=5,
+    result = E.evaluate(study["predictions"], out, horizons=(12, 24), n_bootstrap=200, seed=5,
                         linear_models=models)
     html = write_report(out, out / "report.html", study_name="simulated", design_text="Four centers; C4 external.",
                         flow_tsv=inputs / "flow.tsv", clinical_tsv=inputs / "clinical.tsv", dsc_tsv=inputs / "dsc.tsv",
@@ -68,7 +69,7 @@ def test_metrics_cover_the_seed_studies(evaluated):
                 "npv", "brier", "calibration_intercept", "calibration_slope", "hl_chi2", "hl_p"):
         assert b[col].notna().all(), col
     s = pd.read_csv(out / "metrics_survival.csv")
-    for col in ("c_harrell", "c_harrell_ci_low", "c_uno", "td_auc_12", "td_auc_24_ci_high", "hr_per_unit",
+    for col in ("c_harrell", "c_harrell_ci_low", "c_uno", "td_auc_12", "td_auc_24_ci_high", "hr_per_sd",
                 "logrank_p", "hr_high_vs_low", "at_risk_low_0", "at_risk_high_12"):
         assert s[col].notna().all(), col
     assert len(b) == len(s) == 12  # 4 models x 3 cohorts
@@ -116,14 +117,14 @@ def test_same_seed_same_numbers_and_minimal_input(tmp_path):
     # probability defaults to expit(score); one center, split 0
     assert (a["metrics"]["binary"]["split"] == 0).all()
     surv = preds[preds["endpoint"] == "survival"][["patient", "cohort", "model", "score", "time", "event"]]
-    r = E.evaluate(surv, tmp_path / "s", horizons_months=(12,), n_bootstrap=50, seed=1, figures=False)
+    r = E.evaluate(surv, tmp_path / "s", horizons=(12,), n_bootstrap=50, seed=1, figures=False)
     assert set(r["metrics"]) == {"survival"}
 
 
 def test_repeated_splits_are_aggregated(tmp_path):
     study = simulate_study(150, seed=9, n_splits=3)
     binary = study["predictions"][study["predictions"]["endpoint"] == "binary"]
-    r = E.evaluate(binary, tmp_path, horizons_months=(12,), n_bootstrap=50, seed=1, figures=False)
+    r = E.evaluate(binary, tmp_path, horizons=(12,), n_bootstrap=50, seed=1, figures=False)
     summary = pd.read_csv(tmp_path / "summary_binary_splits.csv")
     auc = summary[(summary["metric"] == "auc") & (summary["model"] == "combined") & (summary["cohort"] == "validation")]
     per_split = r["metrics"]["binary"].query("model == 'combined' and cohort == 'validation'")["auc"]
@@ -137,9 +138,9 @@ def test_repeated_splits_are_aggregated(tmp_path):
 def test_invalid_predictions_name_the_patient():
     bad = pd.DataFrame({"patient": ["P1", "P2"], "cohort": "training", "model": "clinical", "score": [0.1, 0.2],
                         "outcome": [0, 2]})
-    with pytest.raises(ValueError, match="P2"):
+    with pytest.raises(PredictionsError, match="P2"):
         E.normalise_predictions(bad)
-    with pytest.raises(KeyError, match="score"):
+    with pytest.raises(PredictionsError, match="score"):
         E.normalise_predictions(bad.drop(columns="score"))
 
 

@@ -8,7 +8,8 @@
                        --out results/clinical/C1.tsv --summary results/clinical/C1.json
     radstudy center-qc --ingest-dirs results/ingest/C1/C1-* --clinical results/clinical/C1.tsv --out results/qc/C1/patients.tsv
     radstudy flow      --center-qc results/qc/*/patients.tsv --clinical results/clinical/*.tsv --out-dir results/qc
-    radstudy evaluate  --predictions results/models/predictions.tsv --out results/evaluation [--coefficients ...]
+    radstudy evaluate  --predictions results/models/predictions.tsv --out results/evaluation [--time-unit days]
+                       [--decimal ,] [--coefficients ...]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from radstudy import __version__
-from radstudy.config import load_study, settings
+from radstudy.config import load_study, section_schema, settings
 from radstudy.ingest import stage as stages
 from radstudy.errors import ConfigError, PatientExcluded
 from radstudy.logs import setup
@@ -67,12 +68,16 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """`radstudy evaluate ...` (evaluation tables and figures, then the HTML report)."""
     defaults = settings("evaluation")
     p = subparsers.add_parser("evaluate", help="metrics, figures and the HTML report from model predictions",
-                              description="Metrics tables and figures of any predictions table (see "
-                                          "radstudy.evaluate.performance), then the HTML report.")
+                              description="Metrics tables and figures of any predictions table (the input contract: "
+                                          "radstudy.evaluate.inputs and the README), then the HTML report.")
     p.add_argument("--predictions", required=True, help="predictions table (TSV/CSV)")
     p.add_argument("--out", required=True, help="evaluation folder (tables, figures/, report.html)")
-    p.add_argument("--horizons", type=float, nargs="+", default=defaults["horizons_months"],
-                   help="months (default: %(default)s)")
+    p.add_argument("--time-unit", choices=section_schema("evaluation.time_unit")["enum"],
+                   default=defaults["time_unit"], help="unit of the time column (default: %(default)s)")
+    p.add_argument("--horizons", type=float, nargs="+", default=defaults["horizons"],
+                   help="horizons in the time unit (default: 1, 2 and 3 years in that unit)")
+    p.add_argument("--decimal", choices=[".", ","], default=".",
+                   help="decimal mark of the numbers in the table (default: %(default)s)")
     p.add_argument("--n-bootstrap", type=int, default=defaults["n_bootstrap"])
     p.add_argument("--seed", type=int, default=20240601)
     p.add_argument("--reference-cohort", default="training")
@@ -96,11 +101,11 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from radstudy.evaluate.inputs import read_predictions
     from radstudy.evaluate.performance import evaluate, load_linear_models
     from radstudy.report.html import write_report
-    from radstudy.tables import read_table
 
-    preds = read_table(args.predictions, id_columns=())
+    preds = read_predictions(args.predictions)
     linear_models = []
     if args.coefficients and args.design:
         if any("=" in item for item in args.design):
@@ -108,7 +113,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             designs = args.design[0]
         linear_models = load_linear_models(args.coefficients, designs, model=args.explain_model)
-    evaluate(preds, args.out, horizons_months=args.horizons, n_bootstrap=args.n_bootstrap, seed=args.seed,
+    evaluate(preds, args.out, time_unit=args.time_unit, horizons=args.horizons, decimal=args.decimal,
+             n_bootstrap=args.n_bootstrap, seed=args.seed,
              reference_cohort=args.reference_cohort, linear_models=linear_models, survival_cutoff=args.survival_cutoff,
              nri_cutoffs=args.nri_cutoffs, figures=not args.no_figures)
     if (args.report or "").lower() != "none":
@@ -122,12 +128,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_cleanly(args: argparse.Namespace) -> int:
+    """`radstudy evaluate` with its input errors as one message and exit code 2 (a predictions table made elsewhere
+    is where a ValueError comes from: PredictionsError names the column, patients and values)."""
+    try:
+        return _evaluate(args)
+    except ValueError as exc:
+        logging.getLogger("radstudy").error("radstudy evaluate: %s: %s", args.predictions, exc)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup(args.log)
     try:
         if args.command == "evaluate":
-            return _evaluate(args)
+            return _evaluate_cleanly(args)
         if args.command == "center-qc":
             stages.center_qc(args.ingest_dirs, args.clinical, args.out)
             return 0

@@ -19,6 +19,8 @@ cumulative/dynamic time-dependent AUC (as sksurv.metrics.cumulative_dynamic_auc)
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,7 @@ from radstudy.concordance import concordance_matrices, pair_statistic, weighted_
 from radstudy.survival import surv_arrays, univariable_cox
 
 Z95 = stats.norm.ppf(0.975)
+log = logging.getLogger("radstudy.evaluate.metrics")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,48 +203,50 @@ def classification_metrics(y, score, cutoff: float, alpha: float = 0.05) -> dict
 # calibration
 # --------------------------------------------------------------------------------------------------
 
-def _logistic_irls(x: np.ndarray, y: np.ndarray, offset=None, max_iter: int = 100, tol: float = 1e-10):
-    """Maximum-likelihood logistic regression by Newton-Raphson; returns (beta, covariance)."""
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    off = np.zeros(len(y)) if offset is None else np.asarray(offset, dtype=float)
-    beta = np.zeros(x.shape[1])
-    for _ in range(max_iter):
-        p = expit(x @ beta + off)
-        w = np.clip(p * (1 - p), 1e-12, None)
-        hess = x.T @ (x * w[:, None])
-        step = np.linalg.solve(hess, x.T @ (y - p))
-        beta += step
-        if np.max(np.abs(step)) < tol:
-            break
-    p = expit(x @ beta + off)
-    hess = x.T @ (x * np.clip(p * (1 - p), 1e-12, None)[:, None])
-    return beta, np.linalg.inv(hess)
-
-
 def _clip_prob(p) -> np.ndarray:
     return np.clip(np.asarray(p, dtype=float), 1e-8, 1 - 1e-8)
 
 
-def calibration_intercept_slope(y, p, alpha: float = 0.05) -> dict:
-    """Calibration-in-the-large (intercept with logit(p) as offset) and calibration slope (logit(p) as predictor).
+def _logistic_glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None):
+    """Maximum-likelihood logistic regression (statsmodels GLM, binomial, IRLS with a convergence test);
+    None when it does not converge or the data are separated (no finite maximum-likelihood estimate)."""
+    import statsmodels.api as sm
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
 
-    Ideal: intercept 0, slope 1 (Cox 1958; Van Calster et al. 2016).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerfectSeparationWarning)
+        warnings.simplefilter("error", ConvergenceWarning)
+        try:
+            fit = sm.GLM(y, x, family=sm.families.Binomial(), offset=offset).fit(tol=1e-12, maxiter=200)
+        except (PerfectSeparationWarning, ConvergenceWarning) as exc:
+            log.warning("logistic recalibration has no finite maximum-likelihood estimate: %s", exc)
+            return None
+    return fit if fit.converged else None
+
+
+def calibration_intercept_slope(y, p=None, *, lp=None, alpha: float = 0.05) -> dict:
+    """Calibration-in-the-large and calibration slope of a prediction (Cox 1958; Van Calster et al. 2016).
+
+    intercept: of glm(y ~ offset(lp), binomial); slope: the coefficient of lp in glm(y ~ lp, binomial), with
+    Wald CIs, as R's glm. lp is the prediction on the log-odds scale: logit(p) for a predicted probability `p`,
+    or `lp` itself when the prediction is a score that is not a probability (a linear predictor or a raw
+    marker: logit(expit(score)) would lose it to rounding). Ideal: intercept 0, slope 1. NaN where the fit has
+    no finite estimate (separated data) or, for the slope, when the prediction is constant.
     """
+    if (p is None) == (lp is None):
+        raise ValueError("calibration_intercept_slope needs either a probability p or a linear predictor lp")
     y = _binary(y).astype(float)
-    lp = logit(_clip_prob(p))
+    lp = logit(_clip_prob(p)) if lp is None else np.asarray(lp, dtype=float)
     z = stats.norm.ppf(1 - alpha / 2)
-    b0, c0 = _logistic_irls(np.ones((len(y), 1)), y, offset=lp)
-    if np.ptp(lp) < 1e-12:  # constant predictions (e.g. a model that selected nothing): no slope to estimate
-        b1, se1 = np.array([np.nan, np.nan]), np.nan
-    else:
-        b1, c1 = _logistic_irls(np.column_stack([np.ones(len(y)), lp]), y)
-        se1 = np.sqrt(c1[1, 1])
-    se0 = np.sqrt(c0[0, 0])
-    return {"calibration_intercept": float(b0[0]), "calibration_intercept_ci_low": float(b0[0] - z * se0),
-            "calibration_intercept_ci_high": float(b0[0] + z * se0),
-            "calibration_slope": float(b1[1]), "calibration_slope_ci_low": float(b1[1] - z * se1),
-            "calibration_slope_ci_high": float(b1[1] + z * se1)}
+    out = {}
+    fits = {"intercept": (_logistic_glm(y, np.ones((len(y), 1)), offset=lp), 0)}
+    constant = np.ptp(lp) <= 1e-12 * max(1.0, float(np.abs(lp).max()))
+    fits["slope"] = (None if constant else _logistic_glm(y, np.column_stack([np.ones(len(y)), lp])), 1)
+    for name, (fit, k) in fits.items():
+        est, se = (float(fit.params[k]), float(fit.bse[k])) if fit is not None else (np.nan, np.nan)
+        out.update({f"calibration_{name}": est, f"calibration_{name}_ci_low": float(est - z * se),
+                    f"calibration_{name}_ci_high": float(est + z * se)})
+    return out
 
 
 def brier_score(y, p) -> float:

@@ -1,13 +1,13 @@
 """Evaluation of the fitted models from their predictions: metrics tables and figures per model x cohort.
 
-Input, one row per patient x model (x split x endpoint), columns as documented in `PREDICTION_COLUMNS`:
+Input, one row per patient x model (x split x endpoint): the contract of radstudy.evaluate.inputs (columns,
+types, errors, and the rows left out for a missing value, counted in `exclusions.csv`). Survival times are in
+one declared unit (`time_unit`: days, weeks, months or years; radstudy.evaluate.time_units), which sets the
+default horizons, the axis ticks and the labels.
 
-    patient, center, cohort (training|validation|test), split, endpoint (binary|survival),
-    model (clinical|radiomic|deep|combined), score (linear predictor, higher = more risk),
-    probability (binary), outcome (0/1, binary), time (months), event (0/1, survival)
-
-The minimal form is patient, cohort, model, score and outcome (or time and event); missing columns get
-defaults (one center 'all', split 0, endpoint from the outcome columns, probability = expit(score)).
+A model whose score is constant on the reference cohort of its split (feature selection kept no feature) is
+reported as "no feature selected: constant prediction" and left out of the figures, cut-offs and paired
+comparisons. Hazard ratios of a score are per standard deviation of the score on the reference cohort.
 
 Every cut-off (Youden on the training probability; survival risk groups; the Cox recalibration that turns a
 survival score into an event probability by a horizon) is learnt on `reference_cohort` of the same split and
@@ -18,8 +18,8 @@ the first split.
 Outputs under `out_dir`: CSV tables (`manifest.json` lists them with titles), `figures/*.png|pdf`, and
 `cohorts.csv` (patient, split, cohort, center) for the report. From the command line (radstudy.cli):
 
-    radstudy evaluate --predictions results/models/predictions.tsv --out results/evaluation \\
-        [--coefficients results/models/coefficients.tsv --design results/models/design.tsv] \\
+    radstudy evaluate --predictions results/models/predictions.tsv --out results/evaluation [--time-unit days] \\
+        [--decimal ,] [--coefficients results/models/coefficients.tsv --design results/models/design.tsv] \\
         [--clinical results/clinical/clinical.tsv --flow results/qc/patient_flow.tsv ...]
 """
 
@@ -38,71 +38,24 @@ from scipy.special import expit
 
 from radstudy.config import section_schema, settings
 from radstudy.evaluate import metrics as M
+from radstudy.evaluate import time_units as U
+from radstudy.evaluate.inputs import PredictionsError, exclusion_counts, normalise_predictions
 from radstudy.figures import save_figure
 from radstudy.statistics.design import COHORTS
 from radstudy.tables import read_table
 
 log = logging.getLogger("radstudy.evaluate.performance")
 
-PREDICTION_COLUMNS = ["patient", "center", "cohort", "split", "endpoint", "model", "score", "probability",
-                      "outcome", "time", "event"]
 MODEL_ORDER = section_schema("models.fit")["items"]["enum"]  # clinical, radiomic, deep, combined
 MODEL_COLORS = {"clinical": "#1b9e77", "radiomic": "#7570b3", "deep": "#e6ab02", "combined": "#d95f02"}
 _EXTRA_COLORS = ["#e7298a", "#66a61e", "#a6761d", "#1f78b4", "#666666", "#b15928"]
 INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}
+CONSTANT_NOTE = "no feature selected: constant prediction"
 
 
 # --------------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------------
-
-def normalise_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Complete the documented columns; one row per patient x model x split x endpoint."""
-    df = predictions.copy()
-    missing = {"patient", "cohort", "model", "score"} - set(df.columns)
-    if missing:
-        raise KeyError(f"predictions lack required column(s) {sorted(missing)}; have {list(df.columns)}")
-    if "endpoint" not in df.columns:
-        parts = []
-        if "outcome" in df.columns and df["outcome"].notna().any():
-            parts.append(df.assign(endpoint="binary"))
-        if {"time", "event"} <= set(df.columns) and df["time"].notna().any():
-            parts.append(df.assign(endpoint="survival"))
-        if not parts:
-            raise KeyError("predictions need 'outcome' (binary) or 'time' and 'event' (survival) columns")
-        df = pd.concat(parts, ignore_index=True)
-    for col, default in (("center", "all"), ("split", 0), ("probability", np.nan), ("outcome", np.nan),
-                         ("time", np.nan), ("event", np.nan)):
-        if col not in df.columns:
-            df[col] = default
-    df["patient"] = df["patient"].astype(str)
-    df["model"] = df["model"].astype(str)
-    df["cohort"] = df["cohort"].astype(str)
-    df["endpoint"] = df["endpoint"].astype(str)
-    df["score"] = pd.to_numeric(df["score"], errors="coerce")
-    binary = df["endpoint"] == "binary"
-    no_prob = binary & df["probability"].isna()
-    if no_prob.any():
-        log.info("%d binary prediction(s) without probability: using expit(score)", int(no_prob.sum()))
-        df.loc[no_prob, "probability"] = expit(df.loc[no_prob, "score"].astype(float))
-    unknown = set(df["endpoint"]) - {"binary", "survival"}
-    if unknown:
-        raise ValueError(f"unknown endpoint(s) {sorted(unknown)}: expected binary or survival")
-    bad = binary & ~df["outcome"].isin([0, 1, True, False])
-    if bad.any():
-        raise ValueError(f"binary outcome must be 0/1; patient {df.loc[bad, 'patient'].iloc[0]} has "
-                         f"{df.loc[bad, 'outcome'].iloc[0]!r}")
-    surv = df["endpoint"] == "survival"
-    bad = surv & (df["time"].isna() | ~df["event"].isin([0, 1, True, False]))
-    if bad.any():
-        raise ValueError(f"survival rows need time and 0/1 event; patient {df.loc[bad, 'patient'].iloc[0]} lacks them")
-    dup = df.duplicated(["patient", "model", "split", "endpoint"])
-    if dup.any():
-        r = df[dup].iloc[0]
-        raise ValueError(f"patient {r['patient']} has several predictions of model {r['model']} "
-                         f"(split {r['split']}, endpoint {r['endpoint']})")
-    return df[PREDICTION_COLUMNS + [c for c in df.columns if c not in PREDICTION_COLUMNS]]
-
 
 def ordered(values, order) -> list:
     values = list(dict.fromkeys(values))
@@ -193,8 +146,9 @@ class _Outputs:
     tables: dict = field(default_factory=dict)
     figures: list = field(default_factory=list)
 
-    def table(self, name: str, df: pd.DataFrame, title: str, section: str) -> None:
-        if df is None or df.empty:
+    def table(self, name: str, df: pd.DataFrame, title: str, section: str, keep_empty: bool = False) -> None:
+        """Write df as name.csv and list it in the manifest; an empty table only with keep_empty (its header)."""
+        if df is None or (df.empty and not keep_empty):
             return
         path = self.out_dir / f"{name}.csv"
         df.to_csv(path, index=False)
@@ -229,13 +183,42 @@ def _fmt_ci(est, lo, hi, digits: int = 3) -> str:
 def _cohort_frames(df: pd.DataFrame, models) -> tuple[pd.DataFrame, dict]:
     """Per-patient outcome table and per-model score/probability series, indexed by patient."""
     base = df.drop_duplicates("patient").set_index("patient")[["center", "outcome", "time", "event"]]
-    per_model = {m: df[df["model"] == m].set_index("patient")[["score", "probability"]] for m in models}
+    per_model = {m: df[df["model"] == m].set_index("patient")[["score", "probability", "probability_from_score"]]
+                 for m in models}
     return base, per_model
+
+
+def constant_models(ref_df: pd.DataFrame, models) -> list:
+    """Models whose score is constant on the reference cohort (feature selection kept no feature): a constant is
+    no prediction, so they get no metric, figure, cut-off or comparison. Relative tolerance 1e-10."""
+    found = []
+    for m in models:
+        s = ref_df.loc[ref_df["model"] == m, "score"].to_numpy(dtype=float)
+        if len(s) and np.ptp(s) <= 1e-10 * max(1.0, float(np.abs(s).max())):
+            found.append(m)
+    return found
+
+
+def _note_constant(rows: list, df: pd.DataFrame, endpoint: str, split, cohorts, constant, ref: str) -> None:
+    """One row per cohort for each constant model: its patients, events and the note."""
+    if constant:
+        log.warning("%s split %s: model(s) %s predict a constant on the %s cohort (%s)", endpoint, split,
+                    ", ".join(constant), ref, CONSTANT_NOTE)
+    events = "outcome" if endpoint == "binary" else "event"
+    for c in cohorts:
+        for m in constant:
+            sel = df[(df["cohort"] == c) & (df["model"] == m)]
+            if len(sel):
+                rows.append({"endpoint": endpoint, "split": split, "cohort": c, "model": m, "n": len(sel),
+                             "events": int(sel[events].sum()), "note": CONSTANT_NOTE})
 
 
 def _binary_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dict, out: _Outputs, colors, first: bool):
     rows, comps, reclass, cutoffs, cal_rows, dca_rows = [], [], [], [], [], []
     ref_df = df[df["cohort"] == ref]
+    constant = constant_models(ref_df, models)
+    _note_constant(rows, df, "binary", split, cohorts, constant, ref)
+    models = [m for m in models if m not in constant]
     cut = {}
     for m in models:
         r = ref_df[ref_df["model"] == m].dropna(subset=["probability"])
@@ -262,10 +245,11 @@ def _binary_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dict,
             y = y_all.values[idx]
             row = {"endpoint": "binary", "split": split, "cohort": c, "model": m, "n": len(y), "events": int(y.sum())}
             if len(np.unique(y)) < 2:
-                rows.append(row)
+                rows.append({**row, "note": "single outcome class: no AUC"})
                 log.warning("binary: cohort %s (split %s) has a single outcome class: no AUC", c, split)
                 continue
             prob, score = s["probability"].values, s["score"].values
+            from_score = bool(s["probability_from_score"].iloc[0])
             d = M.auc_delong(y, score)
             boot = M.bootstrap_auc(y, score, counts[:, idx])
             lo, hi = M.percentile_ci(boot)
@@ -275,7 +259,9 @@ def _binary_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dict,
                 cls = M.classification_metrics(y, prob, cut[m])
                 row.update({k: v for k, v in cls.items()})
             row["brier"] = M.brier_score(y, prob)
-            row.update(M.calibration_intercept_slope(y, prob))
+            # a score without probability is on the log-odds scale: calibrated on the score itself
+            row.update(M.calibration_intercept_slope(y, lp=score) if from_score
+                       else M.calibration_intercept_slope(y, prob))
             row.update(M.hosmer_lemeshow(y, prob, g=10))
             rows.append(row)
             curve = M.calibration_curve(y, prob, n_bins=cfg["calibration_bins"])
@@ -316,9 +302,14 @@ def _survival_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dic
     horizons = list(cfg["horizons"])
     ref_df = df[df["cohort"] == ref]
     ref_base = ref_df.drop_duplicates("patient")
-    cut, recal = {}, {}
+    constant = constant_models(ref_df, models)
+    _note_constant(rows, df, "survival", split, cohorts, constant, ref)
+    models = [m for m in models if m not in constant]
+    cut, recal, sd = {}, {}, {}
     for m in models:
-        r = ref_df[ref_df["model"] == m].dropna(subset=["score"])
+        r = ref_df[ref_df["model"] == m]
+        if len(r) > 1:
+            sd[m] = float(r["score"].std(ddof=1))  # hazard ratios per SD of the score on the reference cohort
         if r.empty or r["event"].sum() == 0:
             continue
         t, e, s = r["time"].values, r["event"].values, r["score"].values
@@ -350,7 +341,8 @@ def _survival_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dic
             t, e, score = t_all[idx], e_all[idx], s.values
             row = {"endpoint": "survival", "split": split, "cohort": c, "model": m, "n": len(t), "events": int(e.sum())}
             if e.sum() == 0:
-                rows.append(row)
+                rows.append({**row, "note": "no event: no concordance"})
+                log.warning("survival: cohort %s (split %s) has no event: no concordance", c, split)
                 continue
             cnt = counts[:, idx]
             hc = M.harrell_c(t, e, score)
@@ -372,9 +364,10 @@ def _survival_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dic
             curve = M.time_dependent_auc(tr_t, tr_e, t, e, score, grid) if len(grid) else np.array([])
             td_rows += [{"endpoint": "survival", "split": split, "cohort": c, "model": m, "time": g, "auc": a,
                          "horizon": False} for g, a in zip(grid, curve)]
-            hr = M.cox_hazard_ratio(t, e, score)
-            row.update({"hr_per_unit": hr["hr"], "hr_per_unit_ci_low": hr["hr_ci_low"],
-                        "hr_per_unit_ci_high": hr["hr_ci_high"], "hr_per_unit_p": hr["hr_p"]})
+            if m in sd:
+                hr = M.cox_hazard_ratio(t, e, score / sd[m])
+                row.update({"score_sd_reference": sd[m], "hr_per_sd": hr["hr"], "hr_per_sd_ci_low": hr["hr_ci_low"],
+                            "hr_per_sd_ci_high": hr["hr_ci_high"], "hr_per_sd_p": hr["hr_p"]})
             km = None
             if m in cut:
                 high = score >= cut[m]
@@ -436,6 +429,13 @@ def _survival_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dic
     return rows, comps, reclass, cutoffs, cal_rows, dca_rows, td_rows
 
 
+def _excluded_per_row(met: pd.DataFrame, exclusions: pd.DataFrame) -> list[int]:
+    """Predictions left out for a missing value, for each metrics row (endpoint x split x cohort x model)."""
+    keys = ["endpoint", "split", "cohort", "model"]
+    counts = exclusions.groupby(keys)["n_excluded"].sum().to_dict() if len(exclusions) else {}
+    return [int(counts.get(tuple(r), 0)) for r in met[keys].itertuples(index=False)]
+
+
 def summarise_splits(metrics: pd.DataFrame) -> pd.DataFrame:
     """Long table per endpoint x model x cohort x metric: value over splits (mean, 2.5 and 97.5 percentiles)."""
     keys = ["endpoint", "model", "cohort"]
@@ -472,7 +472,7 @@ def _survival_headline(horizons):
     return ([("Harrell C (95% CI)", "c_harrell", "c_harrell_ci_low", "c_harrell_ci_high"),
              ("Uno C (95% CI)", "c_uno", "c_uno_ci_low", "c_uno_ci_high")]
             + [(f"AUC({h:g})", f"td_auc_{h:g}", f"td_auc_{h:g}_ci_low", f"td_auc_{h:g}_ci_high") for h in horizons]
-            + [("HR per unit score", "hr_per_unit", "hr_per_unit_ci_low", "hr_per_unit_ci_high"),
+            + [("HR per SD", "hr_per_sd", "hr_per_sd_ci_low", "hr_per_sd_ci_high"),
                ("HR high vs low", "hr_high_vs_low", "hr_high_vs_low_ci_low", "hr_high_vs_low_ci_high"),
                ("Log-rank P", "logrank_p", None, None)])
 
@@ -480,17 +480,31 @@ def _survival_headline(horizons):
 def headline_table(metrics: pd.DataFrame, spec, models, cohorts) -> pd.DataFrame:
     """One formatted row per model x cohort: 'estimate (low-high)'.
 
-    One split: the within-split CIs. Several: mean over splits (2.5-97.5 percentiles over splits).
+    One split: the within-split CIs. Several: mean over splits (2.5-97.5 percentiles over splits). Patients
+    left out for a missing value (`excluded`) and a note (constant model, one outcome class; with several splits,
+    in how many) are columns of their own, so that no number stands for what was not estimated.
     """
     rows = []
     n_splits = metrics["split"].nunique()
+    notes = metrics["note"] if "note" in metrics.columns else pd.Series("", index=metrics.index)
     for c in cohorts:
         for m in models:
-            g = metrics[(metrics["cohort"] == c) & (metrics["model"] == m)]
+            sel = (metrics["cohort"] == c) & (metrics["model"] == m)
+            g = metrics[sel]
             if g.empty:
                 continue
             row = {"cohort": c, "model": m, "n": int(g["n"].iloc[0]) if n_splits == 1 else f"{g['n'].mean():.0f}",
                    "events": int(g["events"].iloc[0]) if n_splits == 1 else f"{g['events'].mean():.0f}"}
+            if "excluded" in g.columns and g["excluded"].sum() > 0:
+                row["excluded"] = int(g["excluded"].iloc[0]) if n_splits == 1 else f"{g['excluded'].mean():.0f}"
+            note = notes[sel].fillna("")
+            for text in dict.fromkeys(note[note != ""]):
+                k = int((note == text).sum())
+                row["note"] = "; ".join(filter(None, [row.get("note"), text if k == len(g) else
+                                                      f"{text} in {k} of {len(g)} splits"]))
+            if (note != "").all():
+                rows.append(row)
+                continue
             for label, est, lo, hi in spec:
                 if est not in g.columns:
                     continue
@@ -504,7 +518,8 @@ def headline_table(metrics: pd.DataFrame, spec, models, cohorts) -> pd.DataFrame
                 elif "bootstrap" not in label:
                     row[label.replace(" (95% CI)", "")] = _fmt_ci(v.mean(), np.percentile(v, 2.5), np.percentile(v, 97.5))
             rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table[[c for c in table.columns if c != "note"] + (["note"] if "note" in table.columns else [])]
 
 
 def reclassification_table(reclass: pd.DataFrame) -> pd.DataFrame:
@@ -523,43 +538,54 @@ def reclassification_table(reclass: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=None, n_bootstrap: int | None = None,
-             seed: int = 20240601, reference_cohort: str = "training", linear_models=(),
-             survival_cutoff: str = "median", nri_cutoffs=None, calibration_bins: int = 10,
-             survival_calibration_groups: int = 4, figures: bool = True) -> dict:
+def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str | None = None, horizons=None,
+             decimal: str = ".", n_bootstrap: int | None = None, seed: int = 20240601,
+             reference_cohort: str = "training", linear_models=(), survival_cutoff: str = "median",
+             nri_cutoffs=None, calibration_bins: int = 10, survival_calibration_groups: int = 4,
+             figures: bool = True) -> dict:
     """Evaluate every model on every cohort (and split); write tables, figures and `manifest.json`.
 
     linear_models: `LinearModel`s (the combined model per endpoint, from its coefficients and design matrix)
     for the SHAP figures and the nomogram. nri_cutoffs: risk-category cut-offs of the categorical NRI
     (default: the event rate of the reference cohort for binary, the clinical model's median risk for survival).
-    horizons_months / n_bootstrap: None takes the config schema's `evaluation` defaults.
-    Returns {"tables": {name: path}, "figures": [...], "metrics": {endpoint: DataFrame}}.
+    time_unit / horizons / n_bootstrap: None takes the config schema's `evaluation` defaults (horizons: 1, 2 and 3
+    years in the time unit). decimal: the decimal mark of numbers given as text ("." or ",", radstudy.evaluate.inputs).
+    Returns {"tables": {name: path}, "figures": [...], "metrics": {endpoint: DataFrame}, "exclusions": DataFrame}.
+    Raises PredictionsError when the predictions break the input contract.
     """
     defaults = settings("evaluation")
-    horizons_months = defaults["horizons_months"] if horizons_months is None else horizons_months
+    time_unit = U.check_unit(defaults["time_unit"] if time_unit is None else time_unit)
+    horizons = horizons if horizons is not None else defaults["horizons"]
+    horizons = [float(h) for h in (U.default_horizons(time_unit) if horizons is None else horizons)]
     n_bootstrap = defaults["n_bootstrap"] if n_bootstrap is None else n_bootstrap
     import matplotlib
 
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preds = normalise_predictions(predictions)
+    checked = normalise_predictions(predictions, decimal=decimal)
+    preds = checked[checked["excluded"] == ""]
+    exclusions = exclusion_counts(checked)
     out = _Outputs(out_dir, make_figures=figures)
     models = ordered(preds["model"], MODEL_ORDER)
     cohorts = ordered(preds["cohort"], COHORTS)
     colors = model_colors(models)
-    horizons = [float(h) for h in horizons_months]
-    max_t = preds["time"].max() if preds["time"].notna().any() else 60
-    step = 12 if max_t > 24 else max(1, round(max_t / 5))
+    max_t = preds["time"].max() if preds["time"].notna().any() else np.nan
     cfg = {"n_bootstrap": n_bootstrap, "seed": seed, "nri_cutoffs": nri_cutoffs, "horizons": horizons,
-           "survival_cutoff": survival_cutoff, "calibration_bins": calibration_bins,
+           "time_unit": time_unit, "survival_cutoff": survival_cutoff, "calibration_bins": calibration_bins,
            "survival_calibration_groups": survival_calibration_groups,
-           "at_risk_times": [float(x) for x in np.arange(0, max_t + 1e-9, step)]}
+           "at_risk_times": U.time_ticks(max_t, time_unit)}
     if reference_cohort not in cohorts:
-        raise ValueError(f"reference cohort {reference_cohort!r} not among the cohorts {cohorts}")
+        raise PredictionsError(f"reference cohort {reference_cohort!r} is not among the cohorts {cohorts} of the "
+                               "evaluated predictions (column 'cohort')")
+    if not np.isnan(max_t) and max(horizons, default=0) >= max_t:
+        log.warning("horizon(s) %s %s lie beyond the longest follow-up (%g %s): check the time unit",
+                    [h for h in horizons if h >= max_t], time_unit, max_t, time_unit)
 
-    out.table("cohorts", preds.drop_duplicates(["patient", "split"])[["patient", "split", "cohort", "center"]],
+    out.table("cohorts", checked.drop_duplicates(["patient", "split"])[["patient", "split", "cohort", "center"]],
               "Patients per split and cohort", "design")
+    out.table("exclusions", exclusions, "Predictions left out for a missing value, per cohort and model "
+              "(n_excluded of rows)", "exclusions", keep_empty=True)
     results: dict = {"metrics": {}}
     all_comps, all_reclass, all_cutoffs = [], [], []
     for endpoint in ordered(preds["endpoint"], ["binary", "survival"]):
@@ -589,6 +615,7 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=
         met = pd.DataFrame(rows)
         if met.empty:
             continue
+        met["excluded"] = _excluded_per_row(met, exclusions)
         results["metrics"][endpoint] = met
         label = "binary endpoint" if endpoint == "binary" else "survival endpoint"
         out.table(f"metrics_{endpoint}", met, f"All metrics, {label}, per model x cohort x split", endpoint)
@@ -625,14 +652,16 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, horizons_months=
         _explain(lm, preds, reference_cohort, cfg, out)
 
     manifest = {"tables": out.tables, "figures": out.figures,
-                "settings": {"horizons_months": horizons, "n_bootstrap": n_bootstrap, "seed": seed,
+                "exclusions": exclusions.to_dict("records"),
+                "settings": {"time_unit": time_unit, "horizons": horizons, "n_bootstrap": n_bootstrap, "seed": seed,
                              "reference_cohort": reference_cohort, "survival_cutoff": survival_cutoff,
                              "models": models, "cohorts": cohorts,
                              "endpoints": ordered(preds["endpoint"], ["binary", "survival"]),
-                             "n_splits": int(preds["split"].nunique()), "n_patients": int(preds["patient"].nunique())}}
+                             "n_splits": int(preds["split"].nunique()), "n_patients": int(preds["patient"].nunique()),
+                             "predictions_excluded": int(exclusions["n_excluded"].sum())}}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
     results.update({"tables": {k: out_dir / v["path"] for k, v in out.tables.items()}, "figures": out.figures,
-                    "manifest": out_dir / "manifest.json"})
+                    "manifest": out_dir / "manifest.json", "exclusions": exclusions})
     return results
 
 
@@ -732,7 +761,7 @@ def _plot_binary(plots, models, cohorts, colors, split, out: _Outputs):
 def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
     import matplotlib.pyplot as plt
 
-    at_times = cfg["at_risk_times"]
+    at_times, unit = cfg["at_risk_times"], cfg["time_unit"]
     for c in cohorts:
         res = plots.get(c, {}).get("models", {})
         if not res:
@@ -772,7 +801,7 @@ def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
                 tab.set_yticklabels(["low", "high"], fontsize=7)
                 tab.set_xticks(at_times)
                 tab.tick_params(axis="x", labelsize=7)
-                tab.set_xlabel("Time (months)")
+                tab.set_xlabel(f"Time ({unit})")
                 tab.set_title("Number at risk", fontsize=8, loc="left")
                 for side in ("top", "right", "left"):
                     tab.spines[side].set_visible(False)
@@ -794,7 +823,7 @@ def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
                                 fmt="o", color=colors[m], ms=4, capsize=3)
         ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_ylim(0.3, 1.0)
-        _ax_style(ax, "Time (months)", "Time-dependent AUC", f"Cumulative/dynamic AUC(t), {c} cohort")
+        _ax_style(ax, f"Time ({unit})", "Time-dependent AUC", f"Cumulative/dynamic AUC(t), {c} cohort")
         ax.legend(fontsize=8)
         out.figure(fig, f"td_auc_survival_{c}", f"Time-dependent AUC (IPCW) over follow-up, {c} cohort; "
                    f"points: horizons with bootstrap 95% CI.", "survival", cohort=c, kind="td_auc", split=str(split))
@@ -813,7 +842,7 @@ def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
                     ax.plot(fpr, tpr, color=colors[m], lw=1.5,
                             label=f"{m}: {d['row'].get(key, np.nan):.3f}")
                 ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-                _ax_style(ax, "1 - specificity", "Sensitivity" if j == 0 else "", f"{h:g} months, {c} cohort")
+                _ax_style(ax, "1 - specificity", "Sensitivity" if j == 0 else "", f"{h:g} {unit}, {c} cohort")
                 ax.legend(fontsize=7, loc="lower right", title="AUC(t)", title_fontsize=7)
             out.figure(fig, f"td_roc_survival_{c}", f"Time-dependent ROC curves at the horizons, {c} cohort.",
                        "survival", cohort=c, kind="td_roc", split=str(split))
@@ -832,8 +861,8 @@ def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
                 ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
                 ax.set_xlim(0, 1)
                 ax.set_ylim(0, 1)
-                _ax_style(ax, f"Predicted event probability by {h:g} months",
-                          "Observed (1 - Kaplan-Meier)" if j == 0 else "", f"{h:g} months, {c} cohort")
+                _ax_style(ax, f"Predicted event probability by {h:g} {unit}",
+                          "Observed (1 - Kaplan-Meier)" if j == 0 else "", f"{h:g} {unit}, {c} cohort")
                 ax.legend(fontsize=7)
             out.figure(fig, f"calibration_survival_{c}",
                        f"Calibration at the horizons, {c} cohort: risk quartiles, predicted (Cox recalibration of the "
@@ -857,7 +886,7 @@ def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
                 ax.axhline(0, color="black", lw=1, label="treat none")
                 ax.set_ylim(-0.05, top * 1.15 + 0.01)
                 ax.set_xlim(0, 1)
-                _ax_style(ax, "Threshold probability", "Net benefit" if j == 0 else "", f"{h:g} months, {c} cohort")
+                _ax_style(ax, "Threshold probability", "Net benefit" if j == 0 else "", f"{h:g} {unit}, {c} cohort")
                 ax.legend(fontsize=7)
             out.figure(fig, f"decision_curve_survival_{c}", f"Decision curves at the horizons, {c} cohort.",
                        "survival", cohort=c, kind="decision", split=str(split))
@@ -1027,7 +1056,7 @@ def _explain(lm: LinearModel, preds: pd.DataFrame, reference_cohort: str, cfg: d
         for h in cfg["horizons"]:
             if len(tr) and h < tr["time"].max():
                 h0 = M.breslow_cumhaz(tr["time"].values, tr["event"].values, eta, h)
-                axes[f"{h:g}-month event probability"] = (lambda lp, h0=h0: 1 - np.exp(-h0 * np.exp(lp)))
+                axes[f"{h:g}-{U.singular(cfg['time_unit'])} event probability"] = (lambda lp, h0=h0: 1 - np.exp(-h0 * np.exp(lp)))
         if not axes:
             axes = {"Linear predictor": lambda lp: expit(lp)}
     if out.make_figures:

@@ -78,7 +78,7 @@ def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combi
     for lm in linear_models:
         lm.log1p = log1p.get(lm.endpoint, ())
     cfg = study.config["evaluation"]
-    evaluate.evaluate(read_table(predictions), out_dir, horizons_months=tuple(cfg["horizons_months"]),
+    evaluate.evaluate(read_table(predictions), out_dir, time_unit=cfg["time_unit"], horizons=cfg["horizons"],
                       n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models)
     html = report.write_report(
         out_dir, out_html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,

@@ -343,6 +343,18 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+def _exclusions_html(manifest: dict, tables: dict) -> str:
+    """What the evaluation left out: predictions with a missing score or outcome (counted per cohort and model in
+    exclusions.csv), or a sentence saying that none was."""
+    rows = pd.DataFrame(manifest.get("exclusions", []))
+    if rows.empty:
+        return '<p class="note">No prediction was left out for a missing score, outcome, time or event.</p>'
+    path = tables.get("exclusions", {}).get("path", "exclusions.csv")
+    return (f'<h3>Predictions left out</h3><p class="missing">{int(rows["n_excluded"].sum())} prediction(s) were left '
+            f'out for a missing value; the numbers of patients (n) in the tables below count those evaluated. '
+            f'CSV: {html.escape(path)}</p>' + html_table(rows))
+
+
 def _groups_for_table1(evaluation_dir: Path, cohorts_tsv) -> pd.Series | None:
     """patient -> cohort of the first split, from a cohorts table or the evaluation's cohorts.csv."""
     src = Path(cohorts_tsv) if cohorts_tsv else evaluation_dir / "cohorts.csv"
@@ -470,7 +482,7 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
     if manifest is None:
         section("performance", "Model performance", _missing(f"No evaluation found ({ev / 'manifest.json'})."))
     else:
-        perf = []
+        perf = [_exclusions_html(manifest, tables)]
         for ep in settings.get("endpoints", []):
             perf.append(f"<h3>{'Binary endpoint' if ep == 'binary' else 'Time-to-event endpoint'}</h3>")
             perf.append(manifest_table(f"summary_{ep}"))
