@@ -329,3 +329,24 @@ def write_seg(
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
     return path
+
+
+def compress_frames(path: Path, transfer_syntax: str) -> Path:
+    """Re-encode the frames of an uncompressed file in place with imagecodecs, for transfer syntaxes that pydicom
+    cannot encode: JPEG 2000 lossless (OpenJPEG) and JPEG Lossless SV1 (libjpeg-turbo)."""
+    import imagecodecs
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
+
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
+    encode = {
+        JPEG2000Lossless: lambda frame: imagecodecs.jpeg2k_encode(frame, level=0, codecformat="J2K"),
+        JPEGLosslessSV1: lambda frame: imagecodecs.jpeg8_encode(frame.view(np.uint16), lossless=True, predictor=1),
+    }[transfer_syntax]
+    ds.PixelData = encapsulate([encode(frame) for frame in frames])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.save_as(path, enforce_file_format=True)
+    return path

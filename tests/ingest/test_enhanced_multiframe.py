@@ -11,9 +11,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import yaml
-from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
-from dicom_factory import AXIAL, write_ct_series, write_enhanced, write_legacy_enhanced
+from dicom_factory import AXIAL, compress_frames, write_ct_series, write_enhanced, write_legacy_enhanced
 from radstudy import errors
 from radstudy.config import load_study
 from radstudy.errors import PatientExcluded
@@ -129,10 +129,13 @@ def test_enhanced_values_beyond_int16_turn_float32_as_single_frames_do(tmp_path)
     assert_same_image(image, plain)
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless])
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
 def test_compressed_enhanced_ct_equals_single_frames(tmp_path, syntax):
     uids = single_frame(tmp_path)
-    path = write_enhanced(tmp_path / "enhanced" / "e.dcm", uids, transfer_syntax=syntax)
+    if syntax == JPEG2000Lossless:  # pydicom has no JPEG 2000 encoder here
+        path = compress_frames(write_enhanced(tmp_path / "enhanced" / "e.dcm", uids), syntax)
+    else:
+        path = write_enhanced(tmp_path / "enhanced" / "e.dcm", uids, transfer_syntax=syntax)
     assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
     _, plain = read(tmp_path / "single")
     _, image = read(tmp_path / "enhanced")
@@ -208,16 +211,13 @@ def test_enhanced_without_orientation_or_pixel_measures_is_excluded_naming_it(tm
 
 
 def test_transfer_syntax_without_decoder_is_excluded_naming_it(tmp_path):
-    uids = single_frame(tmp_path)
-    path = write_enhanced(tmp_path / "enhanced" / "e.dcm", uids, transfer_syntax=RLELossless)
-    ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1  # no pydicom plugin for it is installed here
-    ds.save_as(path)
     if pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available:
-        pytest.skip("a JPEG Lossless decoder plugin is installed")
+        pytest.skip("a JPEG Lossless decoder plugin for pydicom is installed")
+    uids = single_frame(tmp_path)
+    compress_frames(write_enhanced(tmp_path / "enhanced" / "e.dcm", uids), JPEGLosslessSV1)
     error = excluded(errors.PIXEL_DATA_ERROR, dicomio.read_series, load(tmp_path / "enhanced"), patient=PATIENT)
-    assert "enhanced multi-frame CT with transfer syntax JPEG Lossless" in error.message
-    assert "is not supported" in error.message and error.file == "e.dcm"
+    assert "enhanced multi-frame CT with transfer syntax JPEG Lossless, Non-Hierarchical, First-Order Prediction" in error.message
+    assert "is not supported" in error.message and "pylibjpeg-libjpeg" in error.message and error.file == "e.dcm"
 
 
 def test_other_multi_frame_images_are_excluded_naming_their_sop_class(tmp_path):

@@ -809,18 +809,21 @@ def _decoded_slices(headers: list[DicomHeader], patient: str):
 def _undecodable(header: DicomHeader, patient: str, error: Exception) -> str:
     """Why pydicom cannot decode `header`'s file: a transfer syntax without an installed decoder, or damaged data."""
     syntax = pydicom.dcmread(header.path, stop_before_pixels=True, force=True).file_meta.get("TransferSyntaxUID")
-    if syntax is not None and not _has_decoder(syntax):
+    needed = _missing_decoder(syntax) if syntax is not None else None
+    if needed is not None:
         kind = "image" if header.frame_number is None else f"enhanced multi-frame {header.modality}"
         return (f"patient {patient}: {kind} with transfer syntax {syntax.name} is not supported: no installed pydicom "
-                f"decoder plugin reads it ({header.relative_path})")
+                f"decoder plugin reads it ({needed}) ({header.relative_path})")
     return f"patient {patient}: pixel data of {header.relative_path} cannot be decoded ({type(error).__name__})"
 
 
-def _has_decoder(syntax: str) -> bool:
+def _missing_decoder(syntax: pydicom.uid.UID) -> str | None:
+    """None when pydicom can decode `syntax`, else what it would need (its plugins' missing packages)."""
     try:
-        return get_decoder(syntax).is_available
+        decoder = get_decoder(syntax)
     except NotImplementedError:  # a transfer syntax that pydicom does not know
-        return False
+        return "none exists"
+    return None if decoder.is_available else "; ".join(decoder.missing_dependencies) or "none installed"
 
 
 def _find_undecodable_file(headers: list[DicomHeader]) -> str | None:
