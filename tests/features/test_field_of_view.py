@@ -336,3 +336,29 @@ def test_each_channel_of_a_multichannel_nnunet_input_gets_its_own_field_of_view(
     fill = (-1024.0 - sitk.GetArrayFromImage(mr).mean()) / sitk.GetArrayFromImage(mr).std()
     np.testing.assert_allclose(plain[0, 1][:, :, 30 - 12:], fill, rtol=1e-4)
     assert not np.allclose(plain[0, 1][:, :, :30 - 12], expected, atol=0.1)
+
+
+def test_the_radiomics_job_reads_the_field_of_view_masks_of_the_patients_ingest_folder(tmp_path, caplog):
+    """radiomics_patient's function: the fov_{channel} file beside the images is found and used."""
+    from radstudy.config import load_study
+    from radstudy.features import stage
+
+    ingest, segmentation = tmp_path / "ingest" / "T1-0001", tmp_path / "segmentation"
+    images, mask, fovs = write_patient(ingest)
+    segmentation.mkdir()
+    mask.rename(segmentation / "T1-0001.nii.gz")
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(FAST))
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    raw["centers"] = str(tmp_path / "centers.tsv")
+    (tmp_path / "centers.tsv").write_text("id\trole\tdicom_root\tclinical\nT1\tdevelopment\td\tc.csv\n")
+    raw["ingest"]["channels"]["MR"] = {"modality": "MR", "description": "t1"}
+    raw["ingest"]["labels"] = {"tumour": 2}
+    raw["features"]["radiomics"].update(params=str(tmp_path / "fast.yaml"), derived={})
+    study = load_study(raw, base_dir=tmp_path)
+    assert stage._patient_inputs(study, "T1-0001", ingest, segmentation)[2] == {"MR": fovs["MR"]}
+    row = stage.patient_radiomics(study, "T1", "T1-0001", ingest, segmentation, tmp_path / "row.parquet")
+    assert row.loc[0, "tumour_MR_original_firstorder_Minimum"] > 100.0  # not the fill (-1024)
+    assert "37.5% of the region and 44.4% of its box + 10 mm" in caplog.text
+    fovs["MR"].unlink()  # a channel without a field-of-view file covers the grid: the fill enters its features
+    row = stage.patient_radiomics(study, "T1", "T1-0001", ingest, segmentation, tmp_path / "row.parquet")
+    assert row.loc[0, "tumour_MR_original_firstorder_Minimum"] == -1024.0
