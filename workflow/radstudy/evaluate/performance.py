@@ -555,29 +555,29 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
     """
     defaults = settings("evaluation")
     time_unit = U.check_unit(defaults["time_unit"] if time_unit is None else time_unit)
-    horizons = horizons if horizons is not None else defaults["horizons"]
+    horizons = defaults["horizons"] if horizons is None else horizons
     horizons = [float(h) for h in (U.default_horizons(time_unit) if horizons is None else horizons)]
     n_bootstrap = defaults["n_bootstrap"] if n_bootstrap is None else n_bootstrap
+    checked = normalise_predictions(predictions, decimal=decimal)
+    preds = checked[checked["excluded"] == ""]
+    exclusions = exclusion_counts(checked)
+    models = ordered(preds["model"], MODEL_ORDER)
+    cohorts = ordered(preds["cohort"], COHORTS)
+    if reference_cohort not in cohorts:
+        raise PredictionsError(f"reference cohort {reference_cohort!r} is not among the cohorts {cohorts} of the "
+                               "evaluated predictions (column 'cohort')")
     import matplotlib
 
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checked = normalise_predictions(predictions, decimal=decimal)
-    preds = checked[checked["excluded"] == ""]
-    exclusions = exclusion_counts(checked)
     out = _Outputs(out_dir, make_figures=figures)
-    models = ordered(preds["model"], MODEL_ORDER)
-    cohorts = ordered(preds["cohort"], COHORTS)
     colors = model_colors(models)
     max_t = preds["time"].max() if preds["time"].notna().any() else np.nan
     cfg = {"n_bootstrap": n_bootstrap, "seed": seed, "nri_cutoffs": nri_cutoffs, "horizons": horizons,
            "time_unit": time_unit, "survival_cutoff": survival_cutoff, "calibration_bins": calibration_bins,
            "survival_calibration_groups": survival_calibration_groups,
            "at_risk_times": U.time_ticks(max_t, time_unit)}
-    if reference_cohort not in cohorts:
-        raise PredictionsError(f"reference cohort {reference_cohort!r} is not among the cohorts {cohorts} of the "
-                               "evaluated predictions (column 'cohort')")
     if not np.isnan(max_t) and max(horizons, default=0) >= max_t:
         log.warning("horizon(s) %s %s lie beyond the longest follow-up (%g %s): check the time unit",
                     [h for h in horizons if h >= max_t], time_unit, max_t, time_unit)
