@@ -186,7 +186,7 @@ def _unused_series(series, used: list[str]) -> list[dict]:
     for one in series:
         if one.uid in used or one.modality in MASK_MODALITIES:
             continue
-        files = sorted(h.relative_path for h in one.headers)
+        files = sorted({h.relative_path for h in one.headers})  # an enhanced multi-frame file: one header per frame
         unused.append({"file": files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)",
                        "series": one.summary(), "why": "series not selected by any channel"})
     return unused
