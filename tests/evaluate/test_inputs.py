@@ -291,3 +291,14 @@ def test_a_raw_score_is_calibrated_on_its_own_scale(tmp_path):
         got = met[met["cohort"] == cohort].iloc[0]
         assert got["calibration_intercept"] == pytest.approx(expected["calibration_intercept"], rel=1e-9)
         assert -320 < got["calibration_intercept"] < -280 and 0 < got["calibration_slope"] < 1
+
+
+def test_a_combined_model_without_predictor_gets_no_explanation(tmp_path):
+    from simulated_study import simulate_study
+
+    study = simulate_study(120, seed=2)
+    coefficients = study["coefficients"].copy()
+    coefficients.loc[~coefficients["feature"].str.lower().isin(E.INTERCEPT_NAMES), "coefficient"] = 0.0
+    model = E.LinearModel.from_tables(coefficients, study["design"], "binary")
+    r = E.evaluate(study["predictions"], tmp_path, n_bootstrap=10, linear_models=[model], figures=False)
+    assert "summary_binary" in r["tables"] and not any(name.startswith(("shap", "nomogram")) for name in r["tables"])

@@ -649,6 +649,10 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
     out.table("cutoffs", pd.DataFrame(all_cutoffs), f"Cut-offs learnt on the {reference_cohort} cohort", "cutoffs")
 
     for lm in linear_models:
+        if lm.coefficients.empty:  # nothing to explain, and SHAP of no predictor is no figure
+            log.warning("the %s %s model has no predictor (%s): no SHAP or nomogram", lm.endpoint, lm.model,
+                        CONSTANT_NOTE)
+            continue
         _explain(lm, preds, reference_cohort, cfg, out)
 
     manifest = {"tables": out.tables, "figures": out.figures,
