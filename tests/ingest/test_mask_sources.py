@@ -251,7 +251,9 @@ def test_slicer_seg_nrrd_with_overlapping_layers(ct, tmp_path):
 
 def test_slicer_seg_nrrd_on_another_grid_or_bad_header_is_an_error(ct, tmp_path):
     _, reference, labels = ct
-    cropped = write_slicer_nrrd(tmp_path / "c.seg.nrrd", labels[None, :, 1:], [("Liver", 1, 0)])
+    # one slice more than the CT: no crop of its grid (a crop is placed back: tests/ingest/test_patient.py)
+    larger = np.concatenate([labels, labels[-1:]])
+    cropped = write_slicer_nrrd(tmp_path / "c.seg.nrrd", larger[None], [("Liver", 1, 0)])
     bad_layer = write_slicer_nrrd(tmp_path / "b.seg.nrrd", labels[None], [("Liver", 1, 2)])
     empty = write_slicer_nrrd(tmp_path / "e.seg.nrrd", labels[None], [("Liver", 1, 0), ("Spleen", 7, 0)])
 

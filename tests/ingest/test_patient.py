@@ -406,3 +406,26 @@ def test_a_slicer_seg_nrrd_is_mapped_by_segment_name(tmp_path):
     assert record["mask"]["source"] == "label_map" and record["mask"]["regions"]["tumour"]["names"] == ["Tumor 1"]
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE)))
     assert np.array_equal(mask, labels)  # Dice 1.0 with the label map
+
+
+def test_a_slicer_seg_nrrd_cropped_to_its_content_is_placed_back(tmp_path):
+    """3D Slicer saves a .seg.nrrd cropped to the segments' extent by default: same spacing and axes, origin on a
+    voxel of the reference; it is pasted back voxel for voxel."""
+    import nrrd
+
+    folder = tmp_path / "dicom" / "MRN1"
+    _, labels = _ct_with_label_map(folder)
+    study, ids = _study(tmp_path)
+    out = tmp_path / "out"
+    assert ingest_patient(study, "T", ids["MRN1"], out)["status"] == "included"
+    image = sitk.ReadImage(str(out / image_file("CT")))
+    crop = labels[2:9, 4:18, 3:15]  # (z, y, x) extent of the liver
+    origin = image.TransformIndexToPhysicalPoint((3, 4, 2))
+    header = {"space": "left-posterior-superior", "space origin": np.array(origin),
+              "space directions": np.diag(image.GetSpacing()), "kinds": ["domain"] * 3,
+              "Segment0_Name": "liver", "Segment0_LabelValue": "1", "Segment0_Layer": "0",
+              "Segment1_Name": "tumour", "Segment1_LabelValue": "2", "Segment1_Layer": "0"}
+    nrrd.write(str(folder / "cropped.seg.nrrd"), crop.transpose(2, 1, 0), header)
+    record = ingest_patient(study, "T", ids["MRN1"], out)
+    assert record["status"] == "included", record.get("message")
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))), labels)

@@ -459,7 +459,7 @@ class LabelMapSource:
         """The voxels holding segment `name`'s label value (in its layer); the file must be on the reference grid
         (MASK_GRID_MISMATCH otherwise), and an empty segment is an error, as an RTSTRUCT ROI without contours."""
         segment = self.segments[_find_name(self.names, name, "segment", "label map", patient=patient, file=self.file)]
-        layer = self.layers[segment.layer]
+        layer = uncropped(self.layers[segment.layer], reference, self.grid_tolerance)
         check_same_grid(layer, reference, patient=patient, file=self.file, tolerance=self.grid_tolerance)
         region = sitk.Cast(layer == segment.value, sitk.sitkUInt8)
         if not sitk.GetArrayViewFromImage(region).any():
@@ -467,6 +467,25 @@ class LabelMapSource:
                                   f", layer {segment.layer}) holds no voxel", file=self.file)
         region.CopyInformation(reference)  # within tolerance: take the image's exact geometry
         return region
+
+
+def uncropped(layer: sitk.Image, reference: sitk.Image, tolerance: float) -> sitk.Image:
+    """A segmentation saved cropped to its content (3D Slicer's default for .seg.nrrd) placed back on the
+    reference grid: where its spacing and direction are the reference's and its origin lies on a reference voxel
+    centre (within `tolerance` mm) with the whole crop inside, the crop is pasted voxel for voxel; otherwise the
+    layer comes back unchanged, for the grid check to report."""
+    same_axes = (np.allclose(layer.GetSpacing(), reference.GetSpacing(), atol=tolerance)
+                 and np.allclose(layer.GetDirection(), reference.GetDirection(), atol=1e-6))
+    if not same_axes or layer.GetSize() == reference.GetSize():
+        return layer
+    index = np.asarray(reference.TransformPhysicalPointToContinuousIndex(layer.GetOrigin()))
+    start = np.rint(index).astype(int)
+    offset_mm = np.abs(index - start) * np.asarray(reference.GetSpacing())
+    if offset_mm.max() > tolerance or start.min() < 0 or np.any(start + layer.GetSize() > reference.GetSize()):
+        return layer
+    full = sitk.Image(reference.GetSize(), layer.GetPixelID())
+    full.CopyInformation(reference)
+    return sitk.Paste(full, layer, layer.GetSize(), [0, 0, 0], [int(i) for i in start])
 
 
 def read_label_file(path: Path, *, patient: str = "", file: str | None = None,
