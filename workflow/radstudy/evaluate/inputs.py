@@ -25,7 +25,6 @@ expit(score), and its calibration is fitted on the score itself (`probability_fr
 from __future__ import annotations
 
 import logging
-import re
 
 import numpy as np
 import pandas as pd
@@ -49,7 +48,7 @@ MISSING_TIME_EVENT = "missing time or event"
 MISSING_SCORE = "missing score"
 MISSING_PROBABILITY = "missing probability"
 
-_COMMA_NUMBER = re.compile(r"[+-]?\d*,\d+([eE][+-]?\d+)?")
+_COMMA_NUMBER = r"[+-]?\d*,\d+([eE][+-]?\d+)?"
 
 
 class PredictionsError(ValueError):
@@ -102,11 +101,12 @@ def _numeric(df: pd.DataFrame, column: str, decimal: str) -> pd.Series:
         values = pd.to_numeric(text.where(~empty), errors="coerce").astype(float)
         bad = values.isna() & ~empty
         if bad.any():
-            comma = bad & text.fillna("").str.fullmatch(_COMMA_NUMBER.pattern)
+            comma = bad & text.fillna("").str.fullmatch(_COMMA_NUMBER)
             if decimal == "." and comma.any():
                 raise PredictionsError(f"column '{column}' uses a comma as decimal mark: {_rows(df, comma, column)}. "
                                        "Save the file with '.' as decimal mark, or run `radstudy evaluate` with "
-                                       "--decimal , (evaluate(..., decimal=','))")
+                                       "--decimal , (evaluate(..., decimal=',')); a comma that separates thousands "
+                                       "must be removed")
             raise PredictionsError(f"column '{column}' must hold numbers; {int(bad.sum())} value(s) are not: "
                                    f"{_rows(df, bad, column)}. Leave a missing value empty (or NA)")
     infinite = values.isin([np.inf, -np.inf])
