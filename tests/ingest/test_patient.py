@@ -429,3 +429,13 @@ def test_a_slicer_seg_nrrd_cropped_to_its_content_is_placed_back(tmp_path):
     record = ingest_patient(study, "T", ids["MRN1"], out)
     assert record["status"] == "included", record.get("message")
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))), labels)
+
+
+def test_a_folder_with_only_a_seg_names_what_it_holds(tmp_path):
+    """No image the pipeline can read, but DICOM with pixel data: the exclusion says what was delivered."""
+    def make(folder):
+        uids, labels = _ct_with_label_map(tmp_path / "elsewhere")
+        write_seg(folder / "seg.dcm", uids, {"Liver": labels >= 1})
+    record = _exclusion(tmp_path, make)
+    assert record["reason"] == "unreadable_files" and record["file"] == "seg.dcm"
+    assert "1 DICOM file(s) with pixel data but no image position, e.g. seg.dcm (Segmentation Storage)" in record["message"]

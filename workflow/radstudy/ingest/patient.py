@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from pydicom.uid import UID
 
 from radstudy.ingest import dicomio, masks
 from radstudy.config import Study
@@ -95,11 +96,15 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
     images = [h for h in headers if h.position is not None]
     if not images:
         first = f" e.g. {unreadable[0][0]}: {unreadable[0][1]}" if unreadable else ""
+        # DICOM objects with pixel data but no image plane (secondary captures, SEG without images, reports...)
+        others = sorted({(h.relative_path, UID(h.sop_class_uid).name) for h in headers if h.has_pixels})
+        other = (f"; {len(others)} DICOM file(s) with pixel data but no image position, e.g. {others[0][0]} "
+                 f"({others[0][1]})") if others else ""
         raise PatientExcluded(
             UNREADABLE_FILES,
             f"{pseudonym}: no readable DICOM image in the patient's folder "
-            f"({len(unreadable)} unreadable/non-DICOM file(s){first})",
-            file=unreadable[0][0] if unreadable else None,
+            f"({len(unreadable)} unreadable/non-DICOM file(s){first}{other})",
+            file=unreadable[0][0] if unreadable else others[0][0] if others else None,
         )
     if len({h.patient_key for h in images}) > 1:
         raise PatientExcluded(MULTIPLE_PATIENTS, f"{pseudonym}: the folder holds images of {len({h.patient_key for h in images})} different PatientIDs")
