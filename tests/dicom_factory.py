@@ -343,7 +343,9 @@ def compress_frames(path: Path, transfer_syntax: str) -> Path:
     frames = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
     encode = {
         JPEG2000Lossless: lambda frame: imagecodecs.jpeg2k_encode(frame, level=0, codecformat="J2K"),
-        JPEGLosslessSV1: lambda frame: imagecodecs.jpeg8_encode(frame.view(np.uint16), lossless=True, predictor=1),
+        # the sample precision must be BitsStored: imagecodecs' default writes 12-bit precision for uint16 frames
+        JPEGLosslessSV1: lambda frame: imagecodecs.jpeg8_encode(frame.view(np.uint16), lossless=True, predictor=1,
+                                                                bitspersample=int(ds.BitsStored)),
     }[transfer_syntax]
     ds.PixelData = encapsulate([encode(frame) for frame in frames])
     ds["PixelData"].VR = "OB"

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import yaml
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+from pydicom.uid import HTJ2KLossless, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from dicom_factory import AXIAL, compress_frames, write_ct_series, write_enhanced, write_legacy_enhanced
 from radstudy import errors
@@ -129,10 +129,10 @@ def test_enhanced_values_beyond_int16_turn_float32_as_single_frames_do(tmp_path)
     assert_same_image(image, plain)
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1])
 def test_compressed_enhanced_ct_equals_single_frames(tmp_path, syntax):
     uids = single_frame(tmp_path)
-    if syntax == JPEG2000Lossless:  # pydicom has no JPEG 2000 encoder here
+    if syntax in (JPEG2000Lossless, JPEGLosslessSV1):  # pydicom has no encoder for these here
         path = compress_frames(write_enhanced(tmp_path / "enhanced" / "e.dcm", uids), syntax)
     else:
         path = write_enhanced(tmp_path / "enhanced" / "e.dcm", uids, transfer_syntax=syntax)
@@ -211,13 +211,16 @@ def test_enhanced_without_orientation_or_pixel_measures_is_excluded_naming_it(tm
 
 
 def test_transfer_syntax_without_decoder_is_excluded_naming_it(tmp_path):
-    if pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available:
-        pytest.skip("a JPEG Lossless decoder plugin for pydicom is installed")
+    """HTJ2K: no decoder plugin of pydicom is installed for it (JPEG 2000 frames relabelled: decoding is never tried)."""
+    assert not pydicom.pixels.get_decoder(HTJ2KLossless).is_available
     uids = single_frame(tmp_path)
-    compress_frames(write_enhanced(tmp_path / "enhanced" / "e.dcm", uids), JPEGLosslessSV1)
+    path = compress_frames(write_enhanced(tmp_path / "enhanced" / "e.dcm", uids), JPEG2000Lossless)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.save_as(path, enforce_file_format=True)
     error = excluded(errors.PIXEL_DATA_ERROR, dicomio.read_series, load(tmp_path / "enhanced"), patient=PATIENT)
-    assert "enhanced multi-frame CT with transfer syntax JPEG Lossless, Non-Hierarchical, First-Order Prediction" in error.message
-    assert "is not supported" in error.message and "pylibjpeg-libjpeg" in error.message and error.file == "e.dcm"
+    assert "enhanced multi-frame CT with transfer syntax High-Throughput JPEG 2000" in error.message
+    assert "is not supported" in error.message and "pylibjpeg" in error.message and error.file == "e.dcm"
 
 
 def test_other_multi_frame_images_are_excluded_naming_their_sop_class(tmp_path):

@@ -24,8 +24,8 @@ import pandas as pd
 from radstudy.features import radiomics as features
 from radstudy.config import Study
 from radstudy.errors import FEATURE_EXTRACTION, REASONS
-from radstudy.ingest.patient import MASK_FILE, fov_file, image_file
-from radstudy.ingest.stage import patient_folders
+from radstudy.ingest.outputs import MASK_FILE, fov_file, image_file
+from radstudy.ingest.outputs import patient_folders
 
 log = logging.getLogger(__name__)
 

@@ -29,24 +29,11 @@ from radstudy.errors import (
     PatientExcluded,
 )
 from radstudy.images import same_grid
+from radstudy.ingest.outputs import MASK_FILE, QC_FILE, fov_file, image_file, label_counts, label_volumes  # noqa: F401 (re-export)
 from radstudy.ingest.phi import Redactor
 from radstudy.ingest.pseudonym import patient_folder
 
 log = logging.getLogger(__name__)
-
-QC_FILE = "qc.json"
-MASK_FILE = "mask_manual.nii.gz"
-
-
-def image_file(channel: str) -> str:
-    return f"image_{channel}.nii.gz"
-
-
-def fov_file(channel: str) -> str:
-    """The channel's field-of-view mask (uint8, 1 inside), written only for a channel that does not cover the
-    whole reference grid: voxels outside it hold a fill value and are kept out of every feature."""
-    return f"fov_{channel}.nii.gz"
-
 
 def ingest_patient(study: Study, center_id: str, pseudonym: str, out_dir: str | Path) -> dict:
     """Ingest one patient into `out_dir` (created); always writes `qc.json`. An unusable patient gets
@@ -277,7 +264,7 @@ def _mask_from_label_file(path: Path, folder: Path, reference: sitk.Image, pseud
         return mask, record
     mask = source.image
     dicomio.check_same_grid(mask, reference, patient=pseudonym, file=rel, tolerance=cfg["geometry"]["grid_tolerance"])
-    unknown = set(_label_counts(mask)) - set(labels.values())
+    unknown = set(label_counts(mask)) - set(labels.values())
     if unknown:
         raise PatientExcluded(
             MASK_UNREADABLE, f"{pseudonym}: mask holds label value(s) {sorted(unknown)}; the config's labels are {labels}",
@@ -394,18 +381,3 @@ def _mask_from_sources(sources, reference, pseudonym, labels, masks_cfg) -> tupl
     kinds = sorted({s.kind for s in sources if s.file in files})
     return mask, {"source": "+".join(kinds), "file": files[0], "files": files, "regions": regions,
                   "rois": {region: r["names"][0] if len(r["names"]) == 1 else r["names"] for region, r in regions.items()}}
-
-
-def _label_counts(mask: sitk.Image) -> dict[int, int]:
-    """Voxels per non-zero label, counted in C++ (np.bincount would widen a 512x512x150 mask to 8 bytes per voxel)."""
-    shapes = sitk.LabelShapeStatisticsImageFilter()
-    shapes.ComputePerimeterOff()
-    shapes.Execute(mask)
-    return {int(label): int(shapes.GetNumberOfPixels(label)) for label in shapes.GetLabels()}
-
-
-def label_volumes(mask: sitk.Image, labels: dict[str, int]) -> dict:
-    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    counts = _label_counts(mask)
-    return {region: {"voxels": counts.get(v, 0), "volume_ml": round(counts.get(v, 0) * voxel_ml, 3)}
-            for region, v in labels.items()}

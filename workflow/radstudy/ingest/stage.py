@@ -14,6 +14,7 @@ import pandas as pd
 
 from radstudy.ingest.clinical import pseudonymised_clinical
 from radstudy.config import Study
+from radstudy.ingest.outputs import patient_folders  # noqa: F401 (re-export)
 from radstudy.ingest.patient import ingest_patient
 from radstudy.ingest.pseudonym import assign_pseudonyms
 from radstudy.ingest.qc import apply_stage_exclusions, center_patients, patient_flow
@@ -39,16 +40,6 @@ def discover(study: Study, center_id: str, out_tsv: str | Path) -> pd.DataFrame:
 def ingest(study: Study, center_id: str, patient: str, out_dir: str | Path) -> dict:
     """One patient's images, mask and qc.json into `out_dir`, the patient's ingest folder (named after its pseudonym)."""
     return ingest_patient(study, center_id, patient, out_dir)
-
-
-def patient_folders(ingest_dirs) -> dict[str, Path]:
-    """Patients' ingest folders (as `ingest` writes them: each named after its patient's pseudonym), by patient.
-    Later stages take the folders they were given, so the results/ layout is written in the rules only."""
-    dirs = [Path(d) for d in ingest_dirs]
-    folders = {d.name: d for d in dirs}
-    if len(folders) != len(dirs):
-        raise ValueError("two ingest folders have the same patient name")
-    return folders
 
 
 def clinical(study: Study, center_id: str, patients_tsv: str | Path, out_tsv: str | Path, out_summary: str | Path) -> None:

@@ -24,8 +24,8 @@ from radstudy.segment import nnunet as segment
 from radstudy.config import Study
 from radstudy.figures import dsc_figure
 from radstudy.errors import REASONS, SEGMENTATION_QC, ConfigError
-from radstudy.ingest.patient import MASK_FILE, image_file, label_volumes
-from radstudy.ingest.stage import patient_folders
+from radstudy.ingest.outputs import MASK_FILE, image_file, label_volumes
+from radstudy.ingest.outputs import patient_folders
 
 log = logging.getLogger(__name__)
 
