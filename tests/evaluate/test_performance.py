@@ -300,3 +300,23 @@ def test_nomogram_axis_of_a_log_transformed_variable_reads_in_its_own_units():
     for value, x in ticks.items():
         assert x == pytest.approx(s.loc["cea", "points_per_unit"] * (np.log1p(value) - s.loc["cea", "zero_points_at"]))
     assert min(ticks) >= np.expm1(design["cea"].min()) - 1e-9 and max(ticks) <= cea.max() + 1e-9
+
+
+def test_report_counts_mask_sources_and_shows_mask_notes(tmp_path):
+    """The report says where the manual masks came from and which were combined or chosen (results/qc/patients.tsv)."""
+    from radstudy.report.html import write_report
+
+    patients = pd.DataFrame({
+        "patient": ["A-0001", "A-0002", "A-0003", "B-0001"], "center": ["A", "A", "A", "B"],
+        "mask_source": ["rtstruct", "seg", "none", "label_map"], "unused_files": [2, 0, 1, 0],
+        "mask_notes": ["tumour: union of GTV-1, GTV-2", "", "", ""]})
+    patients.to_csv(tmp_path / "patients.tsv", sep="\t", index=False)
+    flow = pd.DataFrame({"center": ["A", "B", "total"], "role": ["development", "external", ""],
+                         "delivered": [3, 1, 4], "included": [3, 1, 4], "excluded": [0, 0, 0]})
+    flow.to_csv(tmp_path / "flow.tsv", sep="\t", index=False)
+    html = write_report(tmp_path / "ev", tmp_path / "report.html", flow_tsv=tmp_path / "flow.tsv",
+                        patients_tsv=tmp_path / "patients.tsv").read_text()
+    delivery = pd.read_csv(tmp_path / "ev" / "delivery.csv")
+    assert delivery.set_index("center").loc["A", ["mask: rtstruct", "mask: seg", "no manual mask",
+                                                  "files delivered, not used"]].tolist() == [1, 1, 1, 3]
+    assert "Delivered masks and files" in html and "tumour: union of GTV-1, GTV-2" in html

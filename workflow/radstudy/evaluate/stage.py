@@ -83,7 +83,7 @@ def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combi
     html = report.write_report(
         out_dir, out_html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,
         clinical_tsv=clinical, cohorts_tsv=cohorts, dsc_tsv=dsc, extra_tables=list(model_tables),
-        coefficients_tsv=coefficients, baseline_tsv=baseline,
+        coefficients_tsv=coefficients, baseline_tsv=baseline, patients_tsv=patients,
     )
     log.info("report written to %s", html)
     return html

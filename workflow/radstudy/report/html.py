@@ -368,13 +368,47 @@ def _groups_for_table1(evaluation_dir: Path, cohorts_tsv) -> pd.Series | None:
     return c.drop_duplicates("patient").set_index("patient")["cohort"]
 
 
+def delivery_html(patients_tsv, ev: Path) -> str:
+    """Per center, the manual masks by source (label map, RTSTRUCT, SEG) and the delivered files not used; the
+    patients whose mask was combined from several regions, chosen among them or drawn on another series. Written
+    to delivery.csv and mask_notes.csv."""
+    if not patients_tsv or not Path(patients_tsv).is_file():
+        return ""
+    patients = pd.read_csv(patients_tsv, sep="\t", dtype=str, keep_default_na=False)
+    if "mask_source" not in patients:
+        return ""
+    sources = sorted(s for s in set(patients["mask_source"]) if s not in ("", "none"))
+    rows = []
+    for center, group in patients.groupby("center", sort=True):
+        row = {"center": center, "patients": len(group)}
+        row.update({f"mask: {s}": int((group["mask_source"] == s).sum()) for s in sources})
+        row["no manual mask"] = int(group["mask_source"].isin(["none", ""]).sum())
+        row["files delivered, not used"] = int(pd.to_numeric(group["unused_files"], errors="coerce").fillna(0).sum())
+        rows.append(row)
+    delivery = pd.DataFrame(rows)
+    delivery.to_csv(ev / "delivery.csv", index=False)
+    content = ('<h3>Delivered masks and files</h3><p class="caption">Manual masks by source; files in the patients\' '
+               'folders that nothing used (other series, other structure sets, documents) are listed per patient in '
+               'results/ingest/{center}/{patient}/qc.json (unused_files). CSV: delivery.csv</p>' + html_table(delivery))
+    notes = patients.loc[patients["mask_notes"] != "", ["patient", "center", "mask_source", "mask_notes"]]
+    if len(notes):
+        notes.to_csv(ev / "mask_notes.csv", index=False)
+        content += ('<p class="caption">Masks combined from several regions, chosen among them '
+                    '(ingest.masks.multiple_matches) or drawn on another series (ingest.masks.other_series). '
+                    'CSV: mask_notes.csv</p>' + html_table(notes))
+    return content
+
+
 def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", design_text: str | None = None,
                  flow_tsv=None, clinical_tsv=None, cohorts_tsv=None, dsc_tsv=None, extra_tables=(),
-                 coefficients_tsv=None, table1_variables=None, table1_categorical=None, baseline_tsv=None) -> Path:
+                 coefficients_tsv=None, table1_variables=None, table1_categorical=None, baseline_tsv=None,
+                 patients_tsv=None) -> Path:
     """Write the single-file HTML report of an evaluation folder (see module docstring).
 
     extra_tables: TSV/CSV paths (selected features, coefficients, ...) or {title: path}, shown as tables.
     baseline_tsv: the study's baseline (`write_baseline`); the patient-flow section says what changed since.
+    patients_tsv: the study's patient table (results/qc/patients.tsv): where each manual mask came from, what was
+    combined or chosen, and how many delivered files were not used.
     A function of its inputs: no clock, no state kept between reports (same inputs, same bytes).
     """
     ev = Path(evaluation_dir)
@@ -433,6 +467,7 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
             history.to_csv(ev / "study_history.csv", index=False)
             content += ('<h3>Study history</h3><p class="caption">Centers at the study\'s first report and at this '
                         'one (CSV: study_history.csv)</p>' + html_table(history))
+        content += delivery_html(patients_tsv, ev)
         section("flow", "Patient flow", content)
     else:
         section("flow", "Patient flow", _missing("No patient-flow table (results/qc/patient_flow.tsv) was provided."))
