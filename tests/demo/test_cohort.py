@@ -179,7 +179,7 @@ def test_different_seed_gives_other_patients_uids_and_pixels(cohort, tmp_path):
 def test_portal_series_reads_back_as_the_true_volume_and_masks_share_its_grid(cohort):
     root, centers, _ = cohort
     jobs = demo._plan_cohort(centers, root, seed=SEED, patients=3, size="small", annotated_fraction=0.67,
-                             rtstruct_per_center=1, labels=demo.DEFAULT_LABELS, downsample=2)
+                             rtstruct_per_center=1, seg_per_center=0, labels=demo.DEFAULT_LABELS, downsample=2)
     formats = {r["patient_id"]: r["mask_format"] for r in _patients(root)}
     assert sorted(formats) == sorted(job.patient_id for job in jobs)
     for job in jobs:
@@ -245,7 +245,7 @@ def test_each_patient_has_portal_native_and_scout_series(cohort):
         # One study, one frame of reference; the three series differ.
         assert len({ds.StudyInstanceUID for ds in headers.values()}) == 1
         assert len({ds.FrameOfReferenceUID for ds in headers.values() if ds.Modality == "CT"}) == 1
-        assert len({ds.SeriesInstanceUID for ds in headers.values()}) == 3 + (row["mask_format"] == "rtstruct")
+        assert len({ds.SeriesInstanceUID for ds in headers.values()}) == 3 + (row["mask_format"] in ("rtstruct", "seg"))
         for _, ds in portal:
             assert ds.SOPClassUID == CTImageStorage
             assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
@@ -445,3 +445,29 @@ def test_refuses_to_write_into_a_non_empty_center_folder(tmp_path):
     (Path(centers[0]["dicom_root"]) / "OLD_PATIENT").mkdir()
     with pytest.raises(FileExistsError):
         demo.generate_cohort(centers, tmp_path, seed=1, **SMALL)
+
+
+# --- DICOM SEG ----------------------------------------------------------------------------------
+
+
+def test_seg_delivery_reads_back_as_the_true_mask(tmp_path):
+    """A patient delivered with a DICOM SEG (highdicom) on the portal series: radstudy's reader gives back the true
+    label map voxel for voxel, segment labels as 3D Slicer names them."""
+    from radstudy.ingest import masks
+
+    _, summary = _generate(tmp_path, roles=("development",), patients=1, annotated_fraction=1.0,
+                           rtstruct_per_center=0, seg_per_center=1, _downsample=3)
+    assert summary["annotated"]["C1"] == {"nifti": 0, "rtstruct": 0, "seg": 1}
+    [row] = _patients(tmp_path)
+    assert row["mask_format"] == "seg"
+    patient_dir = _patient_dir(tmp_path, row)
+    [seg_path] = [p for p, ds in _dicom_headers(patient_dir).items() if ds.Modality == "SEG"]
+    assert not list(patient_dir.glob("segmentation/*"))  # delivered only as SEG
+    portal = _read_portal(patient_dir)
+    source = masks.read_seg(seg_path)
+    assert source.names == ["Liver", "Tumour"]
+    assert source.referenced_series_uid == _series_by_kind(patient_dir)["portal"][0][1].SeriesInstanceUID
+    truth = sitk.GetArrayFromImage(_true_mask(tmp_path, "C1", row["patient_id"]))
+    for name, value in (("Liver", 1), ("Tumour", 2)):
+        region = sitk.GetArrayFromImage(source.region(name, portal))
+        np.testing.assert_array_equal(region, truth == value)

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
@@ -62,7 +63,7 @@ def test_included_patients_have_images_masks_and_clinical_rows(tiny_study):
             assert mask.GetSize() == image.GetSize() and mask.GetOrigin() == image.GetOrigin()
             labels = set(sitk.GetArrayViewFromImage(mask).ravel().tolist())
             assert labels == {0, 1, 2}
-    assert included["annotated"].sum() >= 6  # 30% of each center, one of them as RTSTRUCT
+    assert included["annotated"].sum() >= 9  # 40% of each center: NIfTI, RTSTRUCT and SEG
     clinical = pd.read_csv(workdir / "results" / "clinical" / "clinical.tsv", sep="\t")
     assert set(clinical["patient"]) == set(included["patient"])
     assert "patient_name" not in clinical.columns and "birth_date" not in clinical.columns
@@ -114,11 +115,24 @@ def test_models_and_report(tiny_study):
     assert len(icc) and icc["icc"].notna().any() and set(icc["split"]) == {"holdout"}
 
 
-def test_rtstruct_masks_are_ingested(tiny_study):
+def test_rtstruct_seg_and_label_map_masks_equal_the_drawn_masks(tiny_study):
+    """Each center delivers masks as NIfTI, RTSTRUCT and DICOM SEG: every ingested manual mask equals the mask
+    the demo drew (its ground truth), voxel for voxel."""
     workdir = tiny_study.workdir
-    sources = [json.loads(p.read_text())["mask"].get("source") for p in (workdir / "results" / "ingest").glob("*/*/qc.json")
-               if json.loads(p.read_text())["status"] == "included"]
-    assert sources.count("rtstruct") >= 3 and sources.count("label_map") >= 3
+    key = pd.read_csv(workdir / "resources" / "private" / "pseudonym_key.tsv", sep="\t").set_index("pseudonym")
+    sources = []
+    for path in sorted((workdir / "results" / "ingest").glob("*/*/qc.json")):
+        record = json.loads(path.read_text())
+        if record["status"] != "included" or record["mask"]["source"] == "none":
+            continue
+        original = key.loc[record["patient"], "original_id"]
+        if original in tiny_study.expected:  # the broken copies slipped into A's delivery have no truth of their own
+            continue
+        sources.append(record["mask"]["source"])
+        truth = workdir / "demo" / "ground_truth" / "masks" / record["center"] / f"{original}.nii.gz"
+        ingested = sitk.GetArrayFromImage(sitk.ReadImage(str(path.parent / "mask_manual.nii.gz")))
+        assert np.array_equal(ingested, sitk.GetArrayFromImage(sitk.ReadImage(str(truth)))), record["patient"]
+    assert sources.count("rtstruct") == sources.count("seg") == 3 and sources.count("label_map") >= 3
 
 
 def _all_text(path: Path) -> bytes:

@@ -32,7 +32,9 @@ def run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def write_tiny_study(workdir: Path) -> None:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["centers"] = "centers.tsv"
-    config["demo"].update(patients=PATIENTS, annotated_fraction=0.3, rtstruct_per_center=1, workers=2, out_dir="demo")
+    # 3 annotated patients per center: one RTSTRUCT, one DICOM SEG, one NIfTI label map
+    config["demo"].update(patients=PATIENTS, annotated_fraction=0.4, rtstruct_per_center=1, seg_per_center=1, workers=2,
+                          out_dir="demo")
     # a real but very short nnU-Net training: the test proves the chain, not the segmentation quality
     config["segmentation"].update(epochs=2, iterations_per_epoch=4, early_stopping_patience=None)
     config["segmentation"]["qc"]["on_flag"] = "warn"

@@ -711,7 +711,7 @@ class _PatientJob:
 
 
 def _plan_cohort(centers, out_dir, *, seed, patients, size, annotated_fraction, rtstruct_per_center,
-                 labels, downsample) -> list[_PatientJob]:
+                 seg_per_center, labels, downsample) -> list[_PatientJob]:
     profiles = _center_profiles(centers, seed, size)
     rng = _rng(seed, _COHORT, 0)
     counts = [
@@ -725,7 +725,8 @@ def _plan_cohort(centers, out_dir, *, seed, patients, size, annotated_fraction, 
         chosen = rng.permutation(n)[:n_annotated]
         formats = ["none"] * n
         for rank, p in enumerate(chosen):
-            formats[p] = "rtstruct" if rank < rtstruct_per_center else "nifti"
+            formats[p] = ("rtstruct" if rank < rtstruct_per_center else
+                          "seg" if rank < rtstruct_per_center + seg_per_center else "nifti")
         for p in range(n):
             jobs.append(
                 _PatientJob(
@@ -818,7 +819,7 @@ class _FileNamer:
             return f"{sop_uid}.dcm"
         if self.scheme == "hex_noext":
             return hashlib.sha1(sop_uid.encode()).hexdigest()[:8].upper()
-        return f"{'RS' if modality == 'RTSTRUCT' else 'CT'}.{sop_uid}.dcm"
+        return f"{ {'RTSTRUCT': 'RS', 'SEG': 'SEG'}.get(modality, 'CT')}.{sop_uid}.dcm"
 
 
 def _series_dir(patient_dir: Path, profile: CenterProfile, person: _Person, position: int, number: int,
@@ -907,7 +908,7 @@ class _SeriesSpec:
 
 
 # Order of the series in the patient's folder (the dicom_s layout numbers folders by it).
-_FOLDER_POSITION = {"scout": 1, "native": 2, "portal": 3, "rtstruct": 4}
+_FOLDER_POSITION = {"scout": 1, "native": 2, "portal": 3, "rtstruct": 4, "seg": 4}
 
 
 @dataclass(frozen=True)
@@ -1118,6 +1119,40 @@ def _write_rtstruct(d: _Delivery, label_map: np.ndarray, grid: _Grid, portal_uid
     ds.save_as(folder / d.namer(sop_uid, "RTSTRUCT"), enforce_file_format=True)
 
 
+_SEG_SEGMENTS = (  # (segment label, label key, SNOMED category, SNOMED type): as 3D Slicer / OHIF label them
+    ("Liver", "liver", "Organ", "Liver"),
+    ("Tumour", "tumour", "MorphologicallyAbnormalStructure", "Neoplasm"),
+)
+
+
+def _write_seg(d: _Delivery, label_map: np.ndarray, portal_number: int) -> None:
+    """DICOM SEG (binary, written by highdicom) of the manual mask on the portal-venous series, as TCIA collections
+    and 3D Slicer / OHIF deliver them: one segment per label, frames only where a segment has voxels."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    portal_uid = d.uid("series", "portal")
+    files = [path for path in sorted(d.patient_dir.rglob("*")) if path.is_file()
+             and pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get(
+                 "SeriesInstanceUID") == portal_uid]
+    sources = sorted((pydicom.dcmread(path) for path in files), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    masks = np.stack([label_map == d.job.labels[key] for _, key, _, _ in _SEG_SEGMENTS], axis=-1)  # z ascending
+    algorithm = hd.seg.SegmentAlgorithmTypeValues.MANUAL
+    segments = [hd.seg.SegmentDescription(segment_number=number, segment_label=label,
+                                          segmented_property_category=getattr(codes.SCT, category),
+                                          segmented_property_type=getattr(codes.SCT, kind), algorithm_type=algorithm)
+                for number, (label, _, category, kind) in enumerate(_SEG_SEGMENTS, start=1)]
+    sop_uid = d.uid("seg")
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=masks.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=d.uid("series", "seg"), series_number=950 + portal_number,
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="3D Slicer", manufacturer_model_name="Slicer",
+        software_versions="5.6", device_serial_number="0", series_description="Segmentation")
+    folder = d.folder("seg", seg.SeriesNumber, seg.SeriesDescription)
+    seg.save_as(folder / d.namer(sop_uid, "SEG"), enforce_file_format=True)
+
+
 def _write_label_map(path: Path, label_map: np.ndarray, grid: _Grid) -> None:
     """NIfTI label map on exactly the portal series' grid (identity direction, LPS origin)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1155,6 +1190,8 @@ def _deliver(job: _PatientJob, patient: _SyntheticPatient) -> None:
         _write_label_map(seg_path, patient.label_map, patient.grid)
     elif job.mask_format == "rtstruct":
         _write_rtstruct(d, patient.label_map, patient.grid, portal_uids, portal_no)
+    elif job.mask_format == "seg":
+        _write_seg(d, patient.label_map, portal_no)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1283,8 +1320,8 @@ def _write_ground_truth(gt: Path, profiles: list[CenterProfile], records: list[d
 # ---------------------------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------------------------
-def _check_arguments(centers, seed, patients, size, annotated_fraction, rtstruct_per_center, labels, workers,
-                     downsample) -> dict[str, int]:
+def _check_arguments(centers, seed, patients, size, annotated_fraction, rtstruct_per_center, seg_per_center, labels,
+                     workers, downsample) -> dict[str, int]:
     """Validate generate_cohort's arguments; returns the label values to use."""
     if not centers:
         raise ConfigError("demo: at least one center is required")
@@ -1309,8 +1346,9 @@ def _check_arguments(centers, seed, patients, size, annotated_fraction, rtstruct
         raise ConfigError(f"demo: size must be one of {sorted(_SIZES)}, got {size!r}")
     if not 0 <= annotated_fraction <= 1:
         raise ConfigError(f"demo: annotated_fraction must lie in [0, 1], got {annotated_fraction!r}")
-    if rtstruct_per_center < 0:
-        raise ConfigError(f"demo: rtstruct_per_center must be >= 0, got {rtstruct_per_center!r}")
+    if rtstruct_per_center < 0 or seg_per_center < 0:
+        raise ConfigError(f"demo: rtstruct_per_center and seg_per_center must be >= 0, got {rtstruct_per_center!r} "
+                          f"and {seg_per_center!r}")
     labels = dict(DEFAULT_LABELS if labels is None else labels)
     values = list(labels.values())
     valid_values = len(set(values)) == 2 and all(isinstance(v, int) and 1 <= v <= 255 for v in values)
@@ -1331,7 +1369,7 @@ def _require_empty(folder: Path) -> None:
 
 def generate_cohort(
     centers: list[dict], out_dir: str | Path, *, seed: int, patients: int | tuple[int, int] = (30, 40),
-    size: str = "small", annotated_fraction: float = 0.3, rtstruct_per_center: int = 1,
+    size: str = "small", annotated_fraction: float = 0.3, rtstruct_per_center: int = 1, seg_per_center: int = 0,
     labels: dict[str, int] | None = None, workers: int = 1, _downsample: int = 1,
 ) -> dict:
     """Generate a synthetic multicenter CT cohort.
@@ -1342,21 +1380,22 @@ def generate_cohort(
     `patients` is a count per center or a (min, max) range drawn per center; `size` is "small"
     (96x96, ~64 slices) or "realistic" (512x512, 100-160 slices). `annotated_fraction` of each
     center's patients (at least one at development centers) get a manual mask in their folder, as
-    NIfTI except for `rtstruct_per_center` of them, delivered as RTSTRUCT only. `workers` > 1 uses a
+    NIfTI except for `rtstruct_per_center` of them, delivered as RTSTRUCT only, and the next `seg_per_center`,
+    delivered as DICOM SEG only. `workers` > 1 uses a
     process pool; the output does not depend on it. `_downsample` (tests only) divides the matrix
     and multiplies the voxel size. Returns a summary: patients and annotations per center, oracle
     metrics of the latent risk. labels default {"liver": 1, "tumour": 2}.
     """
     labels = _check_arguments(
-        centers, seed, patients, size, annotated_fraction, rtstruct_per_center, labels, workers, _downsample
-    )
+        centers, seed, patients, size, annotated_fraction, rtstruct_per_center, seg_per_center, labels, workers,
+        _downsample)
     gt = Path(out_dir) / "ground_truth"
     for folder in [gt, *(Path(c["dicom_root"]) for c in centers)]:
         _require_empty(folder)
     jobs = _plan_cohort(
         centers, out_dir, seed=seed, patients=tuple(patients) if not isinstance(patients, int) else patients,
         size=size, annotated_fraction=annotated_fraction, rtstruct_per_center=rtstruct_per_center,
-        labels=labels, downsample=_downsample,
+        seg_per_center=seg_per_center, labels=labels, downsample=_downsample,
     )
     if workers > 1 and len(jobs) > 1:
         # fork, not spawn: spawn re-runs the caller's main script in every worker, and scripts such
@@ -1372,7 +1411,8 @@ def generate_cohort(
         _write_table(profile.clinical, _CLINICAL_COLUMNS, rows, ",")
     oracle = _oracle_metrics([r["truth"] for r in records])
     settings = {"seed": seed, "size": size, "annotated_fraction": annotated_fraction,
-                "rtstruct_per_center": rtstruct_per_center, "labels": labels, "downsample": _downsample}
+                "rtstruct_per_center": rtstruct_per_center, "seg_per_center": seg_per_center, "labels": labels,
+                "downsample": _downsample}
     _write_ground_truth(gt, profiles, records, oracle, settings)
 
     def count(center: str, fmt: str) -> int:
@@ -1382,7 +1422,7 @@ def generate_cohort(
         "seed": seed,
         "size": size,
         "patients": {p.id: sum(1 for j in jobs if j.profile.id == p.id) for p in profiles},
-        "annotated": {p.id: {"nifti": count(p.id, "nifti"), "rtstruct": count(p.id, "rtstruct")} for p in profiles},
+        "annotated": {p.id: {f: count(p.id, f) for f in ("nifti", "rtstruct", "seg")} for p in profiles},
         "oracle": {"overall": oracle["overall"], "centers": oracle["centers"]},
         "ground_truth": str(gt),
     }
