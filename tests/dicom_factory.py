@@ -352,3 +352,17 @@ def compress_frames(path: Path, transfer_syntax: str) -> Path:
     ds.file_meta.TransferSyntaxUID = transfer_syntax
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def assert_excluded(reason: str, named: str, call, /, *args, **kwargs):
+    """The PatientExcluded that `call(*args, **kwargs)` raises: with `reason`, its message naming `named` (the
+    patient)."""
+    import pytest
+
+    from radstudy.errors import PatientExcluded
+
+    with pytest.raises(PatientExcluded) as info:
+        call(*args, **kwargs)
+    assert info.value.reason == reason, info.value
+    assert named in info.value.message
+    return info.value

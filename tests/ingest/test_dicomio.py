@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dicom_factory import AXIAL, write_ct_series, write_rtstruct
+from dicom_factory import AXIAL, assert_excluded, write_ct_series, write_rtstruct
 from radstudy import errors
 from radstudy.ingest import dicomio
 from radstudy.ingest import masks
@@ -32,11 +32,7 @@ def load(folder: Path, selector=None):
 
 
 def excluded(reason: str, call, *args, **kwargs) -> PatientExcluded:
-    with pytest.raises(PatientExcluded) as info:
-        call(*args, **kwargs)
-    assert info.value.reason == reason, info.value
-    assert PATIENT in info.value.message
-    return info.value
+    return assert_excluded(reason, PATIENT, call, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- scanning and selection

@@ -13,7 +13,8 @@ import SimpleITK as sitk
 import yaml
 from pydicom.uid import HTJ2KLossless, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
-from dicom_factory import AXIAL, compress_frames, write_ct_series, write_enhanced, write_legacy_enhanced
+from dicom_factory import (AXIAL, assert_excluded, compress_frames, write_ct_series, write_enhanced,
+                           write_legacy_enhanced)
 from radstudy import errors
 from radstudy.config import load_study
 from radstudy.errors import PatientExcluded
@@ -45,11 +46,7 @@ def read(folder, selector=None) -> tuple[dicomio.SeriesGeometry, sitk.Image]:
 
 
 def excluded(reason: str, call, *args, **kwargs) -> PatientExcluded:
-    with pytest.raises(PatientExcluded) as info:
-        call(*args, **kwargs)
-    assert info.value.reason == reason, info.value
-    assert PATIENT in info.value.message
-    return info.value
+    return assert_excluded(reason, PATIENT, call, *args, **kwargs)
 
 
 def assert_same_image(ours: sitk.Image, theirs: sitk.Image):

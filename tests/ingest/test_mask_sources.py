@@ -9,7 +9,7 @@ import nrrd
 import pytest
 import SimpleITK as sitk
 
-from dicom_factory import write_ct_series, write_seg
+from dicom_factory import assert_excluded, write_ct_series, write_seg
 from radstudy import errors
 from radstudy.errors import PatientExcluded
 from radstudy.images import grid_differences
@@ -50,11 +50,7 @@ def assert_on_grid(region: sitk.Image, reference: sitk.Image, expected: np.ndarr
 
 
 def excluded(reason: str, call, *args, **kwargs) -> PatientExcluded:
-    with pytest.raises(PatientExcluded) as info:
-        call(*args, **kwargs)
-    assert info.value.reason == reason, info.value
-    assert PATIENT in info.value.message
-    return info.value
+    return assert_excluded(reason, PATIENT, call, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- DICOM SEG

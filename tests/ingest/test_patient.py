@@ -385,50 +385,53 @@ def test_a_seg_of_another_series_is_refused_naming_both(tmp_path):
     assert "PORTAL VENOUS" in record["message"] and "ARTERIAL" in record["message"]
 
 
-def test_a_slicer_seg_nrrd_is_mapped_by_segment_name(tmp_path):
+def _slicer_seg_nrrd(path: Path, labels: np.ndarray, segments: dict[str, int], grid: sitk.Image, origin=None):
+    """A 3D Slicer segmentation file: `labels` (z, y, x) with Slicer's segment header fields (name -> label value),
+    on `grid`'s spacing and axes with its origin or `origin`."""
     import nrrd
 
+    header = {"space": "left-posterior-superior", "space origin": np.array(origin or grid.GetOrigin()),
+              "space directions": np.diag(grid.GetSpacing()), "kinds": ["domain"] * 3}
+    for i, (name, value) in enumerate(segments.items()):
+        header.update({f"Segment{i}_Name": name, f"Segment{i}_LabelValue": str(value), f"Segment{i}_Layer": "0",
+                       f"Segment{i}_ID": f"Segment_{i + 1}"})
+    nrrd.write(str(path), labels.transpose(2, 1, 0), header)  # NRRD: x fastest
+
+
+def _ingested_slicer_seg(tmp_path: Path, write) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Ingest a patient, add the .seg.nrrd that `write(folder, image)` writes, ingest again: (record, mask, labels)."""
     folder = tmp_path / "dicom" / "MRN1"
     _, labels = _ct_with_label_map(folder)
     study, ids = _study(tmp_path)
     out = tmp_path / "out"
     assert ingest_patient(study, "T", ids["MRN1"], out)["status"] == "included"
-    image = sitk.ReadImage(str(out / image_file("CT")))
-    # Slicer's own label values (3 = tumour, 7 = liver) differ from the config's: the names decide
-    slicer = np.where(labels == 2, 3, np.where(labels == 1, 7, 0)).astype(np.uint8)
-    header = {"space": "left-posterior-superior", "space origin": np.array(image.GetOrigin()),
-              "space directions": np.diag(image.GetSpacing()), "kinds": ["domain"] * 3,
-              "Segment0_Name": "Liver", "Segment0_LabelValue": "7", "Segment0_Layer": "0", "Segment0_ID": "Segment_1",
-              "Segment1_Name": "Tumor 1", "Segment1_LabelValue": "3", "Segment1_Layer": "0", "Segment1_ID": "Segment_2"}
-    nrrd.write(str(folder / "case.seg.nrrd"), slicer.transpose(2, 1, 0), header)  # NRRD: x fastest
+    write(folder, sitk.ReadImage(str(out / image_file("CT"))), labels)
     record = ingest_patient(study, "T", ids["MRN1"], out)
     assert record["status"] == "included", record.get("message")
+    return record, sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))), labels
+
+
+def test_a_slicer_seg_nrrd_is_mapped_by_segment_name(tmp_path):
+    def write(folder, image, labels):
+        # Slicer's own label values (3 = tumour, 7 = liver) differ from the config's: the names decide
+        slicer = np.where(labels == 2, 3, np.where(labels == 1, 7, 0)).astype(np.uint8)
+        _slicer_seg_nrrd(folder / "case.seg.nrrd", slicer, {"Liver": 7, "Tumor 1": 3}, image)
+
+    record, mask, labels = _ingested_slicer_seg(tmp_path, write)
     assert record["mask"]["source"] == "label_map" and record["mask"]["regions"]["tumour"]["names"] == ["Tumor 1"]
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE)))
     assert np.array_equal(mask, labels)  # Dice 1.0 with the label map
 
 
 def test_a_slicer_seg_nrrd_cropped_to_its_content_is_placed_back(tmp_path):
     """3D Slicer saves a .seg.nrrd cropped to the segments' extent by default: same spacing and axes, origin on a
     voxel of the reference; it is pasted back voxel for voxel."""
-    import nrrd
+    def write(folder, image, labels):
+        crop = labels[2:9, 4:18, 3:15]  # (z, y, x) extent of the liver
+        _slicer_seg_nrrd(folder / "cropped.seg.nrrd", crop, {"liver": 1, "tumour": 2}, image,
+                         origin=image.TransformIndexToPhysicalPoint((3, 4, 2)))
 
-    folder = tmp_path / "dicom" / "MRN1"
-    _, labels = _ct_with_label_map(folder)
-    study, ids = _study(tmp_path)
-    out = tmp_path / "out"
-    assert ingest_patient(study, "T", ids["MRN1"], out)["status"] == "included"
-    image = sitk.ReadImage(str(out / image_file("CT")))
-    crop = labels[2:9, 4:18, 3:15]  # (z, y, x) extent of the liver
-    origin = image.TransformIndexToPhysicalPoint((3, 4, 2))
-    header = {"space": "left-posterior-superior", "space origin": np.array(origin),
-              "space directions": np.diag(image.GetSpacing()), "kinds": ["domain"] * 3,
-              "Segment0_Name": "liver", "Segment0_LabelValue": "1", "Segment0_Layer": "0",
-              "Segment1_Name": "tumour", "Segment1_LabelValue": "2", "Segment1_Layer": "0"}
-    nrrd.write(str(folder / "cropped.seg.nrrd"), crop.transpose(2, 1, 0), header)
-    record = ingest_patient(study, "T", ids["MRN1"], out)
-    assert record["status"] == "included", record.get("message")
-    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))), labels)
+    _, mask, labels = _ingested_slicer_seg(tmp_path, write)
+    assert np.array_equal(mask, labels)
 
 
 def test_a_folder_with_only_a_seg_names_what_it_holds(tmp_path):
