@@ -262,6 +262,7 @@ def test_mask_comes_from_the_structure_set_of_the_reference_series(tmp_path, pat
     assert expected.sum() > 0 and np.array_equal(mask == 2, expected)  # Dice 1.0 with the CT's own contour
     tumour = record["mask"]["regions"]["tumour"]
     assert tumour["names"] == ["GTV_CT"] and tumour["files"] == ["rs_ct.dcm"] and tumour["reference"] == ["series"]
+    assert tumour["drawn_on"] == ["series #2 CT 'PORTAL VENOUS' [ORIGINAL\\PRIMARY\\AXIAL] 12 slices"]
     unused = {u["file"]: u["why"] for u in record["unused_files"]}
     assert "references series #4 MR 'T2 AX'" in unused["rs_mr.dcm"] and "#3 PT 'PET AC'" in unused["rs_pt.dcm"]
     assert any(f.startswith("pt/") for f in unused) and any(f.startswith("mr/") for f in unused)

@@ -307,7 +307,7 @@ def _dicom_mask_sources(series, reference_series, pseudonym: str, other_series: 
             unused.append({"file": source.file, "series": one.summary(), "why": "references "
                            f"{_series_named(source, series, reference_series)}, not the reference channel's series"})
         else:
-            source.reference_match = how
+            source.reference_match, source.drawn_on = how, _series_named(source, series, reference_series)
             chosen.append(source)
     if chosen:
         return chosen
@@ -367,7 +367,8 @@ def _mask_from_sources(sources, reference, pseudonym, labels, masks_cfg) -> tupl
             matches, arrays = [matches[largest]], [arrays[largest]]
         label_map[np.logical_or.reduce(arrays)] = value
         record.update(names=[name for _, name in matches], files=sorted({s.file for s, _ in matches}),
-                      reference=sorted({getattr(s, "reference_match", "grid") for s, _ in matches}))
+                      reference=sorted({getattr(s, "reference_match", "grid") for s, _ in matches}),
+                      drawn_on=sorted({getattr(s, "drawn_on", "the image grid") for s, _ in matches}))
         regions[region] = record
     if not regions:
         raise PatientExcluded(
