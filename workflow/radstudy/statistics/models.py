@@ -49,7 +49,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 
 from radstudy import __version__
-from radstudy.config import section_schema, settings
+from radstudy.config import settings
 from radstudy.statistics.design import assign_cohorts, primary_split, split_names
 from radstudy.statistics.harmonize import ComBat
 from radstudy.statistics.robustness import FLAG_COLUMNS, ID_COLUMNS, icc_table, robust_features
@@ -58,7 +58,7 @@ from radstudy.tables import read_table
 
 log = logging.getLogger(__name__)
 
-FEATURE_SETS = tuple(section_schema("models.combined_scores")["items"]["enum"])  # radiomic, deep
+FEATURE_SETS = ("radiomic", "deep")  # the feature sets scored here; models.combined_scores may also name cnn
 SCORE_OF = {"radiomic": "radscore", "deep": "deepscore"}
 DEEP_TAG = "_deep_"
 
