@@ -1,0 +1,264 @@
+"""The networks' inputs: per patient a normalised crop around the region in every channel, cached per center.
+
+A crop (`patient_input`) is taken with the deep-feature code's geometry (`radstudy.features.deep`): an isotropic
+grid of `networks.crop_size` voxels centred on the region's bounding box, `networks.spacing` mm per voxel, or with
+spacing null the box plus `margin_mm` on every side fitted into the grid (the region is never cut). Every channel is
+resampled (linearly) onto the same grid, so the channels of a crop are aligned voxel for voxel.
+
+Intensities, as the segmentation model normalises them: a CT channel (its DICOM modality, config
+`ingest.channels.*.modality`) is clipped to `networks.window` (HU) and then z-scored within the crop; other
+modalities (MR sequences, PET) are z-scored within the crop. A constant crop gives zeros, never NaN.
+
+Fields of view: a channel with a field-of-view mask (`fov_{channel}.nii.gz`, see `radstudy.features.deep`) is
+z-scored with the statistics of the crop voxels inside it, and the voxels outside it are 0, the neutral value of the
+normalised input; the fraction of the crop outside is recorded per channel. A region more than
+`radiomics.MAX_OUTSIDE_FOV` outside a channel's field of view leaves the patient out, as for deep features.
+
+dims 2 (seed 003's design): the region's largest axial slice of the image (`deep.largest_slice`, the slice index
+recorded) cropped on a grid of crop_size[1:] (y x) voxels, as the deep-feature ResNet-2D takes it: one native slice,
+no interpolation across slices, the z size of crop_size unused (the schema's contract).
+
+`mask_channel`: the region resampled onto the crop grid (`deep.region_on_grid`) as the last channel (0 / 1), named
+``{region}_mask``.
+
+A patient whose mask or image cannot be read, whose region is empty, whose mask is not on its images' grid or
+whose region lies outside a channel's field of view raises `PatientExcluded` (the message names the patient, the
+region, the channel and the file); `write_center_inputs` turns it into an issue row and leaves the patient out of
+the arrays. Everything is deterministic (no random step; SimpleITK's resampling is exact per voxel).
+
+Storage: one compressed .npz per center (`np.savez_compressed`, read without pickle): patients (N,), inputs
+(N, C, ...) float16, channels (C,), spacing_mm (N, 3) z y x, outside_fov (N, image channels), slice (N,) (dims 2;
+-1 for dims 3), dims and region.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from radstudy.config import settings
+from radstudy.errors import FEATURE_EXTRACTION, ConfigError, PatientExcluded
+from radstudy.features import deep, radiomics
+from radstudy.images import same_grid
+
+log = logging.getLogger(__name__)
+
+ISSUE_COLUMNS = ["patient", "region", "reason", "message", "file"]
+
+
+def input_channels(images: Mapping[str, str | Path], cfg: Mapping) -> list[str]:
+    """The image channels a network reads, in order: `networks.channels`, or null: every image given, in order."""
+    return [str(c) for c in (cfg["channels"] if cfg["channels"] is not None else images)]
+
+
+def channel_names(images: Mapping[str, str | Path], cfg: Mapping) -> list[str]:
+    """The input's channel names: the image channels, then ``{region}_mask`` with `mask_channel`."""
+    return input_channels(images, cfg) + ([f"{cfg['region']}_mask"] if cfg["mask_channel"] else [])
+
+
+def input_shape(cfg: Mapping) -> tuple[int, ...]:
+    """Spatial shape of one channel: crop_size (z y x) for dims 3, its y x for dims 2."""
+    size = tuple(int(s) for s in cfg["crop_size"])
+    return size if int(cfg["dims"]) == 3 else size[1:]
+
+
+def _label(labels: Mapping[str, int], region: str) -> int:
+    if region not in labels:
+        raise ConfigError(f"networks.region: {region!r} is not one of the labels {sorted(labels)} (ingest.labels)")
+    return int(labels[region])
+
+
+def _is_ct(modalities: Mapping[str, str], channel: str) -> bool:
+    if channel not in modalities:
+        raise ConfigError(f"networks: no modality for channel {channel!r} (ingest.channels.{channel}.modality); "
+                          f"modalities given for {sorted(modalities)}")
+    return str(modalities[channel]).strip().upper() == "CT"
+
+
+def _read_region(mask: Path, *, patient: str, region: str, label: int) -> tuple[sitk.Image, np.ndarray]:
+    """The mask image and the region's voxels (bool z y x); unreadable or empty -> PatientExcluded."""
+    try:
+        image = sitk.ReadImage(str(mask))
+        voxels = sitk.GetArrayFromImage(image) == label
+    except Exception as exc:  # any unreadable file excludes the patient, with its message
+        raise PatientExcluded(FEATURE_EXTRACTION, f"{patient}: network input: mask {mask} for region {region!r} "
+                                                  f"cannot be read ({exc})", file=str(mask)) from exc
+    if not voxels.any():
+        raise PatientExcluded(FEATURE_EXTRACTION, f"{patient}: network input: region {region!r} is empty (no voxel "
+                                                  f"of label {label}) in mask {mask}", file=str(mask))
+    return image, voxels
+
+
+def _read_channel(path: Path, fov_path: Path | None, mask_image: sitk.Image, voxels: np.ndarray, *, patient: str,
+                  region: str, channel: str, mask: Path) -> tuple[sitk.Image, np.ndarray | None, float]:
+    """One channel's image, its field of view (None: it covers the grid) and the share of the region outside it."""
+    def excluded(what: str, file: Path) -> PatientExcluded:
+        return PatientExcluded(FEATURE_EXTRACTION, f"{patient}: network input: region {region!r}, channel "
+                                                   f"{channel!r}: {what}", file=str(file))
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except Exception as exc:
+        raise excluded(f"image {path} cannot be read ({exc})", path) from exc
+    if not same_grid(mask_image, image, direction_tolerance=1e-4):
+        raise excluded(f"mask {mask} is not on the grid of image {path}", path)
+    if fov_path is None:
+        return image, None, 0.0
+    try:
+        fov = radiomics.read_fov(fov_path, image)
+    except Exception as exc:
+        raise excluded(f"field-of-view mask {fov_path} of image {path} cannot be used ({exc})", fov_path) from exc
+    share = radiomics.outside_share(voxels, fov)
+    if share > radiomics.MAX_OUTSIDE_FOV:
+        raise excluded(f"{share:.1%} of the region lies outside the field of view ({fov_path}), more than "
+                       f"{radiomics.MAX_OUTSIDE_FOV:.0%}", fov_path)
+    return image, fov, share
+
+
+def _normalised(image: sitk.Image, valid: np.ndarray | None, grid: sitk.Image, ct: bool,
+                window: Sequence[float]) -> np.ndarray:
+    """One channel on the crop grid: CT clipped to the window, then z-scored within the crop (statistics of the
+    voxels inside the field of view `valid`, 0 outside it)."""
+    crop = deep.resample_to(image, grid, float(sitk.GetArrayViewFromImage(image).min()))
+    if ct:
+        crop = deep.window(crop, *window)
+    return deep.standardise(crop.astype(np.float32), valid)
+
+
+def patient_input(images: Mapping[str, str | Path], mask: str | Path, *, patient: str, labels: Mapping[str, int],
+                  cfg: Mapping, modalities: Mapping[str, str],
+                  fovs: Mapping[str, str | Path] | None = None) -> tuple[np.ndarray, dict]:
+    """One patient's network input, float32 (C, D, H, W) (dims 3) or (C, H, W) (dims 2), channels as
+    `channel_names`, and an info dict: spacing_mm (z y x of the crop grid), outside_fov and outside_region (per image
+    channel: fractions of the crop / of the region outside its field of view), slice (dims 2: the image's axial
+    slice index; dims 3: None). cfg: the `networks` section (defaults from the schema). A patient that cannot give
+    an input raises PatientExcluded naming the patient, region, channel and file; a bad config raises ConfigError."""
+    cfg = settings("networks", dict(cfg))
+    region = str(cfg["region"])
+    label = _label(labels, region)
+    channels = input_channels(images, cfg)
+    ct = {c: _is_ct(modalities, c) for c in channels}
+    fovs = {str(c): Path(f) for c, f in (fovs or {}).items()}
+    mask = Path(mask)
+    mask_image, voxels = _read_region(mask, patient=patient, region=region, label=label)
+    loaded = []
+    for channel in channels:
+        if channel not in images:
+            raise PatientExcluded(FEATURE_EXTRACTION, f"{patient}: network input: region {region!r}: no image for "
+                                                      f"channel {channel!r} (given: {sorted(images)})")
+        loaded.append(_read_channel(Path(images[channel]), fovs.get(channel), mask_image, voxels, patient=patient,
+                                    region=region, channel=channel, mask=mask))
+    slice_index = None
+    crop_region = voxels
+    size = [int(s) for s in cfg["crop_size"]]
+    if int(cfg["dims"]) == 2:
+        slice_index = deep.largest_slice(voxels)
+        crop_region = np.zeros_like(voxels)
+        crop_region[slice_index] = voxels[slice_index]
+        size[0] = 1
+    spacing = None if cfg["spacing"] is None else [float(cfg["spacing"])] * 3
+    reference = loaded[0][0]
+    grid = deep.crop_grid(reference, crop_region, size, spacing, float(cfg["margin_mm"]))
+    arrays, outside = [], {}
+    for channel, (image, fov, _) in zip(channels, loaded):
+        valid = deep.valid_on_grid(fov, image, grid)
+        if valid is not None and not valid.any():
+            raise PatientExcluded(FEATURE_EXTRACTION, f"{patient}: network input: region {region!r}, channel "
+                                                      f"{channel!r}: no voxel of the crop lies inside the field of "
+                                                      f"view ({fovs[channel]})", file=str(fovs[channel]))
+        arrays.append(_normalised(image, valid, grid, ct[channel], cfg["window"]))
+        outside[channel] = deep.crop_outside(valid)
+    if cfg["mask_channel"]:
+        arrays.append(deep.region_on_grid(crop_region, reference, grid).astype(np.float32))
+    x = np.stack(arrays).astype(np.float32)
+    if slice_index is not None:
+        x = x[:, 0]
+    info = {"spacing_mm": tuple(float(s) for s in grid.GetSpacing()[::-1]), "outside_fov": outside,
+            "outside_region": {c: share for c, (_, _, share) in zip(channels, loaded)}, "slice": slice_index}
+    return x, info
+
+
+def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str | Path,
+                                              Mapping[str, str | Path] | None]],
+                        out_npz: str | Path, *, labels: Mapping[str, int], cfg: Mapping,
+                        modalities: Mapping[str, str]) -> pd.DataFrame:
+    """Every patient's input of one center into one compressed .npz (module docstring); returns the issues
+    (patient, region, reason, message, file): one row per patient left out, none dropped silently. items:
+    (patient, images channel -> file, mask file, fovs channel -> file or None). One log line per patient and a
+    summary."""
+    cfg = settings("networks", dict(cfg))
+    out_npz = Path(out_npz)
+    patients, inputs, spacings, outside, slices, issues = [], [], [], [], [], []
+    channels = image_channels = None
+    for patient, images, mask, fovs in items:
+        names = channel_names(images, cfg)
+        if channels is None:
+            channels, image_channels = names, input_channels(images, cfg)
+        elif names != channels:
+            raise ValueError(f"{patient}: channels {names} differ from the center's {channels} ({out_npz}); "
+                             "set networks.channels")
+        try:
+            x, info = patient_input(images, mask, patient=patient, labels=labels, cfg=cfg, modalities=modalities,
+                                    fovs=fovs)
+        except PatientExcluded as exc:
+            issues.append({"patient": patient, "region": cfg["region"], "reason": exc.reason, "message": exc.message,
+                           "file": exc.file or ""})
+            log.warning("%s: left out: %s", patient, exc.message)
+            continue
+        patients.append(patient)
+        inputs.append(x.astype(np.float16))
+        spacings.append(info["spacing_mm"])
+        outside.append([info["outside_fov"][c] for c in image_channels])
+        slices.append(-1 if info["slice"] is None else info["slice"])
+        log.info("%s: input %s at %.3g mm, outside the field of view: %s", patient, "x".join(map(str, x.shape)),
+                 info["spacing_mm"][-1], ", ".join(f"{c} {s:.1%}" for c, s in info["outside_fov"].items()))
+    if channels is None:  # no patient given: the channels are known only when the config names them
+        channels = channel_names({}, cfg) if cfg["channels"] is not None else []
+    empty = np.zeros((0, len(channels), *input_shape(cfg)), np.float16)
+    out_npz.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_npz, patients=np.array(patients, dtype=str),
+                        inputs=np.stack(inputs) if inputs else empty,
+                        channels=np.array(channels, dtype=str),
+                        spacing_mm=np.array(spacings, dtype=np.float64).reshape(-1, 3),
+                        outside_fov=np.array(outside, dtype=np.float64).reshape(len(patients), -1),
+                        slice=np.array(slices, dtype=np.int64), dims=np.int64(cfg["dims"]),
+                        region=np.array(cfg["region"]))
+    log.info("%s: %d patient(s) with an input, %d left out (issues)", out_npz.name, len(patients), len(issues))
+    return pd.DataFrame(issues, columns=ISSUE_COLUMNS)
+
+
+def read_center_inputs(paths: Iterable[str | Path]) -> tuple[list[str], np.ndarray, list[str]]:
+    """The patients, inputs (float32) and channels of several centers' .npz files, concatenated in the order given.
+    Channels and input shapes must agree and a patient may appear once: a ValueError names the files otherwise."""
+    paths = [Path(p) for p in paths]
+    patients: list[str] = []
+    inputs = []
+    channels = shape = first = None
+    seen: dict[str, Path] = {}
+    for path in paths:
+        with np.load(path, allow_pickle=False) as data:
+            names = [str(c) for c in data["channels"]]
+            x = data["inputs"].astype(np.float32)
+            ids = [str(p) for p in data["patients"]]
+        if not names:
+            continue  # a center that was given no patient at all (channels unknown): nothing to add or compare
+        if channels is None:
+            channels, shape, first = names, x.shape[1:], path
+        elif names != channels:
+            raise ValueError(f"network inputs have different channels: {first} has {channels}, {path} has {names}")
+        elif x.shape[1:] != shape:
+            raise ValueError(f"network inputs have different shapes: {first} has {shape}, {path} has {x.shape[1:]}")
+        for patient in ids:
+            if patient in seen:
+                raise ValueError(f"patient {patient} has network inputs in both {seen[patient]} and {path}")
+            seen[patient] = path
+        patients += ids
+        inputs.append(x)
+    if channels is None:
+        raise ValueError("no network inputs in " + (", ".join(map(str, paths)) or "no file"))
+    return patients, np.concatenate(inputs), channels
