@@ -114,20 +114,24 @@ def test_channels_are_the_known_crop_windowed_for_ct_and_z_scored(tmp_path):
         assert channel.mean() == pytest.approx(0.0, abs=1e-5) and channel.std() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_ct_window_is_applied_before_the_z_score(tmp_path):
+def test_ct_window_is_applied_before_resampling_and_z_scoring(tmp_path):
+    # an anisotropic image, spacing null: the crop grid falls between image voxels (interpolation)
     ct, mr, labels = _volumes()
     bright, brighter = ct.copy(), ct.copy()
     spot = (slice(29, 32), slice(32, 35), slice(27, 30))  # inside the tumour, hence in the crop
     bright[spot], brighter[spot] = 400.0, 5000.0  # both above the window's 300 HU
-    x_bright, _ = _input(*_patient(tmp_path / "a", bright, mr, labels))
-    x_brighter, _ = _input(*_patient(tmp_path / "b", brighter, mr, labels))
+    cfg = _cfg(spacing=None)
+    spacing = (0.7, 0.7, 1.5)
+    x_bright, info = _input(*_patient(tmp_path / "a", bright, mr, labels, spacing), cfg)
+    x_brighter, _ = _input(*_patient(tmp_path / "b", brighter, mr, labels, spacing), cfg)
+    assert info["spacing_mm"][0] not in (0.7, 1.5)
     np.testing.assert_array_equal(x_bright[0], x_brighter[0])
     # the same images read as MR are not clipped: the outlier changes every z-score
     as_mr = {"portal": "MR", "t2": "MR"}
-    y_bright, _ = crops.patient_input(*_patient(tmp_path / "a", bright, mr, labels), patient="P001", labels=LABELS,
-                                      cfg=_cfg(), modalities=as_mr)
-    y_brighter, _ = crops.patient_input(*_patient(tmp_path / "b", brighter, mr, labels), patient="P001",
-                                        labels=LABELS, cfg=_cfg(), modalities=as_mr)
+    y_bright, _ = crops.patient_input(*_patient(tmp_path / "a", bright, mr, labels, spacing), patient="P001",
+                                      labels=LABELS, cfg=cfg, modalities=as_mr)
+    y_brighter, _ = crops.patient_input(*_patient(tmp_path / "b", brighter, mr, labels, spacing), patient="P001",
+                                        labels=LABELS, cfg=cfg, modalities=as_mr)
     assert np.abs(y_bright[0] - y_brighter[0]).max() > 0.1
 
 

@@ -6,8 +6,9 @@ spacing null the box plus `margin_mm` on every side fitted into the grid (the re
 resampled (linearly) onto the same grid, so the channels of a crop are aligned voxel for voxel.
 
 Intensities, as the segmentation model normalises them: a CT channel (its DICOM modality, config
-`ingest.channels.*.modality`) is clipped to `networks.window` (HU) and then z-scored within the crop; other
-modalities (MR sequences, PET) are z-scored within the crop. A constant crop gives zeros, never NaN.
+`ingest.channels.*.modality`) is clipped to `networks.window` (HU) on the image, before resampling (nnU-Net's order:
+no out-of-window value, e.g. metal, bleeds into its neighbours through the interpolation), and then z-scored within
+the crop; other modalities (MR sequences, PET) are z-scored within the crop. A constant crop gives zeros, never NaN.
 
 Fields of view: a channel with a field-of-view mask (`fov_{channel}.nii.gz`, see `radstudy.features.deep`) is
 z-scored with the statistics of the crop voxels inside it, and the voxels outside it are 0, the neutral value of the
@@ -122,12 +123,13 @@ def _read_channel(path: Path, fov_path: Path | None, mask_image: sitk.Image, vox
 
 def _normalised(image: sitk.Image, valid: np.ndarray | None, grid: sitk.Image, ct: bool,
                 window: Sequence[float]) -> np.ndarray:
-    """One channel on the crop grid: CT clipped to the window, then z-scored within the crop (statistics of the
-    voxels inside the field of view `valid`, 0 outside it)."""
-    crop = deep.resample_to(image, grid, float(sitk.GetArrayViewFromImage(image).min()))
+    """One channel on the crop grid, z-scored within the crop (statistics of the voxels inside the field of view
+    `valid`, 0 outside it). A CT image is clipped to the window before it is resampled, as nnU-Net normalises
+    before resampling: a value outside the window then never reaches the crop beyond the window's bound."""
     if ct:
-        crop = deep.window(crop, *window)
-    return deep.standardise(crop.astype(np.float32), valid)
+        image = sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32, float(window[0]), float(window[1]))
+    crop = deep.resample_to(image, grid, float(sitk.GetArrayViewFromImage(image).min()))
+    return deep.standardise(crop, valid)
 
 
 def patient_input(images: Mapping[str, str | Path], mask: str | Path, *, patient: str, labels: Mapping[str, int],
