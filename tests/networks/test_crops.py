@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from radstudy.errors import FEATURE_EXTRACTION, PatientExcluded
+from radstudy.errors import FEATURE_EXTRACTION, ConfigError, PatientExcluded
 from radstudy.features import deep
 from radstudy.networks import crops
 
@@ -94,6 +94,14 @@ def test_the_crop_is_centred_on_the_region_on_an_anisotropic_image(tmp_path):
     centre = np.array(ndimage.center_of_mass(x[2]))
     np.testing.assert_allclose(centre, [15.5] * 3, atol=1.0)
     assert x[2].sum() > 0 and not x[2][[0, -1]].any()  # the whole region inside the crop, margins empty
+
+
+def test_config_errors_name_the_key(tmp_path):
+    images, mask = _patient(tmp_path)
+    with pytest.raises(ConfigError, match="'lesion' is not one of the labels"):
+        _input(images, mask, _cfg(region="lesion"))
+    with pytest.raises(ConfigError, match="no modality for channel 't2'"):
+        crops.patient_input(images, mask, patient="P001", labels=LABELS, cfg=_cfg(), modalities={"portal": "CT"})
 
 
 def test_the_input_is_deterministic(tmp_path):

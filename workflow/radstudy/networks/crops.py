@@ -144,6 +144,8 @@ def patient_input(images: Mapping[str, str | Path], mask: str | Path, *, patient
     region = str(cfg["region"])
     label = _label(labels, region)
     channels = input_channels(images, cfg)
+    if not channels:
+        raise ConfigError(f"{patient}: network input: no image channel (networks.channels is empty or no image given)")
     ct = {c: _is_ct(modalities, c) for c in channels}
     fovs = {str(c): Path(f) for c, f in (fovs or {}).items()}
     mask = Path(mask)
