@@ -1,0 +1,357 @@
+"""Training of one end-to-end network on one split's training partition, prediction, saving and loading.
+
+`train_network` reads only the rows of the `train` mask (images, clinical values and outcomes): rows outside it
+(validation, test, external patients) never reach the weights, the clinical imputation and scaling, the class
+weight, the early stopping or the choice of the epoch. Inside the training partition:
+
+* an inner split (cfg `inner_validation_fraction`, stratified by y or by event, seeded) holds rows out for early
+  stopping: after every epoch the inner loss (the same loss, on the whole inner set, eval mode) is computed and
+  the weights of the epoch with the lowest inner loss are kept; training stops after `early_stopping_patience`
+  epochs without improvement (null: all epochs). The inner AUC (binary) or Harrell's C (survival) is reported.
+* batches: each epoch the fitting rows are shuffled within each stratum (events / non-events, positives /
+  negatives) and dealt round-robin into n // batch_size batches, so every batch holds batch_size to
+  2 x batch_size - 1 rows (no row is dropped and no batch is tiny: BatchNorm sees >= 2 rows, and >= batch_size
+  whenever the partition has that many) and the strata are spread evenly: for survival each batch holds >= 1
+  event (with fewer events than batches, fewer and larger batches are made). A batch of one row is skipped.
+* augmentation of the training batches only, vectorised over the batch (one `affine_grid` / `grid_sample` call):
+  random left-right flip, rotation in the axial (x-y) plane within +- rotate_degrees, isotropic scaling within
+  1 +- scale (zero padding: 0 is the neutral normalised intensity), and a random shift of each image channel's
+  intensities within +- intensity_shift (not of the mask channel).
+* losses: `binary_loss` with pos_weight n_neg / n_pos of the training partition (class_weight balanced), or
+  `cox_efron_loss`; AdamW with the configured learning rate and weight decay.
+* clinical predictors: missing values imputed with the training partition's means, then centred and divided by
+  its standard deviations (observed values; a constant column is divided by 1). A column without any training
+  value raises.
+
+Determinism: the network's initialisation, dropout, the inner split, the batches and the augmentation all derive
+from `seed` (torch and numpy generators seeded from it; the caller's global torch RNG is restored afterwards);
+torch's deterministic algorithms are on (`features.deep.deterministic`), with warn_only so that on CUDA the
+operations torch has no deterministic kernel for (e.g. the backward of 3D adaptive average pooling and of
+grid sampling) warn instead of failing: on CPU two runs give identical weights, on GPU they may differ in the last
+bits. Threads: cfg `threads` (torch.set_num_threads for the call, then restored).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import monai
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from radstudy import __version__
+from radstudy.concordance import auc, harrell_c
+from radstudy.config import settings
+from radstudy.features.deep import deterministic
+from radstudy.networks.losses import binary_loss, cox_efron_loss
+from radstudy.networks.nets import FusionNet, build_network, load_pretrained
+from radstudy.segment.nnunet import torch_threads
+
+PREDICT_BATCH = 32  # rows per forward pass in eval mode (memory, not results: eval mode is row-independent)
+FORMAT = "radstudy.networks/1"
+HISTORY_COLUMNS = ["epoch", "train_loss", "inner_loss", "inner_metric", "seconds"]
+
+
+@dataclass
+class ClinicalNormaliser:
+    """Imputation with the training means, then (x - mean) / sd with the training standard deviations."""
+
+    means: np.ndarray
+    scales: np.ndarray
+
+    @classmethod
+    def fit(cls, clinical: np.ndarray) -> ClinicalNormaliser:
+        clinical = np.asarray(clinical, dtype=float)
+        empty = np.flatnonzero(np.isnan(clinical).all(axis=0))
+        if len(empty):
+            raise ValueError(f"clinical column(s) {empty.tolist()} have no value in the training partition")
+        means, sds = np.nanmean(clinical, axis=0), np.nanstd(clinical, axis=0)
+        return cls(means, np.where(sds > 0, sds, 1.0))
+
+    def transform(self, clinical: np.ndarray) -> np.ndarray:
+        clinical = np.asarray(clinical, dtype=float)
+        if clinical.ndim != 2 or clinical.shape[1] != len(self.means):
+            raise ValueError(f"clinical data must have {len(self.means)} columns, got shape {clinical.shape}")
+        filled = np.where(np.isnan(clinical), self.means, clinical)
+        return ((filled - self.means) / self.scales).astype(np.float32)
+
+
+@dataclass
+class TrainedNetwork:
+    """A trained network with what is needed to score new rows (see `predict`, `save_network`)."""
+
+    model: FusionNet
+    history: pd.DataFrame  # one row per epoch: HISTORY_COLUMNS
+    best_epoch: int  # the epoch whose weights `model` holds
+    normaliser: ClinicalNormaliser | None  # None: an image-only network
+    cfg: dict  # the networks settings it was trained with
+    channels: list[str]  # input channels, in order
+    endpoint: str
+    versions: dict
+    inner_rows: np.ndarray  # rows (of the training call's inputs) held out for early stopping
+    pretrained: dict | None = None  # load_pretrained's report, when cfg checkpoint was given
+
+
+def library_versions() -> dict[str, str]:
+    return {"radstudy": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "monai": monai.__version__, "numpy": np.__version__}
+
+
+# ============================================================================ inputs
+def _endpoint_kind(target: dict) -> str:
+    if "y" in target:
+        return "binary"
+    if "time" in target and "event" in target:
+        return "survival"
+    raise ValueError(f"target must hold 'y' (binary) or 'time' and 'event' (survival), got {sorted(target)}")
+
+
+def _training_rows(inputs: np.ndarray, train: np.ndarray, cfg: dict) -> np.ndarray:
+    train = np.asarray(train)
+    if train.dtype != bool or train.shape != (len(inputs),):
+        raise ValueError(f"train must be a boolean mask of length {len(inputs)} (one per input row), "
+                         f"got {train.dtype} {train.shape}")
+    if inputs.ndim != int(cfg["dims"]) + 2:
+        raise ValueError(f"inputs must be (rows, channels, {'z, ' if cfg['dims'] == 3 else ''}y, x) for dims "
+                         f"{cfg['dims']}, got shape {inputs.shape}")
+    return np.flatnonzero(train)
+
+
+def _outcome(target: dict, kind: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The training rows' outcome, checked: y or event in {0, 1}, time finite and >= 0."""
+    keys = ("y",) if kind == "binary" else ("time", "event")
+    out = {}
+    for key in keys:
+        values = np.asarray(target[key], dtype=float)[rows]
+        bad = ~np.isfinite(values) | (values < 0 if key == "time" else ~np.isin(values, (0.0, 1.0)))
+        if bad.any():
+            raise ValueError(f"target {key!r} of training row(s) {rows[bad][:10].tolist()} is "
+                             f"{values[bad][:10].tolist()} ({'finite >= 0' if key == 'time' else '0 or 1'} expected)")
+        out[key] = values
+    return out
+
+
+def _cached(inputs: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The rows' inputs as one contiguous float32 tensor on `device` (read once, indexed every batch)."""
+    array = np.ascontiguousarray(inputs[rows], dtype=np.float32)
+    bad = ~np.isfinite(array.reshape(len(rows), -1)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"input row(s) {rows[bad][:10].tolist()} hold NaN or infinite values")
+    return torch.from_numpy(array).to(device)
+
+
+def _inner_split(rows: np.ndarray, strata: np.ndarray, fraction: float, seed: int, kind: str):
+    """(fitting rows, inner-validation rows) of the training partition, stratified by `strata`, seeded."""
+    label = "outcome class" if kind == "binary" else "event status"
+    counts = {int(k): int(v) for k, v in zip(*np.unique(strata, return_counts=True))}
+    if len(counts) < 2 or min(counts.values()) < 2:
+        raise ValueError(f"the training partition needs >= 2 rows of each {label} for the inner split, has {counts}")
+    try:
+        fit, inner = train_test_split(rows, test_size=fraction, stratify=strata, random_state=seed)
+    except ValueError as exc:
+        raise ValueError(f"cannot hold out {fraction:.0%} of the {len(rows)} training rows stratified by "
+                         f"{label} ({counts}): {exc}") from exc
+    return np.sort(fit), np.sort(inner)
+
+
+# ============================================================================ batches and augmentation
+def _batches(strata: np.ndarray, batch_size: int, generator: torch.Generator, survival: bool) -> list[np.ndarray]:
+    """Positions 0..n-1 dealt into batches (see the module docstring); strata: bool (event / positive)."""
+    n = len(strata)
+    n_batches = max(1, n // batch_size)
+    if survival:
+        n_batches = max(1, min(n_batches, int(strata.sum())))
+    groups = [np.flatnonzero(strata), np.flatnonzero(~strata)]
+    order = np.concatenate([g[torch.randperm(len(g), generator=generator).numpy()] for g in groups])
+    return [order[k::n_batches] for k in range(n_batches)]
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, aug: dict, image_channels: int) -> torch.Tensor:
+    """Random flip / in-plane rotation / scaling (one grid_sample for the batch) and intensity shift."""
+    n, dims = x.shape[0], x.dim() - 2
+    u = torch.rand(n, 3, generator=generator).to(x.device)
+    shift = (torch.rand(n, image_channels, generator=generator).to(x.device) * 2 - 1) * aug["intensity_shift"]
+    flip = torch.where(u[:, 0] < 0.5, -1.0, 1.0) if aug["flip"] else torch.ones(n, device=x.device)
+    if aug["rotate_degrees"] > 0 or aug["scale"] > 0:
+        angle = (u[:, 1] * 2 - 1) * math.radians(aug["rotate_degrees"])
+        zoom = 1 + (u[:, 2] * 2 - 1) * aug["scale"]
+        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+        theta = torch.zeros(n, dims, dims + 1, device=x.device)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin  # grid coordinates are (x, y[, z])
+        theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+        if dims == 3:
+            theta[:, 2, 2] = zoom
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    elif aug["flip"]:
+        x = torch.where((flip < 0).view(-1, *[1] * (dims + 1)), x.flip(-1), x)
+    if aug["intensity_shift"] > 0:
+        x = torch.cat([x[:, :image_channels] + shift.view(n, image_channels, *[1] * dims), x[:, image_channels:]], 1)
+    return x
+
+
+# ============================================================================ training
+def _scores(model: FusionNet, images: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:
+    """Eval-mode scores of cached rows, PREDICT_BATCH rows at a time."""
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + PREDICT_BATCH],
+                                None if clinical is None else clinical[i:i + PREDICT_BATCH])
+                          for i in range(0, len(images), PREDICT_BATCH)])
+
+
+def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict, endpoint: str, train: np.ndarray,
+                  cfg: dict, *, seed: int, device: str = "cpu", log: logging.Logger | None = None,
+                  channels: Sequence[str] | None = None) -> TrainedNetwork:
+    """Train a network of `cfg` (the networks settings) on the rows of `train` (see the module docstring).
+
+    inputs: (N, C, z, y, x) or (N, C, y, x); clinical: (N, P) or None (image only); target: {"y"} or {"time",
+    "event"} arrays of length N (rows outside `train` are not read: they may be NaN); channels: the input
+    channels' names (stored with the model; default input0, input1, ...)."""
+    log = log if log is not None else logging.getLogger(__name__)
+    cfg = settings("networks", cfg)
+    kind = _endpoint_kind(target)
+    rows = _training_rows(inputs, train, cfg)
+    outcome = _outcome(target, kind, rows)
+    strata = (outcome["y"] if kind == "binary" else outcome["event"]).astype(bool)
+    fit_rows, inner_rows = _inner_split(rows, strata, cfg["inner_validation_fraction"], seed, kind)
+    position = {row: i for i, row in enumerate(rows)}
+    fit_pos, inner_pos = (np.array([position[r] for r in part]) for part in (fit_rows, inner_rows))
+    n_channels = inputs.shape[1]
+    channels = list(channels) if channels is not None else [f"input{i}" for i in range(n_channels)]
+    if len(channels) != n_channels:
+        raise ValueError(f"{len(channels)} channel names for inputs with {n_channels} channels")
+    normaliser = None if clinical is None else ClinicalNormaliser.fit(np.asarray(clinical, dtype=float)[rows])
+    pos_weight = None
+    if kind == "binary" and cfg["class_weight"] == "balanced":
+        pos_weight = float((~strata).sum() / strata.sum())
+    torch_device = torch.device(device)
+    images = _cached(inputs, rows, torch_device)
+    clin = (None if normaliser is None else
+            torch.from_numpy(normaliser.transform(np.asarray(clinical, dtype=float)[rows])).to(torch_device))
+    outcome_t = {k: torch.as_tensor(v, dtype=torch.float32, device=torch_device) for k, v in outcome.items()}
+
+    def loss_of(score: torch.Tensor, pos: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if kind == "binary":
+            return binary_loss(score, outcome_t["y"][pos], pos_weight)
+        return cox_efron_loss(score, outcome_t["time"][pos], outcome_t["event"][pos])
+
+    def metric_of(score: np.ndarray) -> float:
+        if kind == "binary":
+            return auc(outcome["y"][inner_pos], score)
+        return harrell_c(outcome["time"][inner_pos], outcome["event"][inner_pos], score)
+
+    devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
+    with torch_threads(cfg["threads"]), torch.random.fork_rng(devices=devices), deterministic(seed):
+        torch.use_deterministic_algorithms(True, warn_only=True)  # see the module docstring (CUDA kernels)
+        generator = torch.Generator().manual_seed(int(seed))
+        model = build_network(cfg, n_channels, 0 if normaliser is None else len(normaliser.means))
+        pretrained = load_pretrained(model, cfg["checkpoint"], dims=cfg["dims"]) if cfg["checkpoint"] else None
+        model.to(torch_device)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+        image_channels = n_channels - int(bool(cfg["mask_channel"]))
+        fit_pos_t, inner_pos_t = (torch.as_tensor(p, device=torch_device) for p in (fit_pos, inner_pos))
+        history, best_loss, best_state, best_epoch = [], math.inf, None, 0
+        for epoch in range(1, cfg["epochs"] + 1):
+            started = time.perf_counter()
+            model.train()
+            total, seen = 0.0, 0
+            for batch in _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival"):
+                if len(batch) < 2:
+                    continue
+                index = fit_pos_t[torch.as_tensor(batch, device=torch_device)]
+                x = _augment(images[index], generator, cfg["augmentation"], image_channels)
+                loss = loss_of(model(x, None if clin is None else clin[index]), index)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total, seen = total + loss.item() * len(batch), seen + len(batch)
+            score = _scores(model, images[inner_pos_t], None if clin is None else clin[inner_pos_t])
+            inner_loss = float(loss_of(score, inner_pos_t))
+            metric = metric_of(score.float().cpu().numpy())
+            seconds = time.perf_counter() - started
+            history.append((epoch, total / max(seen, 1), inner_loss, metric, seconds))
+            log.info("epoch %d/%d: train loss %.4f, inner loss %.4f, inner %s %.3f, %.1f s", epoch, cfg["epochs"],
+                     history[-1][1], inner_loss, "AUC" if kind == "binary" else "C", metric, seconds)
+            if inner_loss < best_loss:  # NaN never improves
+                best_loss, best_epoch = inner_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif cfg["early_stopping_patience"] and epoch - best_epoch >= cfg["early_stopping_patience"]:
+                break
+        if best_state is None:
+            raise ValueError(f"training of the {endpoint} network diverged: the inner loss was NaN in every epoch")
+        model.load_state_dict(best_state)
+        model.eval()
+    return TrainedNetwork(model, pd.DataFrame(history, columns=HISTORY_COLUMNS), best_epoch, normaliser, cfg,
+                          channels, endpoint, library_versions(), inner_rows, pretrained)
+
+
+# ============================================================================ prediction, saving, loading
+def predict(trained: TrainedNetwork, inputs: np.ndarray, clinical: np.ndarray | None = None) -> np.ndarray:
+    """Raw score per row (logit or log relative risk), eval mode, PREDICT_BATCH rows at a time."""
+    model = trained.model
+    expected = len(trained.channels)
+    if inputs.ndim != int(trained.cfg["dims"]) + 2 or inputs.shape[1] != expected:
+        raise ValueError(f"inputs must be (rows, {expected} channels: {', '.join(trained.channels)}, ...) for "
+                         f"dims {trained.cfg['dims']}, got shape {inputs.shape}")
+    if (trained.normaliser is None) != (clinical is None):
+        raise ValueError("clinical data must be given exactly when the network was trained with it "
+                         f"({'with' if trained.normaliser is not None else 'without'} clinical data)")
+    clin = None if clinical is None else trained.normaliser.transform(clinical)
+    device = next(model.parameters()).device
+    out = []
+    with torch_threads(trained.cfg["threads"]):
+        for start in range(0, len(inputs), PREDICT_BATCH):
+            rows = np.arange(start, min(start + PREDICT_BATCH, len(inputs)))
+            images = _cached(inputs, rows, device)
+            c = None if clin is None else torch.from_numpy(clin[rows]).to(device)
+            out.append(_scores(model, images, c).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def save_network(trained: TrainedNetwork, path: str | Path) -> None:
+    """Weights, settings, channels, clinical normalisation, history and versions in one torch file."""
+    normaliser = trained.normaliser
+    payload = {
+        "format": FORMAT, "state_dict": trained.model.state_dict(), "cfg": trained.cfg,
+        "in_channels": len(trained.channels), "n_clinical": 0 if normaliser is None else len(normaliser.means),
+        "channels": list(trained.channels), "endpoint": trained.endpoint,
+        "normaliser": None if normaliser is None else {"means": normaliser.means.tolist(),
+                                                       "scales": normaliser.scales.tolist()},
+        "history": {c: trained.history[c].tolist() for c in trained.history}, "best_epoch": int(trained.best_epoch),
+        "versions": dict(trained.versions), "inner_rows": np.asarray(trained.inner_rows).tolist(),
+        "pretrained": trained.pretrained,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+
+
+def load_network(path: str | Path) -> TrainedNetwork:
+    """A network saved by `save_network`, on the CPU, in eval mode."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a clear error
+        raise ValueError(f"network file {path} cannot be read ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"network file {path} is not a radstudy network ({FORMAT} expected)")
+    model = build_network(payload["cfg"], payload["in_channels"], payload["n_clinical"])
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"network file {path}: the weights do not fit its settings ({exc})") from exc
+    model.eval()
+    stored = payload["normaliser"]
+    normaliser = None if stored is None else ClinicalNormaliser(np.asarray(stored["means"]),
+                                                                np.asarray(stored["scales"]))
+    return TrainedNetwork(model, pd.DataFrame(payload["history"], columns=HISTORY_COLUMNS), payload["best_epoch"],
+                          normaliser, payload["cfg"], payload["channels"], payload["endpoint"], payload["versions"],
+                          np.asarray(payload["inner_rows"], dtype=int), payload["pretrained"])
