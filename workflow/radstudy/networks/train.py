@@ -102,8 +102,8 @@ class TrainedNetwork:
 
 
 def library_versions() -> dict[str, str]:
-    return {"radstudy": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "monai": monai.__version__, "numpy": np.__version__}
+    return {"radstudy": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "monai": str(monai.__version__), "numpy": str(np.__version__)}
 
 
 # ============================================================================ inputs
