@@ -399,16 +399,147 @@ def delivery_html(patients_tsv, ev: Path) -> str:
     return content
 
 
+# --------------------------------------------------------------------------------------------------
+# End-to-end networks (results/networks): learning curves and saliency maps
+# --------------------------------------------------------------------------------------------------
+NETWORK_HISTORY_COLUMNS = ["split", "endpoint", "model", "epoch", "train_loss", "inner_loss", "inner_metric", "seconds",
+                   "best_epoch"]
+SALIENCY_INDEX_COLUMNS = ["file", "patient", "cohort", "split", "endpoint", "model", "score"]
+
+
+def _inner_metric(endpoint: str) -> str:
+    return "AUC" if endpoint == "binary" else "Harrell's C"
+
+
+def plot_learning_curves(history: pd.DataFrame, endpoint: str, out_dir: Path) -> Path:
+    """The learning curves of one endpoint, a panel per model: per split (one colour each) the training loss
+    (solid) and the inner-validation loss (dashed) by epoch, the inner-validation metric on the right axis (dotted),
+    the chosen epoch as a circle on the inner-validation loss. Saved as learning_curves_{endpoint}."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    runs = history[history["endpoint"] == endpoint]
+    models, splits = list(dict.fromkeys(runs["model"])), list(dict.fromkeys(runs["split"]))
+    metric = _inner_metric(endpoint)
+    # a row of panels, one per model, and a strip below for the legend (laid out by save_figure's tight_layout)
+    fig, axes = plt.subplot_mosaic([list(range(len(models))), ["legend"] * len(models)],
+                                   figsize=(5.4 * len(models), 4.6), height_ratios=[1, 0.16])
+    for i, model in enumerate(models):
+        ax = axes[i]
+        right = ax.twinx()
+        for k, split in enumerate(splits):
+            run = runs[(runs["model"] == model) & (runs["split"] == split)].sort_values("epoch")
+            colour = f"C{k % 10}"
+            ax.plot(run["epoch"], run["train_loss"], color=colour, lw=1.3)
+            ax.plot(run["epoch"], run["inner_loss"], color=colour, lw=1.3, ls="--")
+            right.plot(run["epoch"], run["inner_metric"], color=colour, lw=0.9, ls=":")
+            chosen = run[run["epoch"] == run["best_epoch"]]
+            ax.plot(chosen["epoch"], chosen["inner_loss"], "o", color=colour, mfc="white", ms=7, mew=1.5)
+        ax.set_title(model)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.25)
+        right.set_ylim(0, 1)
+        right.set_ylabel(f"inner-validation {metric}")
+    handles = [Line2D([], [], color="black", lw=1.3, label="training loss"),
+               Line2D([], [], color="black", lw=1.3, ls="--", label="inner-validation loss"),
+               Line2D([], [], color="black", lw=0.9, ls=":", label=f"inner-validation {metric}"),
+               Line2D([], [], color="black", marker="o", mfc="white", ls="", label="chosen epoch")]
+    if len(splits) <= 10:  # one colour per split; more splits repeat the colours and get no legend entry
+        handles += [Line2D([], [], color=f"C{k}", lw=3, label=f"split {split}") for k, split in enumerate(splits)]
+    axes["legend"].axis("off")
+    axes["legend"].legend(handles=handles, loc="center", ncol=min(len(handles), 4 * len(models)), fontsize=8,
+                          frameon=False)
+    fig.suptitle(f"Learning curves, {endpoint} endpoint")
+    return _figure_file(fig, out_dir, f"learning_curves_{endpoint}")
+
+
+def _read_networks_table(path: Path, columns: list[str], id_columns: tuple[str, ...]) -> pd.DataFrame | None:
+    """A table of the networks folder (None: absent or empty); a missing column fails naming the file."""
+    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+        return None
+    table = read_table(path, id_columns=id_columns)
+    lacking = [c for c in columns if c not in table.columns]
+    if lacking:
+        raise ValueError(f"{path} lacks the column(s) {', '.join(lacking)} (expected: {', '.join(columns)})")
+    return table if len(table) else None
+
+
+def _training_summary(history: pd.DataFrame) -> pd.DataFrame:
+    """Per split, endpoint and model: epochs run, the chosen epoch, its inner-validation loss and metric, seconds."""
+    rows = []
+    for (split, endpoint, model), run in history.groupby(["split", "endpoint", "model"], sort=False):
+        chosen = run[run["epoch"] == run["best_epoch"]]
+        rows.append({"split": split, "endpoint": endpoint, "model": model, "epochs": len(run),
+                     "chosen epoch": int(run["best_epoch"].iloc[0]),
+                     "inner-validation loss": float(chosen["inner_loss"].iloc[0]) if len(chosen) else np.nan,
+                     "inner-validation metric": float(chosen["inner_metric"].iloc[0]) if len(chosen) else np.nan,
+                     "metric": _inner_metric(str(endpoint)), "seconds": float(run["seconds"].sum())})
+    return pd.DataFrame(rows)
+
+
+def _saliency_html(saliency_dir: Path) -> str:
+    """The saliency maps (saliency/*.png) as a grid, captioned from saliency/index.tsv (patient pseudonym, cohort,
+    score); a file the index names but that is absent is said so, a PNG the index does not name is shown by name."""
+    index = _read_networks_table(saliency_dir / "index.tsv", SALIENCY_INDEX_COLUMNS, ("patient", "split", "cohort"))
+    index = pd.DataFrame(columns=SALIENCY_INDEX_COLUMNS) if index is None else index
+    content = []
+    for (endpoint, model), rows in index.groupby(["endpoint", "model"], sort=False):
+        figures = []
+        for row in rows.itertuples():
+            caption = f"{row.patient}, {row.cohort} cohort, score {row.score:.2f} (split {row.split})"
+            png = saliency_dir / str(row.file)
+            figures.append(_figure_html(png, caption) if png.is_file() else _missing(f"{caption}: {png} not found."))
+        content.append(f"<h4>{html.escape(str(model))}, {html.escape(str(endpoint))} endpoint</h4>" + "".join(figures))
+    others = sorted(p for p in saliency_dir.glob("*.png") if p.name not in set(index["file"].astype(str)))
+    if others:
+        content.append("<h4>Other maps</h4>" + "".join(_figure_html(p, p.stem) for p in others))
+    return "".join(content)
+
+
+def networks_html(networks_dir, ev: Path) -> str:
+    """The end-to-end networks' section (results/networks): the training summary (networks_training.csv), the
+    learning curves per endpoint (figures learning_curves_{endpoint}) and the saliency maps; "" when the folder has
+    neither a history nor a saliency map."""
+    if not networks_dir or not Path(networks_dir).is_dir():
+        return ""
+    folder = Path(networks_dir)
+    history = _read_networks_table(folder / "history.tsv", NETWORK_HISTORY_COLUMNS, ("split",))
+    saliency = _saliency_html(folder / "saliency") if (folder / "saliency").is_dir() else ""
+    if history is None and not saliency:
+        return ""
+    content = []
+    if history is not None:
+        summary = _training_summary(history)
+        summary.to_csv(ev / "networks_training.csv", index=False)
+        content.append("<h3>Learning curves</h3><p>Early stopping used an inner split of each training partition "
+                       "only: the epoch kept (circle) has the lowest loss on those held-out training patients, and "
+                       "no validation or test patient took part in training or in choosing it.</p>")
+        for endpoint in dict.fromkeys(history["endpoint"]):
+            content.append(_figure_html(plot_learning_curves(history, endpoint, ev),
+                                        f"Learning curves of the {endpoint} endpoint per model and split: training "
+                                        f"and inner-validation loss, inner-validation {_inner_metric(endpoint)}."))
+        content.append('<p class="caption">Per split, endpoint and model: the chosen epoch and its inner-validation '
+                       'loss and metric. CSV: networks_training.csv</p>' + html_table(summary))
+    if saliency:
+        content.append('<h3>Saliency maps</h3><p class="caption">Grad-CAM over the crop of a few patients per cohort: '
+                       'the voxels that raise the network\'s score most (1), on the region\'s largest axial slice, '
+                       'with its contour where the region is an input channel.</p>' + saliency)
+    return "".join(content)
+
+
 def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", design_text: str | None = None,
                  flow_tsv=None, clinical_tsv=None, cohorts_tsv=None, dsc_tsv=None, extra_tables=(),
                  coefficients_tsv=None, table1_variables=None, table1_categorical=None, baseline_tsv=None,
-                 patients_tsv=None) -> Path:
+                 patients_tsv=None, networks_dir=None) -> Path:
     """Write the single-file HTML report of an evaluation folder (see module docstring).
 
     extra_tables: TSV/CSV paths (selected features, coefficients, ...) or {title: path}, shown as tables.
     baseline_tsv: the study's baseline (`write_baseline`); the patient-flow section says what changed since.
     patients_tsv: the study's patient table (results/qc/patients.tsv): where each manual mask came from, what was
     combined or chosen, and how many delivered files were not used.
+    networks_dir: the end-to-end networks' folder (results/networks: history.tsv, saliency/*.png and index.tsv);
+    its learning curves and saliency maps get a section when it has them.
     A function of its inputs: no clock, no state kept between reports (same inputs, same bytes).
     """
     ev = Path(evaluation_dir)
@@ -541,6 +672,10 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
         section("explain", "Explanation: SHAP and nomogram",
                 (block + explain_tables) or _missing("No combined-model coefficients and design matrix were given: "
                                                      "no SHAP or nomogram."))
+
+    networks = networks_html(networks_dir, ev)
+    if networks:
+        section("networks", "End-to-end networks", networks)
 
     section("software", "Software", f"<p>{html.escape(_versions())}</p>")
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(study_name)}</title>"
