@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from radstudy.config import settings
 from radstudy.figures import save_figure
 from radstudy.networks.nets import build_network
 from radstudy.networks.saliency import cell_centred_upsampler, grad_cam, saliency_figure, saliency_slice
+from radstudy.networks.train import ClinicalNormaliser, TrainedNetwork
 
 
 def network(dims: int, channels: int = 1, n_clinical: int = 0):
@@ -94,7 +96,8 @@ def test_grad_cam_of_a_trained_network_looks_at_the_planted_signal():
     for step in range(20):
         y = np.arange(16) % 2
         x, _ = blob_rows(16, (32, 32), radius=4, seed=100 + step, bright=y == 1)
-        loss = nn.functional.binary_cross_entropy_with_logits(net(torch.from_numpy(x)), torch.tensor(y, dtype=torch.float32))
+        target = torch.tensor(y, dtype=torch.float32)
+        loss = nn.functional.binary_cross_entropy_with_logits(net(torch.from_numpy(x)), target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -150,3 +153,21 @@ def test_saliency_figure_renders_the_slice_with_map_and_contour(tmp_path, dims):
     assert png.stat().st_size > 10_000 and png.with_suffix(".pdf").stat().st_size > 0
     with pytest.raises(ValueError, match="must match the input row's grid"):
         saliency_figure(row, cam[..., :-1], title="P001")
+
+
+def test_grad_cam_of_a_trained_network_imputes_and_scales_its_clinical_data_as_predict_does():
+    """A TrainedNetwork's clinical data go through its normaliser (training means fill the gaps); a bare module
+    given clinical data with a gap fails, saying what to pass instead."""
+    model = network(2, n_clinical=2)
+    trained = TrainedNetwork(model=model, history=pd.DataFrame(), best_epoch=1,
+                             normaliser=ClinicalNormaliser(means=np.array([60.0, 5.0]), scales=np.array([10.0, 2.0])),
+                             cfg={"dims": 2}, channels=["ct"], endpoint="binary", versions={},
+                             inner_rows=np.zeros(0, int))
+    x = np.random.default_rng(0).normal(size=(2, 1, 32, 32)).astype(np.float32)
+    clinical = np.array([[70.0, np.nan], [np.nan, 3.0]])
+    cams = grad_cam(trained, x, clinical)
+    assert cams.shape == (2, 32, 32) and np.isfinite(cams).all()
+    with pytest.raises(ValueError, match="missing or infinite values; pass the TrainedNetwork"):
+        grad_cam(model, x, clinical)
+    with pytest.raises(ValueError, match="clinical data must be given exactly when the network was trained with it"):
+        grad_cam(trained, x)

@@ -95,13 +95,31 @@ def default_layer(model: nn.Module, example: torch.Tensor, clinical: torch.Tenso
     return next((name for name in present if min(shapes[name]) >= MIN_CAM_CELLS), present[-1])
 
 
-def grad_cam(model: nn.Module, inputs: np.ndarray, clinical: np.ndarray | None = None, *, layer: str | None = None,
+def _network_and_clinical(network, clinical: np.ndarray | None) -> tuple[nn.Module, np.ndarray | None]:
+    """The module to explain and the clinical values as it takes them: a TrainedNetwork's clinical data imputed and
+    scaled by its normaliser (as `predict` does); a bare module's as given, which must then be complete."""
+    from radstudy.networks.train import TrainedNetwork
+
+    if isinstance(network, TrainedNetwork):
+        if (network.normaliser is None) != (clinical is None):
+            raise ValueError("grad_cam: clinical data must be given exactly when the network was trained with it")
+        return network.model, None if clinical is None else network.normaliser.transform(clinical)
+    if not isinstance(network, nn.Module):
+        raise TypeError(f"grad_cam explains a TrainedNetwork or a torch module, not {type(network).__name__}")
+    if clinical is not None and not np.isfinite(np.asarray(clinical, dtype=np.float32)).all():
+        raise ValueError("grad_cam: clinical has missing or infinite values; pass the TrainedNetwork, whose "
+                         "normaliser imputes them as training did")
+    return network, clinical
+
+
+def grad_cam(network, inputs: np.ndarray, clinical: np.ndarray | None = None, *, layer: str | None = None,
              batch_size: int = 8) -> np.ndarray:
     """Grad-CAM map of each input row on the input grid, scaled to [0, 1] per row: (N, D, H, W) for 3D inputs
     (N, C, D, H, W), (N, H, W) for 2D inputs (N, C, H, W).
 
-    model: a network with a MONAI ResNet as `.backbone` whose forward(image, clinical=None) gives one score per row
-    (FusionNet). clinical: (N, n_clinical) as the network takes it (already imputed and scaled), passed through.
+    network: a TrainedNetwork (networks/train.py; its clinical data are imputed and scaled by its normaliser, as
+    `predict` does) or a module with a MONAI ResNet as `.backbone` whose forward(image, clinical=None) gives one
+    score per row (FusionNet; clinical then as it takes them). clinical: (N, n_clinical), passed through.
     layer: the module whose activations are weighted; by default the deepest backbone stage with a map of at least
     MIN_CAM_CELLS cells per axis (`default_layer`). Rows run in batches of `batch_size`, in eval mode, on the model's
     device; the map is interpolated linearly up to the input grid, each cell at its receptive field's centre
@@ -109,6 +127,7 @@ def grad_cam(model: nn.Module, inputs: np.ndarray, clinical: np.ndarray | None =
     """
     from monai.visualize import GradCAM
 
+    model, clinical = _network_and_clinical(network, clinical)
     inputs = np.asarray(inputs, dtype=np.float32)
     clinical = None if clinical is None else np.asarray(clinical, dtype=np.float32)
     _check_inputs(inputs, clinical)
