@@ -68,6 +68,15 @@ import torch
 from torch import nn
 
 from radstudy.features import radiomics
+from radstudy.torch_tools import (  # noqa: F401 (re-exported: the deep features' public names)
+    HEAD_PREFIXES,
+    ModelError,
+    deterministic,
+    file_sha256,
+    load_backbone,
+    read_state_dict,
+    resolve_device,
+)
 from radstudy.images import same_grid
 from radstudy.segment import nnunet as segment
 
@@ -78,15 +87,13 @@ RESNET_LAYERS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)), 34: (
                  50: ("bottleneck", (3, 4, 6, 3))}
 RESNET3D_DEPTHS = (10, 18, 34, 50)
 RESNET2D_DEPTHS = (18, 34, 50)
-HEAD_PREFIXES = ("fc.", "conv_seg.")  # torchvision's classifier, MedicalNet's segmentation head
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE_2D = 224
 NAME_TEMPLATE = "{region}_{channel}_deep_{backbone}_{index:04d}"
 
 
-class DeepFeatureError(ValueError):
-    """A backbone or checkpoint cannot be used (the whole stage stops: no patient could get features)."""
+DeepFeatureError = ModelError  # the deep features' errors: a checkpoint, device or setting that does not fit
 
 
 def feature_names(region: str, channel: str, backbone: str, n: int) -> list[str]:
@@ -199,102 +206,12 @@ class ResNet(nn.Module):
 
 
 # ============================================================================ checkpoints
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file: top level, or under `state_dict` / `model`; `module.` prefixes removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeepFeatureError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a clear error
-        raise DeepFeatureError(f"checkpoint {path} cannot be read as a torch state dict ({exc})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not obj:
-        raise DeepFeatureError(f"checkpoint {path} holds no state dict (a mapping of parameter names to tensors)")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        key = str(key)
-        while key.startswith("module."):
-            key = key[len("module."):]
-        state[key] = value
-    if not state:
-        raise DeepFeatureError(f"checkpoint {path} holds no tensors")
-    return state
-
-
 def _shortcut_of(state: Mapping[str, torch.Tensor]) -> str:
     """B when the checkpoint has convolutional shortcuts (layerN.0.downsample.0.weight), else A."""
     return "B" if any(re.fullmatch(r"layer\d\.0\.downsample\.0\.weight", k) for k in state) else "A"
 
 
-def _short(keys: Sequence[str], n: int = 8) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
-def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path, what: str) -> None:
-    """Strict load of every backbone key (heads ignored); a clear error naming the file and the keys otherwise."""
-    expected = model.state_dict()
-    given = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from old checkpoints
-    missing = [k for k in expected if k not in given and k not in optional]
-    unexpected = [k for k in given if k not in expected]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_short(unexpected)}")
-    shapes = [f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k].shape)})"
-              for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
-    if shapes:
-        problems.append(f"wrong shapes: {_short(shapes, 4)}")
-    if problems:
-        raise DeepFeatureError(f"checkpoint {path} does not fit the {what}: " + "; ".join(problems))
-    full = {k: given.get(k, expected[k]) for k in expected}
-    model.load_state_dict(full, strict=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ============================================================================ device and determinism
-def resolve_device(device: str = "auto") -> torch.device:
-    device = str(device).lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeepFeatureError("features.deep.device is 'cuda' but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise DeepFeatureError(f"features.deep.device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
-
-
-@contextlib.contextmanager
-def deterministic(seed: int):
-    """Seeds, torch's deterministic algorithms and cuDNN settings for the duration of a block (then restored)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism (read at its first use)
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.manual_seed(int(seed))
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
-
-
 # ============================================================================ crop
 @dataclass
 class Crop:

@@ -125,7 +125,7 @@ def deep_center(study: Study, center: str, segmentation_dir: str | Path, ingest_
     whose segmentation passed QC); model: the nnU-Net model folder (backbone nnunet) or the checkpoint file
     (resnet3d / resnet2d). Writes the table, the issues and the extractor's settings (out_meta, JSON)."""
     from radstudy.features import deep  # torch: only when deep features are computed
-    from radstudy.segment.nnunet import torch_threads
+    from radstudy.torch_tools import torch_threads
 
     cfg = study.config["features"]["deep"]
     channels = list(study.config["ingest"]["channels"])

@@ -66,6 +66,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from radstudy.images import DEFAULT_LABELS, same_grid
+from radstudy.torch_tools import torch_threads  # noqa: F401 (also used by callers of this module)
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +128,6 @@ def _torch_device(device: Any):
     if device == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("device='mps' was requested but torch sees no MPS device")
     return torch.device(device)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """torch.set_num_threads(threads) for the duration of a block (None: leave torch's setting alone).
-    On a machine shared with other jobs, threads=1 is the robust choice: measured here, 2 threads on 2 busy
-    cores ran 5-20x slower than 1 thread, while on 2 idle cores they were only ~25% faster."""
-    if not threads:
-        yield
-        return
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
