@@ -194,17 +194,18 @@ def saliency_figure(inputs_row: np.ndarray, cam: np.ndarray, *, title: str, mask
     image, heat = pick(inputs_row[0]), pick(cam)
     region = pick(inputs_row[-1]) > 0.5 if mask_channel else None
     low, high = _display_range(image)
-    fig, axes = plt.subplots(1, 3, figsize=(7.4, 3.6), gridspec_kw={"width_ratios": [1, 1, 0.05]})
-    for ax in axes[:2]:
+    fig, axes = plt.subplots(1, 2, figsize=(7.4, 3.6), layout="constrained")
+    for ax in axes:
         ax.imshow(image, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
         ax.set_axis_off()
     axes[1].imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
     if region is not None and region.any():
-        for ax in axes[:2]:
+        for ax in axes:
             ax.contour(region, levels=[0.5], colors="lime", linewidths=1.0)
     where = "" if k is None else f", axial slice {k + 1} of {inputs_row.shape[1]}"
     axes[0].set_title("image" + where, fontsize=9)
     axes[1].set_title("Grad-CAM (1 = raises the score most)", fontsize=9)
-    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), cax=axes[2])
+    colour_bar = axes[1].inset_axes([1.04, 0.0, 0.045, 1.0])  # as tall as the image
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), cax=colour_bar)
     fig.suptitle(title, fontsize=10)
     return fig
