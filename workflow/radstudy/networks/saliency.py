@@ -76,7 +76,7 @@ def _check_inputs(inputs: np.ndarray, clinical: np.ndarray | None) -> None:
 
 def default_layer(model: nn.Module, example: torch.Tensor, clinical: torch.Tensor | None = None) -> str:
     """The deepest backbone stage (BACKBONE_STAGES) whose feature map on `example` has at least MIN_CAM_CELLS
-    cells along every axis; the shallowest present stage if none has."""
+    cells along every axis; the shallowest present stage if none has. The model's mode and hooks are as before."""
     modules = dict(model.named_modules())
     present = [name for name in BACKBONE_STAGES if name in modules]
     if not present:
@@ -85,11 +85,16 @@ def default_layer(model: nn.Module, example: torch.Tensor, clinical: torch.Tenso
     shapes: dict[str, tuple[int, ...]] = {}
     handles = [modules[name].register_forward_hook(
         lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[2:]))) for name in present]
+    training = model.training
     try:
         with torch.no_grad():
             model.eval()
-            model(example) if clinical is None else model(example, clinical)
+            if clinical is None:
+                model(example)
+            else:
+                model(example, clinical)
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return next((name for name in present if min(shapes[name]) >= MIN_CAM_CELLS), present[-1])
