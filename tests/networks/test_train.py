@@ -56,7 +56,7 @@ def _survival(n: int = 200, seed: int = 1, n_train: int = 96):
 
 
 def _history(trained):
-    return trained.history.drop(columns="seconds")
+    return trained.history.drop(columns=["seconds", "inner_seconds"])
 
 
 def test_planted_signal_separates_held_out_rows_and_early_stopping_keeps_the_best_epoch():
@@ -203,6 +203,25 @@ def test_augmentation_flips_rotates_scales_and_shifts_only_the_image_channels():
     warped = _augment(torch.ones(4, 1, 8, 8, 8), generator, {"flip": True, "rotate_degrees": 20, "scale": 0.2,
                                                              "intensity_shift": 0}, image_channels=1)
     assert warped.shape == (4, 1, 8, 8, 8) and not torch.equal(warped, torch.ones_like(warped))
+
+
+def test_separable_augmentation_equals_a_trilinear_3d_resampling_with_the_same_affine():
+    """The rotation about z and the isotropic zoom are applied as a 2D grid_sample of the axial planes and a linear
+    resampling along z: the result must be torch's 3D grid_sample with the same (flip x rotation x zoom) affine."""
+    x = torch.randn(6, 2, 12, 10, 8)
+    aug = {"flip": True, "rotate_degrees": 20, "scale": 0.4, "intensity_shift": 0}
+    out = _augment(x.clone(), torch.Generator().manual_seed(3), aug, image_channels=2)
+    u = torch.rand(6, 3, generator=torch.Generator().manual_seed(3))  # the draws _augment makes, in its order
+    flip = torch.where(u[:, 0] < 0.5, -1.0, 1.0)
+    angle, zoom = (u[:, 1] * 2 - 1) * np.radians(20), 1 + (u[:, 2] * 2 - 1) * 0.4
+    theta = torch.zeros(6, 3, 4)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) * zoom * flip, -torch.sin(angle) * zoom
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) * zoom * flip, torch.cos(angle) * zoom
+    theta[:, 2, 2] = zoom
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    expected = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert (flip < 0).any() and (flip > 0).any() and (zoom > 1.2).any() and (zoom < 0.8).any()
 
 
 def test_predictions_see_no_augmentation():

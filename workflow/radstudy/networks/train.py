@@ -13,10 +13,11 @@ weight, the early stopping or the choice of the epoch. Inside the training parti
   2 x batch_size - 1 rows (no row is dropped and no batch is tiny: BatchNorm sees >= 2 rows, and >= batch_size
   whenever the partition has that many) and the strata are spread evenly: for survival each batch holds >= 1
   event (with fewer events than batches, fewer and larger batches are made). A batch of one row is skipped.
-* augmentation of the training batches only, vectorised over the batch (one `affine_grid` / `grid_sample` call):
-  random left-right flip, rotation in the axial (x-y) plane within +- rotate_degrees, isotropic scaling within
-  1 +- scale (zero padding: 0 is the neutral normalised intensity), and a random shift of each image channel's
-  intensities within +- intensity_shift (not of the mask channel).
+* augmentation of the training batches only, vectorised over the batch (one 2D `grid_sample` of every axial plane
+  and a linear resampling along z, see `_augment`): random left-right flip, rotation in the axial (x-y) plane
+  within +- rotate_degrees, isotropic scaling within 1 +- scale (zero padding: 0 is the neutral normalised
+  intensity), and a random shift of each image channel's intensities within +- intensity_shift (not of the mask
+  channel).
 * losses: `binary_loss` with pos_weight n_neg / n_pos of the training partition (class_weight balanced), or
   `cox_efron_loss`; AdamW with the configured learning rate and weight decay.
 * clinical predictors: missing values imputed with the training partition's means, then centred and divided by
@@ -58,7 +59,7 @@ from radstudy.segment.nnunet import torch_threads
 
 PREDICT_BATCH = 32  # rows per forward pass in eval mode (memory, not results: eval mode is row-independent)
 FORMAT = "radstudy.networks/1"
-HISTORY_COLUMNS = ["epoch", "train_loss", "inner_loss", "inner_metric", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "inner_loss", "inner_metric", "seconds", "inner_seconds"]
 
 
 @dataclass
@@ -90,7 +91,8 @@ class TrainedNetwork:
     """A trained network with what is needed to score new rows (see `predict`, `save_network`)."""
 
     model: FusionNet
-    history: pd.DataFrame  # one row per epoch: HISTORY_COLUMNS
+    history: pd.DataFrame  # one row per epoch: HISTORY_COLUMNS (seconds of the epoch, of which inner_seconds
+    # for the inner evaluation)
     best_epoch: int  # the epoch whose weights `model` holds
     normaliser: ClinicalNormaliser | None  # None: an image-only network
     cfg: dict  # the networks settings it was trained with
@@ -175,8 +177,25 @@ def _batches(strata: np.ndarray, batch_size: int, generator: torch.Generator, su
     return [order[k::n_batches] for k in range(n_batches)]
 
 
+def _zoom_depth(x: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+    """Linear resampling of each row of (N, C, D, H, W) along D by its zoom (grid_sample's convention, zeros
+    outside, align_corners=False), as one batched product with a (D x D) interpolation matrix per row."""
+    n, depth = x.shape[0], x.shape[2]
+    slices = torch.arange(depth, device=x.device, dtype=x.dtype)
+    centre = (slices * 2 + 1) / depth - 1
+    source = ((zoom[:, None] * centre + 1) * depth - 1) / 2  # continuous source index of each output slice
+    low = source.floor()[..., None]
+    frac = source[..., None] - low
+    weights = (slices == low) * (1 - frac) + (slices == low + 1) * frac  # (N, D out, D in); outside: no column
+    return torch.matmul(weights[:, None], x.reshape(n, x.shape[1], depth, -1)).view_as(x)
+
+
 def _augment(x: torch.Tensor, generator: torch.Generator, aug: dict, image_channels: int) -> torch.Tensor:
-    """Random flip / in-plane rotation / scaling (one grid_sample for the batch) and intensity shift."""
+    """Random flip / in-plane rotation / scaling and intensity shift of a batch (a copy: modified in place).
+
+    The transform (rotation about the z axis, isotropic zoom) is separable: one bilinear grid_sample of all axial
+    planes at once (the same 2D grid for every slice and channel of a row), then linear resampling along z for the
+    zoom. This equals a trilinear 3D grid_sample with the same affine but costs ~10x less on CPU."""
     n, dims = x.shape[0], x.dim() - 2
     u = torch.rand(n, 3, generator=generator).to(x.device)
     shift = (torch.rand(n, image_channels, generator=generator).to(x.device) * 2 - 1) * aug["intensity_shift"]
@@ -185,17 +204,18 @@ def _augment(x: torch.Tensor, generator: torch.Generator, aug: dict, image_chann
         angle = (u[:, 1] * 2 - 1) * math.radians(aug["rotate_degrees"])
         zoom = 1 + (u[:, 2] * 2 - 1) * aug["scale"]
         cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-        theta = torch.zeros(n, dims, dims + 1, device=x.device)
-        theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin  # grid coordinates are (x, y[, z])
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin  # grid coordinates are (x, y)
         theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+        planes = x.reshape(n, -1, *x.shape[-2:])  # (N, C x D, H, W)
+        grid = F.affine_grid(theta, list(planes.shape), align_corners=False)
+        x = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False).view_as(x)
         if dims == 3:
-            theta[:, 2, 2] = zoom
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = _zoom_depth(x, zoom)
     elif aug["flip"]:
         x = torch.where((flip < 0).view(-1, *[1] * (dims + 1)), x.flip(-1), x)
     if aug["intensity_shift"] > 0:
-        x = torch.cat([x[:, :image_channels] + shift.view(n, image_channels, *[1] * dims), x[:, image_channels:]], 1)
+        x[:, :image_channels] += shift.view(n, image_channels, *[1] * dims)
     return x
 
 
@@ -275,11 +295,13 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
                 loss.backward()
                 optimiser.step()
                 total, seen = total + loss.item() * len(batch), seen + len(batch)
+            evaluated = time.perf_counter()
             score = _scores(model, images[inner_pos_t], None if clin is None else clin[inner_pos_t])
             inner_loss = float(loss_of(score, inner_pos_t))
             metric = metric_of(score.float().cpu().numpy())
-            seconds = time.perf_counter() - started
-            history.append((epoch, total / max(seen, 1), inner_loss, metric, seconds))
+            now = time.perf_counter()
+            seconds = now - started
+            history.append((epoch, total / max(seen, 1), inner_loss, metric, seconds, now - evaluated))
             log.info("epoch %d/%d: train loss %.4f, inner loss %.4f, inner %s %.3f, %.1f s", epoch, cfg["epochs"],
                      history[-1][1], inner_loss, "AUC" if kind == "binary" else "C", metric, seconds)
             if inner_loss < best_loss:  # NaN never improves
