@@ -244,6 +244,8 @@ def test_bad_training_data_is_named():
         train_network(images, None, {"y": one_positive}, "binary", train, CFG, seed=1)
     with pytest.raises(ValueError, match="boolean mask of length 40"):
         train_network(images, None, {"y": y}, "binary", np.flatnonzero(train), CFG, seed=1)
+    with pytest.raises(ValueError, match="clinical has 39 rows, the inputs have 40"):
+        train_network(images, np.zeros((39, 2)), {"y": y}, "binary", train, CFG, seed=1)
     broken = images.copy()
     broken[7, 0, 1, 1, 1] = np.inf
     with pytest.raises(ValueError, match=r"input row\(s\) \[7\] hold NaN"):

@@ -128,12 +128,20 @@ def _training_rows(inputs: np.ndarray, train: np.ndarray, cfg: dict) -> np.ndarr
     return np.flatnonzero(train)
 
 
-def _outcome(target: dict, kind: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+def _rows_of(name: str, values, n: int) -> np.ndarray:
+    """`values` as a float array with one row per input row (a clear error otherwise)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} rows, the inputs have {n}")
+    return values
+
+
+def _outcome(target: dict, kind: str, rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """The training rows' outcome, checked: y or event in {0, 1}, time finite and >= 0."""
     keys = ("y",) if kind == "binary" else ("time", "event")
     out = {}
     for key in keys:
-        values = np.asarray(target[key], dtype=float)[rows]
+        values = _rows_of(f"target {key!r}", target[key], n)[rows]
         bad = ~np.isfinite(values) | (values < 0 if key == "time" else ~np.isin(values, (0.0, 1.0)))
         if bad.any():
             raise ValueError(f"target {key!r} of training row(s) {rows[bad][:10].tolist()} is "
@@ -241,7 +249,7 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
     cfg = settings("networks", cfg)
     kind = _endpoint_kind(target)
     rows = _training_rows(inputs, train, cfg)
-    outcome = _outcome(target, kind, rows)
+    outcome = _outcome(target, kind, rows, len(inputs))
     strata = (outcome["y"] if kind == "binary" else outcome["event"]).astype(bool)
     fit_rows, inner_rows = _inner_split(rows, strata, cfg["inner_validation_fraction"], seed, kind)
     position = {row: i for i, row in enumerate(rows)}
@@ -250,14 +258,14 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
     channels = list(channels) if channels is not None else [f"input{i}" for i in range(n_channels)]
     if len(channels) != n_channels:
         raise ValueError(f"{len(channels)} channel names for inputs with {n_channels} channels")
-    normaliser = None if clinical is None else ClinicalNormaliser.fit(np.asarray(clinical, dtype=float)[rows])
+    clinical_train = None if clinical is None else _rows_of("clinical", clinical, len(inputs))[rows]
+    normaliser = None if clinical_train is None else ClinicalNormaliser.fit(clinical_train)
     pos_weight = None
     if kind == "binary" and cfg["class_weight"] == "balanced":
         pos_weight = float((~strata).sum() / strata.sum())
     torch_device = torch.device(device)
     images = _cached(inputs, rows, torch_device)
-    clin = (None if normaliser is None else
-            torch.from_numpy(normaliser.transform(np.asarray(clinical, dtype=float)[rows])).to(torch_device))
+    clin = None if normaliser is None else torch.from_numpy(normaliser.transform(clinical_train)).to(torch_device)
     outcome_t = {k: torch.as_tensor(v, dtype=torch.float32, device=torch_device) for k, v in outcome.items()}
 
     def loss_of(score: torch.Tensor, pos: np.ndarray | torch.Tensor) -> torch.Tensor:
