@@ -7,6 +7,7 @@ import torch
 from monai.networks.nets import ResNet
 
 from radstudy.config import settings
+from radstudy.features import deep
 from radstudy.networks.nets import build_network, load_pretrained
 
 WIDEN = 0.125
@@ -105,6 +106,23 @@ def test_first_conv_adaptation_from_one_to_two_channels_keeps_the_response_to_a_
     assert torch.allclose(net.backbone.conv1.weight, source.conv1.weight.repeat(1, 2, 1, 1, 1) / 2)
     image = torch.randn(2, 1, 16, 16, 16)
     assert torch.allclose(net.eval().embed(image.repeat(1, 2, 1, 1, 1)), source.eval()(image), atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture, dims, shortcut", [("resnet10", 3, "B"), ("resnet18", 3, "A"),
+                                                         ("resnet18", 2, "B")])
+def test_the_published_layouts_load_at_full_width(architecture, dims, shortcut, tmp_path):
+    """Against features.deep's independent ResNets in MedicalNet's layout (3D: resnet10 with convolutional
+    shortcuts, resnet18 with zero-padding ones) and torchvision's (2D; its parameter count is checked there)."""
+    source = deep.ResNet(int(architecture[6:]), dims, shortcut=shortcut)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}  # old files
+    torch.save(state, tmp_path / "published.pth")
+    net = build_network(_cfg(architecture=architecture, dims=dims, widen_factor=1.0), in_channels=1 if dims == 3 else 3)
+    report = load_pretrained(net, tmp_path / "published.pth", dims=dims)
+    assert report["loaded"] == len(state) and report["ignored"] == [] and report["first_conv"] == "none"
+    for key, value in state.items():
+        assert torch.equal(net.backbone.state_dict()[key], value), key
+    if dims == 2:  # torchvision's resnet18 has 11,689,512 parameters with its 1000-class fc layer
+        assert sum(p.numel() for p in net.backbone.parameters()) == 11_689_512 - (512 * 1000 + 1000)
 
 
 def test_a_checkpoint_of_another_network_fails_naming_the_missing_and_unexpected_keys(tmp_path):
