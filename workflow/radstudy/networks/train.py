@@ -9,10 +9,11 @@ weight, the early stopping or the choice of the epoch. Inside the training parti
   the weights of the epoch with the lowest inner loss are kept; training stops after `early_stopping_patience`
   epochs without improvement (null: all epochs). The inner AUC (binary) or Harrell's C (survival) is reported.
 * batches: each epoch the fitting rows are shuffled within each stratum (events / non-events, positives /
-  negatives) and dealt round-robin into n // batch_size batches, so every batch holds batch_size to
-  2 x batch_size - 1 rows (no row is dropped and no batch is tiny: BatchNorm sees >= 2 rows, and >= batch_size
-  whenever the partition has that many) and the strata are spread evenly: for survival each batch holds >= 1
-  event (with fewer events than batches, fewer and larger batches are made). A batch of one row is skipped.
+  negatives) and dealt round-robin into n // batch_size batches: the remainder rows join the batches instead of
+  forming a small last one (what drop_last avoids, without dropping rows), so every batch holds batch_size to
+  2 x batch_size - 1 rows (all rows when there are fewer than batch_size; BatchNorm always sees >= 2), and the
+  strata are spread evenly: for survival each batch holds >= 1 event (with fewer events than batches, fewer and
+  larger batches are made). A batch of one row (a training partition of one row) is skipped.
 * augmentation of the training batches only, vectorised over the batch (one 2D `grid_sample` of every axial plane
   and a linear resampling along z, see `_augment`): random left-right flip, rotation in the axial (x-y) plane
   within +- rotate_degrees, isotropic scaling within 1 +- scale (zero padding: 0 is the neutral normalised
@@ -25,11 +26,12 @@ weight, the early stopping or the choice of the epoch. Inside the training parti
   value raises.
 
 Determinism: the network's initialisation, dropout, the inner split, the batches and the augmentation all derive
-from `seed` (torch and numpy generators seeded from it; the caller's global torch RNG is restored afterwards);
-torch's deterministic algorithms are on (`features.deep.deterministic`), with warn_only so that on CUDA the
-operations torch has no deterministic kernel for (e.g. the backward of 3D adaptive average pooling and of
-grid sampling) warn instead of failing: on CPU two runs give identical weights, on GPU they may differ in the last
-bits. Threads: cfg `threads` (torch.set_num_threads for the call, then restored).
+from `seed` (torch's global RNG and a torch Generator seeded with it, scikit-learn's random_state for the inner
+split; the caller's global torch RNG is restored afterwards); torch's deterministic algorithms are on
+(`features.deep.deterministic`), with warn_only so that on CUDA the operations torch has no deterministic kernel
+for (e.g. the backward of 3D adaptive average and max pooling) warn instead of failing: on CPU two runs give
+identical weights with the same number of threads, on GPU they may differ in the last bits. Threads: cfg `threads` (torch.set_num_threads for the call, then restored). Device: "cpu" or "cuda" (the
+caller resolves cfg `device`: auto).
 """
 
 from __future__ import annotations
