@@ -30,8 +30,9 @@ from `seed` (torch's global RNG and a torch Generator seeded with it, scikit-lea
 split; the caller's global torch RNG is restored afterwards); torch's deterministic algorithms are on
 (`features.deep.deterministic`), with warn_only so that on CUDA the operations torch has no deterministic kernel
 for (e.g. the backward of 3D adaptive average and max pooling) warn instead of failing: on CPU two runs give
-identical weights with the same number of threads, on GPU they may differ in the last bits. Threads: cfg `threads` (torch.set_num_threads for the call, then restored). Device: "cpu" or "cuda" (the
-caller resolves cfg `device`: auto).
+identical weights with the same number of threads, on GPU they may differ in the last bits. Threads: cfg
+`threads` (torch.set_num_threads for the call, then restored). Device: "cpu" or "cuda" (the caller resolves cfg
+`device`: auto).
 """
 
 from __future__ import annotations
