@@ -240,6 +240,23 @@ def _scores(model: FusionNet, images: torch.Tensor, clinical: torch.Tensor | Non
                           for i in range(0, len(images), PREDICT_BATCH)])
 
 
+def _train_epoch(model: FusionNet, optimiser: torch.optim.Optimizer, batches: list[torch.Tensor],
+                 images: torch.Tensor, clinical: torch.Tensor | None, loss_of, augment) -> float:
+    """One pass of AdamW steps over the batches (rows of the cached tensors), each augmented; batches of one row
+    are skipped. Returns the mean training loss per row."""
+    model.train()
+    total, seen = 0.0, 0
+    for index in batches:
+        if len(index) < 2:
+            continue
+        loss = loss_of(model(augment(images[index]), None if clinical is None else clinical[index]), index)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total, seen = total + loss.item() * len(index), seen + len(index)
+    return total / max(seen, 1)
+
+
 def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict, endpoint: str, train: np.ndarray,
                   cfg: dict, *, seed: int, device: str = "cpu", log: logging.Logger | None = None,
                   channels: Sequence[str] | None = None) -> TrainedNetwork:
@@ -294,27 +311,19 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
         history, best_loss, best_state, best_epoch = [], math.inf, None, 0
         for epoch in range(1, cfg["epochs"] + 1):
             started = time.perf_counter()
-            model.train()
-            total, seen = 0.0, 0
-            for batch in _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival"):
-                if len(batch) < 2:
-                    continue
-                index = fit_pos_t[torch.as_tensor(batch, device=torch_device)]
-                x = _augment(images[index], generator, cfg["augmentation"], image_channels)
-                loss = loss_of(model(x, None if clin is None else clin[index]), index)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total, seen = total + loss.item() * len(batch), seen + len(batch)
+            batches = [fit_pos_t[torch.as_tensor(batch, device=torch_device)] for batch in
+                       _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival")]
+            train_loss = _train_epoch(model, optimiser, batches, images, clin, loss_of,
+                                      lambda x: _augment(x, generator, cfg["augmentation"], image_channels))
             evaluated = time.perf_counter()
             score = _scores(model, images[inner_pos_t], None if clin is None else clin[inner_pos_t])
             inner_loss = float(loss_of(score, inner_pos_t))
             metric = metric_of(score.float().cpu().numpy())
             now = time.perf_counter()
             seconds = now - started
-            history.append((epoch, total / max(seen, 1), inner_loss, metric, seconds, now - evaluated))
+            history.append((epoch, train_loss, inner_loss, metric, seconds, now - evaluated))
             log.info("epoch %d/%d: train loss %.4f, inner loss %.4f, inner %s %.3f, %.1f s", epoch, cfg["epochs"],
-                     history[-1][1], inner_loss, "AUC" if kind == "binary" else "C", metric, seconds)
+                     train_loss, inner_loss, "AUC" if kind == "binary" else "C", metric, seconds)
             if inner_loss < best_loss:  # NaN never improves
                 best_loss, best_epoch = inner_loss, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
