@@ -149,6 +149,12 @@ def test_a_3d_checkpoint_does_not_load_into_the_2d_network(tmp_path):
         load_pretrained(build_network(_cfg(dims=2), in_channels=1), tmp_path / "3d.pth", dims=2)
 
 
+def test_the_layout_asked_for_must_be_the_networks(tmp_path):
+    torch.save(_reference(3, 1).state_dict(), tmp_path / "3d.pth")
+    with pytest.raises(ValueError, match="dims 2 for a 3D network"):
+        load_pretrained(build_network(_cfg(), in_channels=1), tmp_path / "3d.pth", dims=2)
+
+
 def test_a_file_that_is_no_checkpoint_fails_naming_it(tmp_path):
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"notes\.pth cannot be read"):

@@ -13,9 +13,9 @@ parameters), torchvision's for dims 2 (1x1 convolution + BatchNorm without bias)
 backbone are then those of the published files (conv1, bn1, layer1-4; their heads conv_seg / fc are not used),
 so `load_pretrained` reads them without renaming.
 
-`load_pretrained` reads a checkpoint with `radstudy.features.deep.read_state_dict` (top level or under
-`state_dict` / `model`, `module.` prefixes removed) and loads it with `features.deep.load_backbone`: strict on
-every backbone key, heads ignored, a mismatch raises `DeepFeatureError` (a ValueError) naming the file and the
+`load_pretrained` reads a checkpoint with `radstudy.torch_tools.read_state_dict` (top level or under
+`state_dict` / `model`, `module.` prefixes removed) and loads it with `torch_tools.load_backbone`: strict on
+every backbone key, heads ignored, a mismatch raises `ModelError` (a ValueError) naming the file and the
 missing / unexpected keys or wrong shapes. The fusion MLP and the head keep their random initialisation.
 
 First convolution: a checkpoint made for c input channels (MedicalNet 1, torchvision 3) is adapted to the
@@ -33,7 +33,7 @@ import torch
 from monai.networks.nets import ResNet
 from torch import nn
 
-from radstudy.features.deep import file_sha256, load_backbone, read_state_dict
+from radstudy.torch_tools import file_sha256, load_backbone, read_state_dict
 
 # depth -> (layers per stage, shortcut, bias of a convolutional shortcut) in the checkpoints' layouts
 LAYOUT_3D = {"resnet10": ((1, 1, 1, 1), "B", False), "resnet18": ((2, 2, 2, 2), "A", True),
@@ -97,7 +97,9 @@ def load_pretrained(net: FusionNet, path: str | Path, *, dims: int) -> dict:
     """Load a pretrained backbone (MedicalNet layout for dims 3, torchvision for dims 2) into `net` in place.
 
     Returns a report: file, sha256, layout, backbone keys loaded, checkpoint keys ignored (heads) and the first
-    convolution's adaptation. Raises DeepFeatureError naming the file and the keys that do not fit."""
+    convolution's adaptation. Raises ModelError naming the file and the keys that do not fit."""
+    if dims != net.backbone.conv1.weight.dim() - 2:
+        raise ValueError(f"load_pretrained: dims {dims} for a {net.backbone.conv1.weight.dim() - 2}D network")
     state = read_state_dict(path)
     in_channels = net.backbone.conv1.weight.shape[1]
     adaptation = "none"
