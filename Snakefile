@@ -14,6 +14,7 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/qc.smk"
+include: "workflow/rules/networks.smk"
 include: "workflow/rules/statistics.smk"
 include: "workflow/rules/report.smk"
 

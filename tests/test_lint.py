@@ -26,7 +26,7 @@ VARIANTS = [(0, 0, 0, 0), (0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0)
 ALWAYS = {"all", "discover", "ingest_patient", "clinical_table", "center_qc", "patient_flow", "segmentation_split",
           "nnunet_dataset", "nnunet_plan", "nnunet_train", "segment_center", "segmentation_quality",
           "radiomics_patient", "radiomics_perturbed", "perturbed_table", "deep_features_center", "feature_table",
-          "statistics", "report_baseline", "evaluate_report"}
+          "statistics", "report_baseline", "evaluate_report", "network_inputs", "networks"}
 
 
 def _config(tmp_path: Path, demo: int, robustness: int, deep: int, model_folder: int) -> Path:

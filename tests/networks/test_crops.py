@@ -15,6 +15,7 @@ from scipy import ndimage
 from radstudy.errors import FEATURE_EXTRACTION, ConfigError, PatientExcluded
 from radstudy.features import deep
 from radstudy.networks import crops
+from radstudy.networks.stage import read_center_inputs
 
 LABELS = {"liver": 1, "tumour": 2}
 MODALITIES = {"portal": "CT", "t2": "MR"}
@@ -224,7 +225,7 @@ def test_a_center_lists_every_patient_left_out_and_logs_each(tmp_path, caplog):
     message = issues["message"].tolist()
     assert "P002" in message[0] and "'tumour'" in message[0] and str(empty[1]) in message[0]
     assert "P003" in message[1] and "'t2'" in message[1] and issues["file"][1] == str(broken[0]["t2"])
-    patients, inputs, _ = crops.read_center_inputs([tmp_path / "center.npz"])
+    patients, inputs, _ = read_center_inputs([tmp_path / "center.npz"])
     assert patients == ["P001"] and inputs.shape == (1, 2, 32, 32, 32)
     lines = [r.getMessage() for r in caplog.records]
     assert sum(line.startswith(("P001:", "P002:", "P003:")) for line in lines) == 3
@@ -248,7 +249,7 @@ def test_two_centers_round_trip_to_the_patient_inputs(tmp_path):
     cfg = _cfg(spacing=None, mask_channel=True)
     a, items_a = _center(tmp_path, "A", {"A01": CENTRE, "A02": (34.0, 30.0, 31.0)}, cfg)
     b, items_b = _center(tmp_path, "B", {"B01": (29.0, 35.5, 30.0)}, cfg)
-    patients, inputs, channels = crops.read_center_inputs([a, b])
+    patients, inputs, channels = read_center_inputs([a, b])
     assert patients == ["A01", "A02", "B01"] and channels == ["portal", "t2", "tumour_mask"]
     assert inputs.dtype == np.float32 and inputs.shape == (3, 3, 32, 32, 32)
     for row, (patient, images, mask, _) in enumerate(items_a + items_b):
@@ -266,7 +267,7 @@ def test_centers_with_different_channels_cannot_be_read_together(tmp_path):
     a, _ = _center(tmp_path, "A", {"A01": CENTRE}, _cfg())
     b, _ = _center(tmp_path, "B", {"B01": CENTRE}, _cfg(channels=["t2", "portal"]))
     with pytest.raises(ValueError) as caught:
-        crops.read_center_inputs([a, b])
+        read_center_inputs([a, b])
     assert str(a) in str(caught.value) and str(b) in str(caught.value)
 
 

@@ -470,3 +470,37 @@ def test_robustness_icc_is_computed_on_training_patients_only(study, tmp_path):
     for name in ("robustness", "selected_features", "coefficients"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / f"{name}.tsv", sep="\t"),
                                       pd.read_csv(tmp_path / "b" / f"{name}.tsv", sep="\t"))
+
+
+def _network_table(feats, clin, pts, config, signal) -> pd.DataFrame:
+    """A networks stage's predictions (model cnn, both endpoints) on the statistics stage's own cohorts, with the
+    score `signal` per patient."""
+    from radstudy.statistics.models import assemble, statistics_settings, study_cohorts
+
+    cohorts = study_cohorts(assemble(feats, clin, pts), statistics_settings(config))
+    rows = [cohorts.assign(endpoint=endpoint, model="cnn", score=cohorts["patient"].map(signal))
+            for endpoint in ("binary", "survival")]
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_the_cnn_signature_joins_the_combined_model_and_the_predictions(study, tmp_path):
+    """Seed 003's design: the end-to-end CNN's output is one more predictor of the combined model
+    (models.combined_scores: cnn); its rows join the predictions table; other cohorts are refused."""
+    feats, clin, pts, _ = study
+    cfg = _config(models={"combined_scores": ["radiomic", "cnn"]})
+    signal = pd.Series(feats[RADIOMIC[0]].to_numpy(), index=feats["patient"]).fillna(0)
+    networks = _network_table(feats, clin, pts, cfg, signal)
+    networks.to_csv(tmp_path / "networks.tsv", sep="\t", index=False)
+    paths = run_statistics(feats, clin, pts, cfg, tmp_path / "out", networks=tmp_path / "networks.tsv")
+    combined = load_model(paths["model_binary_combined"])
+    assert "cnn" in combined.predictors and "radscore" in combined.predictors
+    coefficients = pd.read_csv(paths["coefficients"], sep="\t")
+    assert {"cnn"} <= set(coefficients.loc[coefficients["model"] == "combined", "term"])
+    predictions = pd.read_csv(paths["predictions"], sep="\t")
+    assert len(predictions[predictions["model"] == "cnn"]) == len(networks)
+    swapped = networks.copy()
+    first = swapped.index[swapped["cohort"] == "validation"][0]
+    swapped.loc[first, "cohort"] = "training"
+    swapped.to_csv(tmp_path / "swapped.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match="another cohort than the statistics stage"):
+        run_statistics(feats, clin, pts, cfg, tmp_path / "bad", networks=tmp_path / "swapped.tsv")

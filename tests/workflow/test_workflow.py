@@ -115,6 +115,31 @@ def test_models_and_report(tiny_study):
     assert len(icc) and icc["icc"].notna().any() and set(icc["split"]) == {"holdout"}
 
 
+def test_end_to_end_networks_join_the_predictions_and_the_report(tiny_study):
+    """cnn and cnn_clinical for both endpoints and every cohort, in the study's predictions with the study's
+    cohorts; learning curves, saliency maps and the saved networks; the report shows them."""
+    workdir = tiny_study.workdir
+    predictions = pd.read_csv(workdir / "results" / "models" / "predictions.tsv", sep="\t")
+    networks = predictions[predictions["model"].isin(["cnn", "cnn_clinical"])]
+    for (endpoint, model), rows in networks.groupby(["endpoint", "model"]):
+        assert set(rows["cohort"]) == {"training", "validation", "test"}, (endpoint, model)
+        assert rows["score"].notna().all() and rows["score"].std() > 0, (endpoint, model)
+    assert set(map(tuple, networks[["endpoint", "model"]].drop_duplicates().to_numpy())) == {
+        (e, m) for e in ("binary", "survival") for m in ("cnn", "cnn_clinical")}
+    clinical = predictions[predictions["model"] == "clinical"].set_index(["split", "endpoint", "patient"])["cohort"]
+    assert (networks.set_index(["split", "endpoint", "patient"])["cohort"] == clinical.reindex(
+        networks.set_index(["split", "endpoint", "patient"]).index)).all()  # the statistics stage's cohorts
+    history = pd.read_csv(workdir / "results" / "networks" / "history.tsv", sep="\t")
+    assert {"train_loss", "inner_loss", "best_epoch"} <= set(history.columns) and len(history) >= 4
+    saliency = pd.read_csv(workdir / "results" / "networks" / "saliency" / "index.tsv", sep="\t")
+    assert len(saliency) and all((workdir / "results" / "networks" / "saliency" / f).is_file() for f in saliency["file"])
+    for endpoint in ("binary", "survival"):
+        for model in ("cnn", "cnn_clinical"):
+            assert (workdir / "results" / "networks" / endpoint / f"{model}.pt").is_file()
+    html = (workdir / "results" / "report" / "report.html").read_text()
+    assert "End-to-end networks" in html and "cnn_clinical" in html
+
+
 def test_rtstruct_seg_and_label_map_masks_equal_the_drawn_masks(tiny_study):
     """Each center delivers masks as NIfTI, RTSTRUCT and DICOM SEG: every ingested manual mask equals the mask
     the demo drew (its ground truth), voxel for voxel."""

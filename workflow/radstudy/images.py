@@ -36,3 +36,8 @@ def same_grid(a, b, tolerance: float = 1e-3, direction_tolerance: float | None =
 
 def _fmt_values(values) -> str:
     return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+def largest_slice(region: np.ndarray) -> int:
+    """Axial slice (axis 0) with the most region voxels (the first of equals)."""
+    return int(np.argmax(region.reshape(region.shape[0], -1).sum(1)))

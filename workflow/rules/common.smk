@@ -2,6 +2,7 @@
 import pandas as pd
 
 from radstudy.features import stage as features_stage
+from radstudy.networks import stage as networks_stage
 from radstudy.segment import stage as segmentation_stage
 from radstudy.statistics.models import fitted_models
 from radstudy.config import load_study
@@ -132,6 +133,26 @@ SPLIT_MODELS = (
     if STUDY.config["models"]["save_split_models"]
     else []
 )
+# the end-to-end networks (networks.enabled): one saved network per endpoint x networks.fit (primary split)
+NETWORKS = networks_stage.network_settings(STUDY)
+FITTED_NETWORKS = networks_stage.fitted_networks(STUDY.config)
+NETWORK_FILES = [
+    f"results/networks/{endpoint}/{model}.pt" for endpoint, model in FITTED_NETWORKS
+]
+
+
+def network_predictions(wildcards):
+    """The networks' predictions, which the statistics stage joins to its own; none when disabled."""
+    return "results/networks/predictions.tsv" if NETWORKS["enabled"] else []
+
+
+def network_report_inputs(wildcards):
+    """What the report shows of the networks: their training history and saliency maps; none when disabled."""
+    if not NETWORKS["enabled"]:
+        return []
+    return ["results/networks/history.tsv", "results/networks/saliency"]
+
+
 # the combined model per endpoint: SHAP and the nomogram of the report
 EXPLAINED_MODELS = {
     endpoint: f"results/models/{endpoint}/{model}.joblib"
@@ -157,4 +178,5 @@ def study_targets():
         *rules.segmentation_quality.output,
         *rules.feature_table.output,
         *rules.evaluate_report.output,
+        *(rules.networks.output if NETWORKS["enabled"] else []),
     ]

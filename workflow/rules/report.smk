@@ -32,6 +32,7 @@ rule evaluate_report:
         flow="results/qc/patient_flow.tsv",
         dsc="results/segmentation/dsc.tsv",
         baseline="results/report/baseline.tsv",
+        networks=network_report_inputs,
     output:
         report="results/report/report.html",
         # every table (CSV, listed with the figures in manifest.json) and figure (figures/*.png|pdf) of the report

@@ -8,6 +8,7 @@ rule statistics:
         clinical="results/clinical/clinical.tsv",
         patients="results/qc/patients.tsv",
         perturbed=perturbed_input,
+        networks=network_predictions,
     output:
         predictions="results/models/predictions.tsv",
         cohorts="results/models/cohorts.tsv",

@@ -15,4 +15,5 @@ evaluation_stage.run(
     combined_models=dict(zip(snakemake.params.explained, i.models)), features=i.features, clinical=i.clinical,
     patients=i.patients, flow=i.flow, dsc=i.dsc, baseline=i.baseline, out_html=snakemake.output.report,
     out_dir=snakemake.output.evaluation,
+    networks_dir=Path(i.networks[0]).parent if i.networks else None,  # history.tsv's folder: results/networks
 )

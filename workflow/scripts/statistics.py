@@ -16,5 +16,5 @@ if __name__ == "__main__":  # joblib's worker processes
     run_statistics(
         snakemake.input.features, snakemake.input.clinical, snakemake.input.patients,
         load_study(snakemake.config).config, n_jobs=snakemake.threads, perturbed=snakemake.input.perturbed or None,
-        outputs=outputs,
+        outputs=outputs, networks=snakemake.input.networks or None,
     )

@@ -13,7 +13,7 @@ from radstudy.evaluate import performance as evaluate
 from radstudy.report import html as report
 from radstudy.config import Study
 from radstudy.statistics.design import primary_split
-from radstudy.statistics.models import assemble, load_model
+from radstudy.statistics.models import assemble, load_model, with_network_scores
 from radstudy.tables import read_table
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ EXPLAINED_MODEL = "combined"
 
 
 def combined_model_tables(coefficients_tsv, cohorts_tsv, combined_models: dict, features, clinical,
-                          patients) -> tuple[pd.DataFrame, dict, dict]:
+                          patients, predictions=None) -> tuple[pd.DataFrame, dict, dict]:
     """Coefficients of the delivered combined models (evaluate's format: endpoint, model, feature, coefficient)
     and their design matrices (patient + predictors) for SHAP and the nomogram; per endpoint, the predictors that
     enter as log(1 + x) (the nomogram draws their axes in the variable's own units).
@@ -32,6 +32,8 @@ def combined_model_tables(coefficients_tsv, cohorts_tsv, combined_models: dict, 
     coefficients = coefficients[(coefficients["split"] == split) & (coefficients["model"] == EXPLAINED_MODEL)]
     coefficients = coefficients.rename(columns={"term": "feature", "coef": "coefficient"})
     data = assemble(read_table(features), read_table(clinical), read_table(patients))
+    if predictions is not None:  # the CNN's score, where the combined model takes it (models.combined_scores: cnn)
+        data = with_network_scores(data, read_table(predictions), split)
     designs, log1p = {}, {}
     for endpoint in coefficients["endpoint"].unique():
         if endpoint not in combined_models:
@@ -58,22 +60,34 @@ def design_text(study: Study) -> str:
         f"Harmonization: {harm['method']} per center fitted on the training partition"
         f"{'; external centers mapped onto the training reference from their own features (no labels)' if harm['external'] == 'unseen' else '; external centers not harmonized'}. "
         f"Selection: univariate filter, Spearman redundancy, LASSO ({cfg['selection']['lasso']['rule']} rule), "
-        f"all fitted on training only. Seed {study.seed}."
+        f"all fitted on training only. {networks_text(cfg['networks'])}Seed {study.seed}."
     )
 
 
+def networks_text(net: dict) -> str:
+    """The end-to-end networks in one sentence ('' when disabled)."""
+    if not net["enabled"]:
+        return ""
+    crop = "x".join(str(v) for v in (net["crop_size"] if net["dims"] == 3 else net["crop_size"][1:]))
+    return (f"End-to-end networks ({', '.join(net['fit'])}): MONAI {net['architecture']} (width x{net['widen_factor']:g}"
+            f", {net['dims']}D) on {crop} crops around the {net['region']}, trained in each split on its training "
+            f"partition, early stopping on an inner {net['inner_validation_fraction']:.0%} of it (at most "
+            f"{net['epochs']} epochs). ")
+
+
 def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combined_models: dict, features,
-        clinical, patients, flow, dsc, baseline, out_html, out_dir) -> Path:
+        clinical, patients, flow, dsc, baseline, out_html, out_dir, networks_dir=None) -> Path:
     """Metrics, figures and the HTML report from the study's declared files: predictions, cohorts and
     coefficients (statistics stage), model_tables (selected features, clinical model, harmonization: shown as
     they are), combined_models ({endpoint: saved combined model}, for SHAP and the nomogram), features,
     clinical, patients, flow (patient flow), dsc (segmentation quality), baseline (the patient flow of the study's
-    first report, `radstudy.report.html.write_baseline`). Every table and figure goes into out_dir (CSV, manifest.json,
+    first report, `radstudy.report.html.write_baseline`), networks_dir (the end-to-end networks' folder: training
+    history and saliency maps; None without networks). Every table and figure goes into out_dir (CSV, manifest.json,
     figures/*.png|pdf), the report to out_html. A function of these inputs only: the same inputs give the same
     bytes."""
     out_dir = Path(out_dir)
     table_coefficients, designs, log1p = combined_model_tables(coefficients, cohorts, combined_models, features,
-                                                               clinical, patients)
+                                                               clinical, patients, predictions)
     linear_models = evaluate.load_linear_models(table_coefficients, designs, model=EXPLAINED_MODEL) if designs else []
     for lm in linear_models:
         lm.log1p = log1p.get(lm.endpoint, ())
@@ -83,7 +97,7 @@ def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combi
     html = report.write_report(
         out_dir, out_html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,
         clinical_tsv=clinical, cohorts_tsv=cohorts, dsc_tsv=dsc, extra_tables=list(model_tables),
-        coefficients_tsv=coefficients, baseline_tsv=baseline, patients_tsv=patients,
+        coefficients_tsv=coefficients, baseline_tsv=baseline, patients_tsv=patients, networks_dir=networks_dir,
     )
     log.info("report written to %s", html)
     return html

@@ -77,7 +77,7 @@ from radstudy.torch_tools import (  # noqa: F401 (re-exported: the deep features
     read_state_dict,
     resolve_device,
 )
-from radstudy.images import same_grid
+from radstudy.images import largest_slice, same_grid  # noqa: F401 (largest_slice: re-exported)
 from radstudy.segment import nnunet as segment
 
 log = logging.getLogger(__name__)
@@ -292,11 +292,6 @@ def crop_region(image: sitk.Image, region: np.ndarray, size: Sequence[int], spac
         fill = float(sitk.GetArrayViewFromImage(image).min())
     return Crop(resample_to(image, grid, fill), region_on_grid(region, image, grid),
                 tuple(float(s) for s in grid.GetSpacing()[::-1]), valid_on_grid(fov, image, grid))
-
-
-def largest_slice(region: np.ndarray) -> int:
-    """Axial slice (axis 0) with the most region voxels (the first of equals)."""
-    return int(np.argmax(region.reshape(region.shape[0], -1).sum(1)))
 
 
 # ============================================================================ normalisation

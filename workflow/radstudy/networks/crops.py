@@ -234,35 +234,3 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
                         region=np.array(cfg["region"]))
     log.info("%s: %d patient(s) with an input, %d left out (issues)", out_npz.name, len(patients), len(issues))
     return pd.DataFrame(issues, columns=ISSUE_COLUMNS)
-
-
-def read_center_inputs(paths: Iterable[str | Path]) -> tuple[list[str], np.ndarray, list[str]]:
-    """The patients, inputs (float32) and channels of several centers' .npz files, concatenated in the order given.
-    Channels and input shapes must agree and a patient may appear once: a ValueError names the files otherwise."""
-    paths = [Path(p) for p in paths]
-    patients: list[str] = []
-    inputs = []
-    channels = shape = first = None
-    seen: dict[str, Path] = {}
-    for path in paths:
-        with np.load(path, allow_pickle=False) as data:
-            names = [str(c) for c in data["channels"]]
-            x = data["inputs"].astype(np.float32)
-            ids = [str(p) for p in data["patients"]]
-        if not names:
-            continue  # a center that was given no patient at all (channels unknown): nothing to add or compare
-        if channels is None:
-            channels, shape, first = names, x.shape[1:], path
-        elif names != channels:
-            raise ValueError(f"network inputs have different channels: {first} has {channels}, {path} has {names}")
-        elif x.shape[1:] != shape:
-            raise ValueError(f"network inputs have different shapes: {first} has {shape}, {path} has {x.shape[1:]}")
-        for patient in ids:
-            if patient in seen:
-                raise ValueError(f"patient {patient} has network inputs in both {seen[patient]} and {path}")
-            seen[patient] = path
-        patients += ids
-        inputs.append(x)
-    if channels is None:
-        raise ValueError("no network inputs in " + (", ".join(map(str, paths)) or "no file"))
-    return patients, np.concatenate(inputs), channels

@@ -169,7 +169,7 @@ def _display_range(image: np.ndarray) -> tuple[float, float]:
 def saliency_slice(inputs_row: np.ndarray, cam: np.ndarray, *, mask_channel: bool = False) -> int | None:
     """The axial slice (axis 0 of a 3D row) the figure shows: the region's largest when the last channel is its
     mask (and the mask is not empty), else the slice holding the map's maximum; None for a 2D row."""
-    from radstudy.features.deep import largest_slice
+    from radstudy.images import largest_slice
 
     if inputs_row.ndim == 3:
         return None

@@ -28,7 +28,7 @@ weight, the early stopping or the choice of the epoch. Inside the training parti
 Determinism: the network's initialisation, dropout, the inner split, the batches and the augmentation all derive
 from `seed` (torch's global RNG and a torch Generator seeded with it, scikit-learn's random_state for the inner
 split; the caller's global torch RNG is restored afterwards); torch's deterministic algorithms are on
-(`features.deep.deterministic`), with warn_only so that on CUDA the operations torch has no deterministic kernel
+(`torch_tools.deterministic`), with warn_only so that on CUDA the operations torch has no deterministic kernel
 for (e.g. the backward of 3D adaptive average and max pooling) warn instead of failing: on CPU two runs give
 identical weights with the same number of threads, on GPU they may differ in the last bits. Threads: cfg
 `threads` (torch.set_num_threads for the call, then restored). Device: "cpu" or "cuda" (the caller resolves cfg
@@ -55,10 +55,9 @@ from sklearn.model_selection import train_test_split
 from radstudy import __version__
 from radstudy.concordance import auc, harrell_c
 from radstudy.config import settings
-from radstudy.features.deep import deterministic
 from radstudy.networks.losses import binary_loss, cox_efron_loss
 from radstudy.networks.nets import FusionNet, build_network, load_pretrained
-from radstudy.segment.nnunet import torch_threads
+from radstudy.torch_tools import deterministic, torch_threads
 
 PREDICT_BATCH = 32  # rows per forward pass in eval mode (memory, not results: eval mode is row-independent)
 FORMAT = "radstudy.networks/1"

@@ -575,6 +575,24 @@ class ScoreStep:
 
 
 @dataclass
+class GivenScore:
+    """A score made outside this stage that joins the combined model as one predictor: the end-to-end CNN's output
+    (seed 003's deep signature, `models.combined_scores: [cnn]`), read from the column `features[0]` of the table
+    to score (the networks stage's score of each patient, per split and endpoint)."""
+
+    name: str
+    features: list[str]
+
+    def __call__(self, df: pd.DataFrame) -> np.ndarray:
+        return pd.to_numeric(df[self.features[0]], errors="coerce").to_numpy(dtype=float)
+
+
+def network_score_column(endpoint: str) -> str:
+    """The column of the statistics stage's table that holds the CNN's score for `endpoint`."""
+    return f"cnn_score_{endpoint}"
+
+
+@dataclass
 class FittedModel:
     """One fitted prediction model, self-contained: `predict(df)` -> DataFrame(score, probability).
 
@@ -609,6 +627,9 @@ class FittedModel:
         parts = [self.encoder.transform(df)] if self.encoder is not None else []
         steps = []
         for step in self.scores:
+            if isinstance(step, GivenScore):
+                steps.append(pd.Series(step(df), name=step.name))
+                continue
             harm = step.harmonizer
             unseen = sorted(set(df["center"].astype(str)) - set(harm.modes_))
             if unseen:
@@ -649,7 +670,7 @@ def load_model(path: str | Path) -> FittedModel:
 
 
 # ================================================================================= one split
-def _outcome(data: pd.DataFrame, endpoint: str, spec: dict):
+def outcome(data: pd.DataFrame, endpoint: str, spec: dict):
     """(mask of patients with the outcome, y for them, columns outcome/time/event for the table)."""
     if endpoint == "binary":
         col = pd.to_numeric(data[spec["column"]], errors="coerce")
@@ -723,7 +744,7 @@ def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str 
     preds, models, selected, funnel, coefs, clinical_tables = [], {}, [], [], [], []
     cm = m["clinical"]
     for endpoint, spec in settings["endpoints"].items():
-        has_y, y, outcome_cols = _outcome(data, endpoint, spec)
+        has_y, y, outcome_cols = outcome(data, endpoint, spec)
         fit_rows = train & has_y
         y_train = y[train[has_y]]
         if fit_rows.sum() < 10:
@@ -777,7 +798,8 @@ def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str 
                 model = make("clinical", clinical_encoder, [])
             elif name == "combined":
                 model = make("combined", clinical_encoder,
-                             [steps[fs] for fs in FEATURE_SETS if fs in steps and fs in m["combined_scores"]])
+                             [steps[fs] for fs in FEATURE_SETS if fs in steps and fs in m["combined_scores"]]
+                             + _network_steps(data, train, endpoint, m, split))
             else:
                 model = make(name, None, [steps[name]])
             models[(endpoint, name)] = model
@@ -845,6 +867,50 @@ def _stratification_column(settings: dict) -> str | None:
     return None
 
 
+def study_cohorts(data: pd.DataFrame, settings: dict) -> pd.DataFrame:
+    """The cohort of every patient of `data` (`assemble`'s table) in every split of the design: the one assignment
+    that the statistics stage and the end-to-end networks share (same patients, seed and stratification)."""
+    strat = _stratification_column(settings)
+    return assign_cohorts(data[["patient", "center", "role"] + ([strat] if strat else [])],
+                          settings["design"], settings["seed"], outcome=strat)
+
+
+def _network_steps(data: pd.DataFrame, train: np.ndarray, endpoint: str, m: dict, split: str) -> list[GivenScore]:
+    """The CNN's score as a predictor of the combined model, where models.combined_scores names cnn and the
+    networks stage scored this split (`with_network_scores`); every training patient must have one."""
+    column = network_score_column(endpoint)
+    if "cnn" not in m["combined_scores"] or column not in data.columns:
+        return []
+    lacking = data.loc[train & data[column].isna().to_numpy(), "patient"].tolist()
+    if lacking:
+        raise ValueError(f"split {split}, {endpoint}: models.combined_scores names cnn but training patient(s) "
+                         f"{lacking[:5]} have no network score (no network input: results/networks/inputs/)")
+    return [GivenScore("cnn", [column])]
+
+
+def with_network_scores(data: pd.DataFrame, networks: pd.DataFrame, split: str) -> pd.DataFrame:
+    """`data` with the image-only CNN's score of each patient in `split`, one column per endpoint."""
+    data = data.copy()
+    rows = networks[(networks["split"] == split) & (networks["model"] == "cnn")]
+    for endpoint, group in rows.groupby("endpoint"):
+        data[network_score_column(endpoint)] = data["patient"].map(group.set_index("patient")["score"])
+    return data
+
+
+def network_predictions(table: pd.DataFrame, cohorts: pd.DataFrame) -> pd.DataFrame:
+    """The networks' predictions, refused unless every (split, patient) has the cohort this stage assigned: a
+    network trained with another assignment could have seen validation or test patients."""
+    merged = table.merge(cohorts[["split", "patient", "cohort"]], on=["split", "patient"], how="left",
+                         suffixes=("", "_here"))
+    differ = merged[merged["cohort"].astype(str) != merged["cohort_here"].astype(str)]
+    if len(differ):
+        first = differ.iloc[0]
+        raise ValueError(f"the networks' predictions put {len(differ)} patient-split(s) in another cohort than the "
+                         f"statistics stage, e.g. {first['patient']} in split {first['split']}: {first['cohort']} vs "
+                         f"{first['cohort_here']}; rerun the networks stage on the same features and patients")
+    return table
+
+
 def _fit_split_job(data, cohort, settings, split, robust, feature_columns):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -907,7 +973,8 @@ def statistics_outputs(out_dir: str | Path, config: dict) -> dict:
 
 
 def run_statistics(features, clinical, patients, config: dict, out_dir: str | Path | None = None,
-                   n_jobs: int | None = None, perturbed=None, outputs: dict | None = None) -> dict[str, Path]:
+                   n_jobs: int | None = None, perturbed=None, outputs: dict | None = None,
+                   networks=None) -> dict[str, Path]:
     """The statistics stage: cohorts of every split, every model of every endpoint, and their tables.
 
     features / clinical / patients: DataFrames or paths (features.parquet, clinical.tsv, patients.tsv).
@@ -919,6 +986,8 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
     "split_models": a folder for every split's models ({split}/{endpoint}/{model}.joblib) or None; only with
     models.save_split_models. Default: `statistics_outputs(out_dir, config)`, where "models" None saves every
     fitted model as out_dir/{endpoint}/{model}.joblib.
+    networks: the end-to-end networks' predictions (radstudy.networks.stage; same cohorts, checked), joined to
+    the predictions table.
     Returns {name: path} (models as model_{endpoint}_{model})."""
     settings = statistics_settings(config)
     if outputs is None:
@@ -931,14 +1000,13 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
     features = read_table(features)
     data = assemble(features, read_table(clinical), read_table(patients))
     feature_columns = data.attrs["feature_columns"]
-    strat = _stratification_column(settings)
-    cohorts = assign_cohorts(data[["patient", "center", "role"] + ([strat] if strat else [])],
-                             settings["design"], settings["seed"], outcome=strat)
+    cohorts = study_cohorts(data, settings)
     robust = None
     rob = settings["selection"]["robustness"]
     if rob.get("file"):
         robust = read_robust_features(rob["file"], rob["icc_min"])
     perturbed = read_table(perturbed) if perturbed is not None else None
+    networks = network_predictions(read_table(networks), cohorts) if networks is not None else None
     splits = split_names(cohorts)
     jobs, icc_tables = [], []
     for split in splits:
@@ -950,7 +1018,8 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
             icc_tables.append(icc.assign(split=split))
             log.info("split %s: %d of %d radiomic features robust (ICC >= %s on %d training patients)", split,
                      len(split_robust[0]), len(split_robust[1]), rob["icc_min"], len(training))
-        jobs.append((data, data["patient"].map(cmap), settings, split, split_robust, feature_columns))
+        split_data = data if networks is None else with_network_scores(data, networks, split)
+        jobs.append((split_data, data["patient"].map(cmap), settings, split, split_robust, feature_columns))
     n_jobs = n_jobs if n_jobs is not None else settings["models"]["n_jobs"]
     if n_jobs == 1 or len(jobs) == 1:
         results = [_fit_split_job(*job) for job in jobs]
@@ -984,7 +1053,10 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
 
     write("cohorts", cohorts)
     write("robustness", pd.concat(icc_tables, ignore_index=True) if icc_tables else pd.DataFrame())
-    write("predictions", gather("predictions"))
+    predictions = gather("predictions")
+    if networks is not None:
+        predictions = pd.concat([predictions, networks], ignore_index=True)
+    write("predictions", predictions)
     write("selected_features", gather("selected"))
     write("selection_summary", gather("selection_summary"))
     write("coefficients", gather("coefficients"))
