@@ -33,8 +33,9 @@ ROWS = {c: f"{c}\t{role}\tdemo/dicom/{c}\tdemo/clinical/{c}.csv\n"
                         ("E", "development")]}
 # study-level jobs: their inputs list every center, so a new center reruns them
 # (the tiny study runs with features.robustness on: perturbed_table collects every patient's perturbed radiomics)
+# the end-to-end networks retrain on the new patients too: every split's training partition may change
 STUDY_LEVEL = {"segmentation_quality", "feature_table", "perturbed_table", "patient_flow", "statistics",
-               "evaluate_report", "all"}
+               "evaluate_report", "networks", "all"}
 NNUNET = {"nnunet_dataset", "nnunet_plan", "nnunet_train"}
 JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 
@@ -165,7 +166,7 @@ def test_run_executes_exactly_the_new_centers_jobs_and_the_study_level_steps(add
     assert set(centers) == {"D", "-"}, centers
     assert centers["-"] == STUDY_LEVEL, centers["-"]
     assert {"discover", "clinical_table", "center_qc", "segment_center", "ingest_patient",
-            "radiomics_patient"} <= centers["D"]
+            "radiomics_patient", "network_inputs"} <= centers["D"]
     per_center = [rule for rule, w in jobs if "center" in w and "patient" not in w]
     assert len(per_center) == len(set(per_center))  # each per-center rule once
     delivered = pd.read_csv(workdir / "results/ingest/D/patients.tsv", sep="\t")["patient"]

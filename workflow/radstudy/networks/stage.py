@@ -118,7 +118,8 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
                 clinical_x = _clinical_design(part, train, stats) if model == "cnn_clinical" else None
                 trained = training.train_network(
                     images, clinical_x, target, endpoint, train, cfg,
-                    seed=derive_seed(study.seed, "network", split, endpoint, model), device=device, log=log)
+                    seed=derive_seed(study.seed, "network", split, endpoint, model), device=device, log=log,
+                    channels=channels)
                 score = training.predict(trained, images, clinical_x)
                 # probability: expit(logit); survival: the risk by the horizon from the training rows' Breslow
                 reg = fixed_score_model(endpoint, model, score[train], y[train[has_y]])
