@@ -193,9 +193,10 @@ def test_second_run_has_nothing_to_do(tiny_study):
 
 
 # files Snakemake lists as untracked that are declared all the same: inside a declared directory() output (a
-# patient's ingest folder, a center's segmentation folder, the report's evaluation folder), benchmarks and logs
+# patient's ingest folder, a center's segmentation folder, the report's evaluation folder, the networks' saliency
+# maps), benchmarks and logs
 DECLARED_FOLDERS = re.compile(r"^results/(ingest/[A-Z]+/[A-Z]+-\d{4}/|segmentation/[A-Z]+/|report/evaluation/"
-                              r"|benchmarks/|logs/)")
+                              r"|networks/saliency/|benchmarks/|logs/)")
 
 
 def test_every_file_under_results_is_declared(tiny_study):
