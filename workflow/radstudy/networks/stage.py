@@ -35,7 +35,6 @@ from radstudy.torch_tools import resolve_device
 
 log = logging.getLogger(__name__)
 
-MODELS = ("cnn", "cnn_clinical")
 PREDICTION_COLUMNS = ["patient", "center", "split", "cohort", "endpoint", "model", "score", "probability", "outcome",
                       "time", "event"]
 
@@ -79,7 +78,7 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
         out_history: str | Path, out_models: dict, out_saliency: str | Path) -> pd.DataFrame:
     """Train and score every network of the study (`fitted_networks`) in every split of the design.
 
-    inputs: every center's network inputs (`inputs_center`); features / clinical / patients: the tables the
+    inputs: every center's network inputs (`radstudy.networks.inputs.inputs_center`); features / clinical / patients: the tables the
     statistics stage reads (they fix the patients and their cohorts). out_models: {(endpoint, model): path} of
     the primary split's networks (holdout, or `final`). A patient of the split without a network input gets a row
     with an empty score, which the evaluation counts as an exclusion. Writes the predictions, the training
