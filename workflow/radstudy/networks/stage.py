@@ -78,8 +78,8 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
         out_history: str | Path, out_models: dict, out_saliency: str | Path) -> pd.DataFrame:
     """Train and score every network of the study (`fitted_networks`) in every split of the design.
 
-    inputs: every center's network inputs (`radstudy.networks.inputs.inputs_center`); features / clinical / patients: the tables the
-    statistics stage reads (they fix the patients and their cohorts). out_models: {(endpoint, model): path} of
+    inputs: every center's network inputs (`radstudy.networks.inputs.inputs_center`); features / clinical /
+    patients: the tables the statistics stage reads (they fix the patients and their cohorts). out_models: {(endpoint, model): path} of
     the primary split's networks (holdout, or `final`). A patient of the split without a network input gets a row
     with an empty score, which the evaluation counts as an exclusion. Writes the predictions, the training
     history of every network (learning curves) and saliency maps of a few patients per cohort (out_saliency:
