@@ -232,24 +232,25 @@ def test_a_trained_model_folder_in_the_config_is_used_without_training(tiny_stud
     config["segmentation"]["model_folder"] = "given_model"
     (workdir / "config_given.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # the target before --forcerun: --forcerun takes several values and would swallow it (then `all` runs)
+    # one center (the others would only repeat it): its segmentation with the given model
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
-           str(workdir / "config_given.yaml"), "--cores", "2", "results/segmentation/dsc.tsv",
-           "--forcerun", "segment_center"]
+           str(workdir / "config_given.yaml"), "--cores", "2", "results/segmentation/B",
+           "results/segmentation/split.tsv", "--forcerun", "segment_center"]
     given = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     assert given.returncode == 0, given.stderr[-5000:]
     jobs = re.findall(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):", given.stdout + given.stderr, flags=re.M)
-    # exactly: the three centers segmented with the given model, the split of the annotated patients (all of
-    # them holdout: nothing was trained), and the DSC table of that split; no nnU-Net dataset, plan or training
-    assert sorted(jobs) == ["segment_center"] * 3 + ["segmentation_quality", "segmentation_split"], jobs
-    for center in ("A", "B", "C"):
-        log = (workdir / "results" / "logs" / "segmentation" / f"{center}.log").read_text()
-        assert "given_model" in log, center
+    # exactly: the center segmented with the given model and the split of the annotated patients (all of them
+    # holdout: nothing was trained); no nnU-Net dataset, plan or training
+    assert sorted(jobs) == ["segment_center", "segmentation_split"], jobs
+    log = (workdir / "results" / "logs" / "segmentation" / "B.log").read_text()
+    assert "given_model" in log
     split = pd.read_csv(workdir / "results" / "segmentation" / "split.tsv", sep="\t")
-    dsc = pd.read_csv(workdir / "results" / "segmentation" / "dsc.tsv", sep="\t")
-    assert len(split) and set(dsc["patient"]) == set(split["patient"])
+    qc = pd.concat([pd.read_csv(workdir / "results" / "qc" / c / "patients.tsv", sep="\t") for c in ("A", "B", "C")])
+    assert set(split["set"]) == {"holdout"}  # every annotated patient: nothing is trained
+    assert set(split["patient"]) == set(qc.loc[qc["annotated"] & (qc["status"] == "included"), "patient"])
     # the model is the one the study trained: the same masks as the study's own run
-    masks = sorted((workdir / "results" / "segmentation").glob("*/*.nii.gz"))
-    assert len(masks) >= 3 * PATIENTS  # every included patient re-segmented
+    masks = sorted((workdir / "results" / "segmentation" / "B").glob("*.nii.gz"))
+    assert len(masks) >= PATIENTS  # every included patient of B re-segmented
     for mine in masks:
         theirs = tiny_study.workdir / mine.relative_to(workdir)
         assert (sitk.GetArrayFromImage(sitk.ReadImage(str(mine)))
