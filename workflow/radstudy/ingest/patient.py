@@ -102,6 +102,7 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
     reference_for: str | None = None
     reference_series = None
     used_series: list[str] = []
+    fovs: dict[str, sitk.Image] = {}  # channels not covering the whole grid
     for name, selector in cfg["channels"].items():
         chosen = dicomio.select_series(series, selector, patient=pseudonym)
         grid = dicomio.check_geometry(
@@ -123,17 +124,16 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
             image, fov = resample_channel(image, reference, chosen.modality)
             resampled = True
         sitk.WriteImage(image, str(out_dir / image_file(name)), useCompression=True)
-        if fov is not None and fov_outside(fov) > 0:
-            sitk.WriteImage(fov, str(out_dir / fov_file(name)), useCompression=True)
         channels[name] = _channel_record(chosen, grid, image, len(series), resampled, fov)
+        if channels[name]["fov_outside_fraction"]["grid"] > 0:
+            sitk.WriteImage(fov, str(out_dir / fov_file(name)), useCompression=True)
+            fovs[name] = fov
         used_series.append(chosen.uid)
     unused = _unused_series(series, used_series)
-    mask = _ingest_mask(folder, series, reference, reference_series, pseudonym, cfg, out_dir, unused)
-    for name, record in channels.items():
-        fov_path = out_dir / fov_file(name)
-        if fov_path.exists() and mask.get("labels"):
-            record["fov_outside_fraction"]["manual_mask"] = _outside_per_label(
-                sitk.ReadImage(str(fov_path)), out_dir / MASK_FILE, cfg["labels"])
+    mask, mask_image = _ingest_mask(folder, series, reference, reference_series, pseudonym, cfg, out_dir, unused)
+    if mask_image is not None:
+        for name, fov in fovs.items():
+            channels[name]["fov_outside_fraction"]["manual_mask"] = _outside_per_label(fov, mask_image, cfg["labels"])
     unused += [{"file": file, "why": why} for file, why in unreadable]
     unused += [{"file": file, "why": "not read: a mask/table/notes file that is not the patient's mask"}
                for file in _files_skipped_by_name(folder, mask)]
@@ -161,9 +161,9 @@ def fov_outside(fov: sitk.Image) -> float:
     return 1.0 - float(sitk.GetArrayViewFromImage(fov).mean(dtype=np.float64))
 
 
-def _outside_per_label(fov: sitk.Image, mask_file: Path, labels: dict[str, int]) -> dict[str, float | None]:
+def _outside_per_label(fov: sitk.Image, mask: sitk.Image, labels: dict[str, int]) -> dict[str, float | None]:
     inside = sitk.GetArrayViewFromImage(fov) > 0
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_file)))
+    mask = sitk.GetArrayViewFromImage(mask)
     fractions = {}
     for region, value in labels.items():
         voxels = mask == value
@@ -221,11 +221,11 @@ MASK_MODALITIES = ("RTSTRUCT", "SEG")
 
 
 def _ingest_mask(folder, series, reference: sitk.Image, reference_series, pseudonym: str, cfg: dict, out_dir: Path,
-                 unused: list[dict]) -> dict:
+                 unused: list[dict]) -> tuple[dict, sitk.Image | None]:
     """The manual mask as a label map on the reference grid, from a label-map file if one is delivered, else from
     the RTSTRUCT / SEG files that reference the reference channel's series. Every mask file not used is added to
-    `unused` with the reason. Returns the mask's QC record: its source, the files and the regions each label came
-    from, and the label volumes."""
+    `unused` with the reason. Returns the mask's QC record (its source, the files and the regions each label came
+    from, the label volumes) and the mask itself (None without one)."""
     labels: dict[str, int] = cfg["labels"]
     masks_cfg = cfg["masks"]
     globs = [masks_cfg["label_map_glob"]] if isinstance(masks_cfg["label_map_glob"], str) else masks_cfg["label_map_glob"]
@@ -244,10 +244,10 @@ def _ingest_mask(folder, series, reference: sitk.Image, reference_series, pseudo
         unused += [{"file": s.file, "why": f"no region matches a configured label (regions: {s.names})"}
                    for s in sources if s.file not in record["files"]]
     else:
-        return {"source": "none"}
+        return {"source": "none"}, None
     sitk.WriteImage(mask, str(out_dir / MASK_FILE), useCompression=True)
     record["labels"] = label_volumes(mask, labels)
-    return record
+    return record, mask
 
 
 def _relative(path: Path, folder: Path) -> str:
