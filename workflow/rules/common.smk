@@ -136,6 +136,8 @@ SPLIT_MODELS = (
 # the end-to-end networks (networks.enabled): one saved network per endpoint x networks.fit (primary split)
 NETWORKS = networks_stage.network_settings(STUDY)
 FITTED_NETWORKS = networks_stage.fitted_networks(STUDY.config)
+# the user's pretrained weights (networks.checkpoint), which the training reads: an input, so that new weights retrain
+NETWORK_CHECKPOINT = NETWORKS["checkpoint"] or []
 NETWORK_FILES = [
     f"results/networks/{endpoint}/{model}.pt" for endpoint, model in FITTED_NETWORKS
 ]

@@ -25,6 +25,7 @@ rule networks:
         features="results/features/features.parquet",
         clinical="results/clinical/clinical.tsv",
         patients="results/qc/patients.tsv",
+        checkpoint=NETWORK_CHECKPOINT,
     output:
         predictions="results/networks/predictions.tsv",
         history="results/networks/history.tsv",
