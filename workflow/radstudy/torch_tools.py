@@ -118,15 +118,16 @@ def resolve_device(device: str = "auto", setting: str = "features.deep.device") 
 
 
 @contextlib.contextmanager
-def deterministic(seed: int):
-    """Seeds, torch's deterministic algorithms and cuDNN settings for the duration of a block (then restored)."""
+def deterministic(seed: int, *, warn_only: bool = False):
+    """Seeds, torch's deterministic algorithms and cuDNN settings for the duration of a block (then restored).
+    warn_only: an operation without a deterministic kernel (some CUDA backward passes) warns instead of failing."""
     import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism (read at its first use)
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.manual_seed(int(seed))
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield

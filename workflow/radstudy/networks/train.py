@@ -298,8 +298,8 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
         return harrell_c(outcome["time"][inner_pos], outcome["event"][inner_pos], score)
 
     devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
-    with torch_threads(cfg["threads"]), torch.random.fork_rng(devices=devices), deterministic(seed):
-        torch.use_deterministic_algorithms(True, warn_only=True)  # see the module docstring (CUDA kernels)
+    # warn_only: see the module docstring (CUDA kernels)
+    with torch_threads(cfg["threads"]), torch.random.fork_rng(devices=devices), deterministic(seed, warn_only=True):
         generator = torch.Generator().manual_seed(int(seed))
         model = build_network(cfg, n_channels, 0 if normaliser is None else len(normaliser.means))
         pretrained = load_pretrained(model, cfg["checkpoint"], dims=cfg["dims"]) if cfg["checkpoint"] else None
