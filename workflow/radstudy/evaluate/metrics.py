@@ -224,6 +224,12 @@ def _logistic_glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None
     return fit if fit.converged else None
 
 
+def is_constant(x, rtol: float = 1e-10) -> bool:
+    """Whether the values of `x` are all equal, up to `rtol` relative to their size (a constant prediction)."""
+    x = np.asarray(x, dtype=float)
+    return bool(len(x)) and bool(np.ptp(x) <= rtol * max(1.0, float(np.abs(x).max())))
+
+
 def calibration_intercept_slope(y, p=None, *, lp=None, alpha: float = 0.05) -> dict:
     """Calibration-in-the-large and calibration slope of a prediction (Cox 1958; Van Calster et al. 2016).
 
@@ -240,7 +246,7 @@ def calibration_intercept_slope(y, p=None, *, lp=None, alpha: float = 0.05) -> d
     z = stats.norm.ppf(1 - alpha / 2)
     out = {}
     fits = {"intercept": (_logistic_glm(y, np.ones((len(y), 1)), offset=lp), 0)}
-    constant = np.ptp(lp) <= 1e-12 * max(1.0, float(np.abs(lp).max()))
+    constant = is_constant(lp, rtol=1e-12)
     fits["slope"] = (None if constant else _logistic_glm(y, np.column_stack([np.ones(len(y)), lp])), 1)
     for name, (fit, k) in fits.items():
         est, se = (float(fit.params[k]), float(fit.bse[k])) if fit is not None else (np.nan, np.nan)

@@ -195,8 +195,7 @@ def constant_models(ref_df: pd.DataFrame, models) -> list:
     no prediction, so they get no metric, figure, cut-off or comparison. Relative tolerance 1e-10."""
     found = []
     for m in models:
-        s = ref_df.loc[ref_df["model"] == m, "score"].to_numpy(dtype=float)
-        if len(s) and np.ptp(s) <= 1e-10 * max(1.0, float(np.abs(s).max())):
+        if M.is_constant(ref_df.loc[ref_df["model"] == m, "score"]):
             found.append(m)
     return found
 
