@@ -15,9 +15,8 @@ def generate(study: Study) -> dict:
     """Generate the synthetic cohort into the paths that the centers sheet names."""
     cfg = study.config["demo"]
     centers = [{"id": c.id, "role": c.role, "dicom_root": c.dicom_root, "clinical": c.clinical} for c in study.centers]
-    patients = cfg["patients"]
     summary = generate_cohort(
-        centers, cfg["out_dir"], seed=study.seed, patients=tuple(patients) if isinstance(patients, list) else patients,
+        centers, cfg["out_dir"], seed=study.seed, patients=cfg["patients"],
         size=cfg["size"], annotated_fraction=cfg["annotated_fraction"], rtstruct_per_center=cfg["rtstruct_per_center"],
         seg_per_center=cfg["seg_per_center"],
         labels=study.config["ingest"]["labels"], workers=cfg["workers"],
