@@ -222,7 +222,7 @@ def test_a_center_lists_every_patient_left_out_and_logs_each(tmp_path, caplog):
     assert patients == ["P001"] and inputs.shape == (1, 2, 32, 32, 32)
     lines = [r.getMessage() for r in caplog.records]
     assert sum(line.startswith(("P001:", "P002:", "P003:")) for line in lines) == 3
-    assert "center.npz: 1 patient(s) with an input, 2 left out" in lines[-1]
+    assert "center.npz: 1 patient(s) with an input (0 with a manual mask), 2 left out" in lines[-1]
 
 
 # ============================================================================ per-center files
@@ -273,3 +273,42 @@ def test_the_crop_helpers_are_the_deep_feature_ones(tmp_path):
     crop = deep.crop_region(image, labels == 2, (32, 32, 32), None, 10)
     assert info["spacing_mm"] == pytest.approx(crop.spacing)
     np.testing.assert_array_equal(x[2], crop.mask.astype(np.float32))
+
+
+# ============================================================================ segmentation targets (multitask)
+def test_manual_and_automatic_targets_are_the_regions_on_the_crop_grid(tmp_path, caplog):
+    images, mask = _patient(tmp_path)
+    labels = _volumes()[2]
+    shifted = np.roll(labels, 2, axis=2)  # an 'automatic' mask two voxels off the manual one
+    automatic = _write(shifted, tmp_path / "auto.nii.gz")
+    x, info = _input(images, mask, manual=mask, automatic=automatic)
+    assert info["manual"].dtype == bool and info["manual"].shape == x.shape[1:]
+    assert np.array_equal(info["manual"], labels[ON_GRID] == 2)  # the crop is a slice of the array here
+    assert np.array_equal(info["automatic"], shifted[ON_GRID] == 2)
+    grid_origin = np.array(info["origin"])
+    assert np.allclose(grid_origin, (-20.0 + 13, 10.0 + 18, 5.0 + 15))  # x y z of voxel (15, 18, 13)
+    # no file, a file off the images' grid, a mask without the region: no target, a warning naming the file
+    off_grid = _write(labels, tmp_path / "coarse.nii.gz", spacing=(2.0, 1.0, 1.0))
+    no_region = _write(np.where(labels == 2, 1, labels).astype(np.uint8), tmp_path / "liver_only.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        _, none = _input(images, mask, manual=off_grid, automatic=no_region)
+    assert none["manual"] is None and none["automatic"] is None
+    assert str(off_grid) in caplog.text and str(no_region) in caplog.text
+    _, absent = _input(images, mask)
+    assert absent["manual"] is None and absent["automatic"] is None
+    # dims 2: the target of the largest slice, on the slice's grid
+    x2, info2 = _input(images, mask, _cfg(dims=2), manual=mask)
+    assert info2["manual"].shape == x2.shape[1:] and info2["manual"].sum() == (labels[info2["slice"]] == 2).sum()
+
+
+def test_a_center_file_stores_targets_with_their_flags(tmp_path):
+    a, mask_a = _patient(tmp_path / "P001")
+    b, mask_b = _patient(tmp_path / "P002")
+    out = tmp_path / "center.npz"
+    crops.write_center_inputs([("P001", a, mask_a, None), ("P002", b, mask_b, None)], out, labels=LABELS,
+                              cfg=_cfg(), modalities=MODALITIES, targets={"P001": (mask_a, mask_a)})
+    with np.load(out, allow_pickle=False) as data:
+        assert data["has_manual"].tolist() == [True, False] and data["has_automatic"].tolist() == [True, False]
+        assert data["manual"].shape == (2, 32, 32, 32) and data["manual"].dtype == np.uint8
+        assert data["manual"][0].sum() > 0 and data["manual"][1].sum() == 0
+        assert data["origin"].shape == (2, 3) and data["direction"].shape == (2, 9)

@@ -27,9 +27,18 @@ whose region lies outside a channel's field of view raises `PatientExcluded` (th
 region, the channel and the file); `write_center_inputs` turns it into an issue row and leaves the patient out of
 the arrays. Everything is deterministic (no random step; SimpleITK's resampling is exact per voxel).
 
+Segmentation targets (the multitask network, `radstudy.networks.multitask`): the region of the patient's manual
+mask (ingestion's mask_manual.nii.gz, where one was delivered) and of its automatic segmentation (nnU-Net's) on the
+same crop grid, each with a flag telling whether the patient has one; a manual mask that cannot be read, is not on
+the images' grid or holds no voxel of the region gives no target (a warning names the file), the patient keeps its
+input. The crop grid's origin and direction are stored too, so a mask predicted in the crop can be written as an
+image that ITK-SNAP or 3D Slicer lays over the patient's scan.
+
 Storage: one compressed .npz per center (`np.savez_compressed`, read without pickle): patients (N,), inputs
-(N, C, ...) float16, channels (C,), spacing_mm (N, 3) z y x, outside_fov (N, image channels), slice (N,) (dims 2;
--1 for dims 3), dims and region.
+(N, C, ...) float16, channels (C,), spacing_mm (N, 3) z y x, origin (N, 3) and direction (N, 9) of the crop grid
+(x y z, SimpleITK's order), outside_fov (N, image channels), slice (N,) (dims 2; -1 for dims 3), manual and
+automatic (N, ...) uint8 (the region in the crop, 0 where there is none) with has_manual and has_automatic (N,)
+bool, dims and region.
 """
 
 from __future__ import annotations
@@ -132,9 +141,33 @@ def _normalised(image: sitk.Image, valid: np.ndarray | None, grid: sitk.Image, c
     return deep.standardise(crop, valid)
 
 
+def _target_on_grid(path: Path | None, reference: sitk.Image, grid: sitk.Image, *, patient: str, label: int,
+                    what: str, slice_index: int | None) -> np.ndarray | None:
+    """The region of a target mask file on the crop grid (bool), None when there is no file or it is unusable (a
+    warning names the file: the patient keeps its input, without this target)."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        image = sitk.ReadImage(str(path))
+    except Exception as exc:  # an unreadable target leaves the patient without it, with the reason
+        log.warning("%s: %s mask %s cannot be read (%s): no segmentation target", patient, what, path, exc)
+        return None
+    if not same_grid(reference, image, direction_tolerance=1e-4):
+        log.warning("%s: %s mask %s is not on the images' grid: no segmentation target", patient, what, path)
+        return None
+    voxels = sitk.GetArrayFromImage(image) == label
+    if not voxels.any():
+        log.warning("%s: %s mask %s holds no voxel of label %d: no segmentation target", patient, what, path, label)
+        return None
+    if slice_index is not None:
+        voxels = np.where(np.arange(len(voxels))[:, None, None] == slice_index, voxels, False)
+    return deep.region_on_grid(voxels, reference, grid)
+
+
 def patient_input(images: Mapping[str, str | Path], mask: str | Path, *, patient: str, labels: Mapping[str, int],
                   cfg: Mapping, modalities: Mapping[str, str],
-                  fovs: Mapping[str, str | Path] | None = None) -> tuple[np.ndarray, dict]:
+                  fovs: Mapping[str, str | Path] | None = None, manual: str | Path | None = None,
+                  automatic: str | Path | None = None) -> tuple[np.ndarray, dict]:
     """One patient's network input, float32 (C, D, H, W) (dims 3) or (C, H, W) (dims 2), channels as
     `channel_names`, and an info dict: spacing_mm (z y x of the crop grid), outside_fov and outside_region (per image
     channel: fractions of the crop / of the region outside its field of view), slice (dims 2: the image's axial
@@ -180,24 +213,33 @@ def patient_input(images: Mapping[str, str | Path], mask: str | Path, *, patient
     if cfg["mask_channel"]:
         arrays.append(deep.region_on_grid(crop_region, reference, grid).astype(np.float32))
     x = np.stack(arrays).astype(np.float32)
+    targets = {what: _target_on_grid(None if path is None else Path(path), mask_image, grid, patient=patient,
+                                     label=label, what=what, slice_index=slice_index)
+               for what, path in (("manual", manual), ("automatic", automatic))}
     if slice_index is not None:
         x = x[:, 0]
+        targets = {k: None if v is None else v[0] for k, v in targets.items()}
     info = {"spacing_mm": tuple(float(s) for s in grid.GetSpacing()[::-1]), "outside_fov": outside,
-            "outside_region": {c: share for c, (_, _, share) in zip(channels, loaded)}, "slice": slice_index}
+            "outside_region": {c: share for c, (_, _, share) in zip(channels, loaded)}, "slice": slice_index,
+            "origin": tuple(grid.GetOrigin()), "direction": tuple(grid.GetDirection()), **targets}
     return x, info
 
 
 def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str | Path,
                                               Mapping[str, str | Path] | None]],
                         out_npz: str | Path, *, labels: Mapping[str, int], cfg: Mapping,
-                        modalities: Mapping[str, str]) -> pd.DataFrame:
+                        modalities: Mapping[str, str],
+                        targets: Mapping[str, tuple[str | Path | None, str | Path | None]] | None = None
+                        ) -> pd.DataFrame:
     """Every patient's input of one center into one compressed .npz (module docstring); returns the issues
     (patient, region, reason, message, file): one row per patient left out, none dropped silently. items:
-    (patient, images channel -> file, mask file, fovs channel -> file or None). One log line per patient and a
-    summary."""
+    (patient, images channel -> file, mask file, fovs channel -> file or None); targets: patient -> (manual mask
+    file, automatic mask file), each None when there is none. One log line per patient and a summary."""
     cfg = settings("networks", dict(cfg))
     out_npz = Path(out_npz)
     patients, inputs, spacings, outside, slices, issues = [], [], [], [], [], []
+    origins, directions, masks = [], [], {"manual": [], "automatic": []}
+    targets = targets or {}
     channels = image_channels = None
     for patient, images, mask, fovs in items:
         names = channel_names(images, cfg)
@@ -207,8 +249,9 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
             raise ValueError(f"{patient}: channels {names} differ from the center's {channels} ({out_npz}); "
                              "set networks.channels")
         try:
+            manual, automatic = targets.get(patient, (None, None))
             x, info = patient_input(images, mask, patient=patient, labels=labels, cfg=cfg, modalities=modalities,
-                                    fovs=fovs)
+                                    fovs=fovs, manual=manual, automatic=automatic)
         except PatientExcluded as exc:
             issues.append({"patient": patient, "region": cfg["region"], "reason": exc.reason, "message": exc.message,
                            "file": exc.file or ""})
@@ -219,11 +262,21 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
         spacings.append(info["spacing_mm"])
         outside.append([info["outside_fov"][c] for c in image_channels])
         slices.append(-1 if info["slice"] is None else info["slice"])
+        origins.append(info["origin"])
+        directions.append(info["direction"])
+        for what in masks:
+            masks[what].append(info[what])
         log.info("%s: input %s at %.3g mm, outside the field of view: %s", patient, "x".join(map(str, x.shape)),
                  info["spacing_mm"][-1], ", ".join(f"{c} {s:.1%}" for c, s in info["outside_fov"].items()))
     if channels is None:  # no patient given: the channels are known only when the config names them
         channels = channel_names({}, cfg) if cfg["channels"] is not None else []
     empty = np.zeros((0, len(channels), *input_shape(cfg)), np.float16)
+    shape = input_shape(cfg)
+    stored = {}
+    for what, found in masks.items():
+        stored[what] = np.stack([np.zeros(shape, np.uint8) if m is None else m.astype(np.uint8) for m in found]) \
+            if found else np.zeros((0, *shape), np.uint8)
+        stored[f"has_{what}"] = np.array([m is not None for m in found], dtype=bool)
     out_npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_npz, patients=np.array(patients, dtype=str),
                         inputs=np.stack(inputs) if inputs else empty,
@@ -231,6 +284,9 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
                         spacing_mm=np.array(spacings, dtype=np.float64).reshape(-1, 3),
                         outside_fov=np.array(outside, dtype=np.float64).reshape(len(patients), -1),
                         slice=np.array(slices, dtype=np.int64), dims=np.int64(cfg["dims"]),
-                        region=np.array(cfg["region"]))
-    log.info("%s: %d patient(s) with an input, %d left out (issues)", out_npz.name, len(patients), len(issues))
+                        region=np.array(cfg["region"]),
+                        origin=np.array(origins, dtype=np.float64).reshape(-1, 3),
+                        direction=np.array(directions, dtype=np.float64).reshape(-1, 9), **stored)
+    log.info("%s: %d patient(s) with an input (%d with a manual mask), %d left out (issues)", out_npz.name,
+             len(patients), int(stored["has_manual"].sum()), len(issues))
     return pd.DataFrame(issues, columns=ISSUE_COLUMNS)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from radstudy.config import Study, settings
 from radstudy.features.stage import _patient_inputs, segmented_patients
-from radstudy.ingest.outputs import patient_folders
+from radstudy.ingest.outputs import MASK_FILE, patient_folders
 from radstudy.networks import crops
 
 ISSUE_COLUMNS = ["patient", "center", "region", "reason", "message", "file"]
@@ -25,9 +25,12 @@ def inputs_center(study: Study, center: str, segmentation_dir: str | Path, inges
     items = [(patient, *_patient_inputs(study, patient, folders[patient], segmentation_dir))
              for patient in segmented_patients(segmentation_dir)]
     modalities = {name: selector["modality"] for name, selector in study.config["ingest"]["channels"].items()}
+    # the segmentation targets of the multitask network and its comparison with nnU-Net in the same crops
+    targets = {patient: (folders[patient] / MASK_FILE if (folders[patient] / MASK_FILE).exists() else None,
+                         Path(segmentation_dir) / f"{patient}.nii.gz") for patient, *_ in items}
     issues = crops.write_center_inputs(items, out_inputs, labels=study.config["ingest"]["labels"],
                                        cfg=settings("networks", study.config["networks"]),
-                                       modalities=modalities)
+                                       modalities=modalities, targets=targets)
     issues = issues.assign(center=center).reindex(columns=ISSUE_COLUMNS)
     Path(out_issues).parent.mkdir(parents=True, exist_ok=True)
     issues.to_csv(out_issues, sep="\t", index=False)
