@@ -239,21 +239,55 @@ def _scores(model: FusionNet, images: torch.Tensor, clinical: torch.Tensor | Non
                           for i in range(0, len(images), PREDICT_BATCH)])
 
 
-def _train_epoch(model: FusionNet, optimiser: torch.optim.Optimizer, batches: list[torch.Tensor],
-                 images: torch.Tensor, clinical: torch.Tensor | None, loss_of, augment) -> float:
-    """One pass of AdamW steps over the batches (rows of the cached tensors), each augmented; batches of one row
-    are skipped. Returns the mean training loss per row."""
-    model.train()
-    total, seen = 0.0, 0
-    for index in batches:
-        if len(index) < 2:
+def _run_epochs(model: torch.nn.Module, cfg: dict, *, make_batches, batch_loss, inner_eval, log: logging.Logger,
+                metric_name: str, first_eligible: int = 1) -> tuple[list[dict], int, dict]:
+    """The epochs of one training: AdamW steps over `make_batches()` (position tensors; batches of one row are
+    skipped) with `batch_loss(positions, epoch)`, then `inner_eval(epoch)` -> (inner loss, {metric: value}) in eval
+    mode; the weights of the epoch >= first_eligible with the lowest inner loss are kept; early stopping after
+    cfg early_stopping_patience epochs without improvement (counted from first_eligible). Returns (history rows,
+    best epoch, best state dict)."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    history, best_loss, best_state, best_epoch = [], math.inf, None, 0
+    for epoch in range(1, cfg["epochs"] + 1):
+        started = time.perf_counter()
+        model.train()
+        total, seen = 0.0, 0
+        for index in make_batches():
+            if len(index) < 2:
+                continue
+            loss = batch_loss(index, epoch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total, seen = total + loss.item() * len(index), seen + len(index)
+        evaluated = time.perf_counter()
+        model.eval()
+        inner_loss, metrics = inner_eval(epoch)
+        now = time.perf_counter()
+        row = {"epoch": epoch, "train_loss": total / max(seen, 1), "inner_loss": float(inner_loss),
+               "inner_metric": metrics[metric_name], "seconds": now - started, "inner_seconds": now - evaluated,
+               **{f"inner_{k}": v for k, v in metrics.items() if k != metric_name}}
+        history.append(row)
+        log.info("epoch %d/%d: train loss %.4f, inner loss %.4f, inner %s, %.1f s", epoch, cfg["epochs"],
+                 row["train_loss"], row["inner_loss"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), row["seconds"])
+        if epoch < first_eligible:
             continue
-        loss = loss_of(model(augment(images[index]), None if clinical is None else clinical[index]), index)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        total, seen = total + loss.item() * len(index), seen + len(index)
-    return total / max(seen, 1)
+        if inner_loss < best_loss:  # NaN never improves
+            best_loss, best_epoch = inner_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif cfg["early_stopping_patience"] and epoch - best_epoch >= cfg["early_stopping_patience"]:
+            break
+    if best_state is None:
+        raise ValueError("training diverged: the inner loss was NaN in every epoch that could be kept")
+    model.load_state_dict(best_state)
+    model.eval()
+    return history, best_epoch, best_state
+
+
+def _history(rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows)
+    return table[HISTORY_COLUMNS + [c for c in table.columns if c not in HISTORY_COLUMNS]]
 
 
 def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict, endpoint: str, train: np.ndarray,
@@ -271,12 +305,8 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
     outcome = _outcome(target, kind, rows, len(inputs))
     strata = (outcome["y"] if kind == "binary" else outcome["event"]).astype(bool)
     fit_rows, inner_rows = _inner_split(rows, strata, cfg["inner_validation_fraction"], seed, kind)
-    position = {row: i for i, row in enumerate(rows)}
-    fit_pos, inner_pos = (np.array([position[r] for r in part]) for part in (fit_rows, inner_rows))
-    n_channels = inputs.shape[1]
-    channels = list(channels) if channels is not None else [f"input{i}" for i in range(n_channels)]
-    if len(channels) != n_channels:
-        raise ValueError(f"{len(channels)} channel names for inputs with {n_channels} channels")
+    fit_pos, inner_pos = _positions(rows, fit_rows, inner_rows)
+    channels = _channel_names(channels, inputs.shape[1])
     clinical_train = None if clinical is None else _rows_of("clinical", clinical, len(inputs))[rows]
     normaliser = None if clinical_train is None else ClinicalNormaliser.fit(clinical_train)
     pos_weight = None
@@ -297,43 +327,46 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
             return auc(outcome["y"][inner_pos], score)
         return harrell_c(outcome["time"][inner_pos], outcome["event"][inner_pos], score)
 
+    metric_name = "auc" if kind == "binary" else "c"
     devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
     # warn_only: see the module docstring (CUDA kernels)
     with torch_threads(cfg["threads"]), torch.random.fork_rng(devices=devices), deterministic(seed, warn_only=True):
         generator = torch.Generator().manual_seed(int(seed))
-        model = build_network(cfg, n_channels, 0 if normaliser is None else len(normaliser.means))
+        model = build_network(cfg, len(channels), 0 if normaliser is None else len(normaliser.means))
         pretrained = load_pretrained(model, cfg["checkpoint"], dims=cfg["dims"]) if cfg["checkpoint"] else None
         model.to(torch_device)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
-        image_channels = n_channels - int(bool(cfg["mask_channel"]))
+        image_channels = len(channels) - int(bool(cfg["mask_channel"]))
         fit_pos_t, inner_pos_t = (torch.as_tensor(p, device=torch_device) for p in (fit_pos, inner_pos))
-        history, best_loss, best_state, best_epoch = [], math.inf, None, 0
-        for epoch in range(1, cfg["epochs"] + 1):
-            started = time.perf_counter()
-            batches = [fit_pos_t[torch.as_tensor(batch, device=torch_device)] for batch in
-                       _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival")]
-            train_loss = _train_epoch(model, optimiser, batches, images, clin, loss_of,
-                                      lambda x: _augment(x, generator, cfg["augmentation"], image_channels))
-            evaluated = time.perf_counter()
+
+        def make_batches():
+            return [fit_pos_t[torch.as_tensor(batch, device=torch_device)] for batch in
+                    _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival")]
+
+        def batch_loss(index, epoch):
+            x = _augment(images[index], generator, cfg["augmentation"], image_channels)
+            return loss_of(model(x, None if clin is None else clin[index]), index)
+
+        def inner_eval(epoch):
             score = _scores(model, images[inner_pos_t], None if clin is None else clin[inner_pos_t])
-            inner_loss = float(loss_of(score, inner_pos_t))
-            metric = metric_of(score.float().cpu().numpy())
-            now = time.perf_counter()
-            seconds = now - started
-            history.append((epoch, train_loss, inner_loss, metric, seconds, now - evaluated))
-            log.info("epoch %d/%d: train loss %.4f, inner loss %.4f, inner %s %.3f, %.1f s", epoch, cfg["epochs"],
-                     train_loss, inner_loss, "AUC" if kind == "binary" else "C", metric, seconds)
-            if inner_loss < best_loss:  # NaN never improves
-                best_loss, best_epoch = inner_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif cfg["early_stopping_patience"] and epoch - best_epoch >= cfg["early_stopping_patience"]:
-                break
-        if best_state is None:
-            raise ValueError(f"training of the {endpoint} network diverged: the inner loss was NaN in every epoch")
-        model.load_state_dict(best_state)
-        model.eval()
-    return TrainedNetwork(model, pd.DataFrame(history, columns=HISTORY_COLUMNS), best_epoch, normaliser, cfg,
-                          channels, endpoint, library_versions(), inner_rows, pretrained)
+            return float(loss_of(score, inner_pos_t)), {metric_name: metric_of(score.float().cpu().numpy())}
+
+        history, best_epoch, _ = _run_epochs(model, cfg, make_batches=make_batches, batch_loss=batch_loss,
+                                             inner_eval=inner_eval, log=log, metric_name=metric_name)
+    return TrainedNetwork(model, _history(history), best_epoch, normaliser, cfg, channels, endpoint,
+                          library_versions(), inner_rows, pretrained)
+
+
+def _positions(rows: np.ndarray, *parts: np.ndarray) -> list[np.ndarray]:
+    """Positions (in `rows`) of the rows of each part."""
+    position = {row: i for i, row in enumerate(rows)}
+    return [np.array([position[r] for r in part], dtype=int) for part in parts]
+
+
+def _channel_names(channels: Sequence[str] | None, n_channels: int) -> list[str]:
+    channels = list(channels) if channels is not None else [f"input{i}" for i in range(n_channels)]
+    if len(channels) != n_channels:
+        raise ValueError(f"{len(channels)} channel names for inputs with {n_channels} channels")
+    return channels
 
 
 # ============================================================================ prediction, saving, loading
@@ -393,6 +426,6 @@ def load_network(path: str | Path) -> TrainedNetwork:
     stored = payload["normaliser"]
     normaliser = None if stored is None else ClinicalNormaliser(np.asarray(stored["means"]),
                                                                 np.asarray(stored["scales"]))
-    return TrainedNetwork(model, pd.DataFrame(payload["history"], columns=HISTORY_COLUMNS), payload["best_epoch"],
+    return TrainedNetwork(model, pd.DataFrame(payload["history"]), payload["best_epoch"],
                           normaliser, payload["cfg"], payload["channels"], payload["endpoint"], payload["versions"],
                           np.asarray(payload["inner_rows"], dtype=int), payload["pretrained"])
