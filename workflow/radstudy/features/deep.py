@@ -3,7 +3,7 @@
 Backbones (`features.deep.backbone`):
 
 * ``nnunet`` (default): the study's own trained nnU-Net (or another nnU-Net model folder). The network is built
-  from plans.json with nnU-Net's API (as `radstudy.segment.nnunet.predict` does: no trainer lookup by name, no timm or
+  from plans.json with nnU-Net's API (`radstudy.segment.nnunet.load_trained_network`, as `predict` uses: no trainer lookup by name, no timm or
   torchvision), the checkpoint's weights are loaded and only the encoder runs. The features are the global
   average pools of the deepest `nnunet_stages` encoder stages (the bottleneck and the skips above it),
   concatenated. A 2d network runs on every slice of the crop that holds the region and the pooled vectors are
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -437,28 +436,10 @@ class NnunetExtractor(Extractor):
     def __init__(self, cfg, device, seed, model_folder: str | Path, checkpoint: str = "checkpoint_final.pth"):
         super().__init__(cfg, device, seed)
         self.backbone = "nnunet"
-        folder, folds = segment.resolve_model_folder(Path(model_folder), None, checkpoint)
-        fold = folds[0]  # an ensemble's first fold: one network, one feature space
-        with segment.nnunet_environment():
-            from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-            plans = json.loads((folder / "plans.json").read_text())
-            dataset_json = json.loads((folder / "dataset.json").read_text())
-            path = folder / f"fold_{fold}" / checkpoint
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # nnU-Net checkpoints are pickles
-            plans_manager = PlansManager(plans)
-            configuration = ckpt["init_args"]["configuration"]
-            manager = plans_manager.get_configuration(configuration)
-            n_inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
-            n_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-            build = segment.network_builder(ckpt["trainer_name"], None)
-            network = build(plans_manager, manager, n_inputs, n_outputs, enable_deep_supervision=False)
-            try:
-                network.load_state_dict(ckpt["network_weights"])
-            except RuntimeError as error:
-                raise DeepFeatureError(f"the weights in {path} do not fit the network built from "
-                                       f"{folder / 'plans.json'}: {error}") from error
+        trained = segment.load_trained_network(Path(model_folder), checkpoint)  # an ensemble's first fold
+        folder, fold, path, network = trained.folder, trained.fold, trained.path, trained.network
+        plans, dataset_json, manager = trained.plans, trained.dataset_json, trained.configuration_manager
+        configuration, n_inputs = trained.configuration, trained.n_inputs
         if not hasattr(network, "encoder"):
             raise DeepFeatureError(f"{folder}: the network ({type(network).__name__}) has no `encoder` to run")
         n_stages = len(network.encoder.stages) if hasattr(network.encoder, "stages") else None

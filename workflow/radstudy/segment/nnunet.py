@@ -10,7 +10,9 @@ Stages, each a function the Snakemake rules call (no Snakemake needed):
    configurable length, early stopping on nnU-Net's EMA pseudo-Dice and seeds.
 4. `predict`: loads a model once and segments a list of cases (a whole center), writing
    `{patient}.nii.gz` on each case's image grid. Works as well on a results folder trained elsewhere with
-   nnU-Net's stock trainer (plans.json, dataset.json, fold_*/checkpoint_*.pth).
+   nnU-Net's stock trainer (plans.json, dataset.json, fold_*/checkpoint_*.pth). `load_trained_network` is the
+   one loader of such a folder (plans, dataset.json, checkpoint, the network built from the plans with its
+   weights): `predict`, the deep features' nnU-Net encoder and the multitask network's initialisation use it.
 5. `postprocess`, `qc_segmentation`, `overlap_metrics`: per-label largest connected component, plausibility
    flags, DSC / HD95 / volumes against manual masks.
 
@@ -58,6 +60,7 @@ import os
 import random
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +69,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from radstudy.images import DEFAULT_LABELS, same_grid
-from radstudy.torch_tools import torch_threads  # noqa: F401 (also used by callers of this module)
+from radstudy.torch_tools import ModelError, torch_threads  # noqa: F401 (also used by callers of this module)
 
 log = logging.getLogger(__name__)
 
@@ -481,6 +484,71 @@ def network_builder(trainer_name: str, trainer_class: type | None):
     return nnUNetTrainer.build_network_architecture
 
 
+@dataclass
+class TrainedNetwork:
+    """One fold of a trained nnU-Net model folder, loaded by `load_trained_network`.
+
+    network: the architecture built from plans.json (deep supervision off) with the checkpoint's weights, on the
+    CPU; weights: the checkpoint's state dict; configuration: the configuration it was trained with (the
+    checkpoint's init_args); n_inputs / n_outputs: its input channels and segmentation heads."""
+
+    folder: Path
+    fold: str
+    path: Path  # the checkpoint file
+    trainer_name: str
+    configuration: str
+    plans: dict
+    dataset_json: dict
+    plans_manager: Any
+    configuration_manager: Any
+    n_inputs: int
+    n_outputs: int
+    mirror_axes: Any
+    weights: dict
+    network: Any
+
+
+def load_trained_network(model_folder: Path, checkpoint: str = "checkpoint_final.pth", *,
+                         fold: int | str | None = None, trainer_class: type | None = None) -> TrainedNetwork:
+    """Load one fold of an nnU-Net model folder: plans.json, dataset.json, fold_{fold}/{checkpoint}, the network
+    built by the checkpoint trainer's build_network_architecture (see `network_builder`: no lookup by name) from
+    the plans' configuration named in the checkpoint, with the trained weights loaded (strict).
+
+    model_folder: as `predict` takes it (a fold_X folder inside it is accepted too); fold: default "all" if
+    present, else the first fold_N with the checkpoint. Raises FileNotFoundError for a folder without the files
+    and ModelError (a ValueError) naming the checkpoint and plans.json when the weights do not fit the network
+    built from the plans (e.g. a plans.json edited after training). Only load checkpoints you trust: nnU-Net
+    checkpoints are pickles (torch.load(weights_only=False))."""
+    folder, folds = resolve_model_folder(Path(model_folder), None if fold is None else [fold], checkpoint)
+    fold = folds[0]  # an ensemble's first fold: one network
+    with nnunet_environment():  # loading needs none of nnU-Net's folders
+        import torch
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        plans = _load_json(folder / "plans.json")
+        dataset_json = _load_json(folder / "dataset.json")
+        path = folder / f"fold_{fold}" / checkpoint
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # nnU-Net checkpoints are pickles
+        plans_manager = PlansManager(plans)
+        configuration = ckpt["init_args"]["configuration"]
+        manager = plans_manager.get_configuration(configuration)
+        n_inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
+        n_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        build = network_builder(ckpt["trainer_name"], trainer_class)
+        network = build(plans_manager, manager, n_inputs, n_outputs, enable_deep_supervision=False)
+        try:
+            network.load_state_dict(ckpt["network_weights"])
+        except RuntimeError as error:
+            raise ModelError(f"the weights in {path} do not fit the network built from "
+                             f"{folder / 'plans.json'}: {error}") from error
+    return TrainedNetwork(folder=folder, fold=fold, path=path, trainer_name=ckpt["trainer_name"],
+                          configuration=configuration, plans=plans, dataset_json=dataset_json,
+                          plans_manager=plans_manager, configuration_manager=manager, n_inputs=n_inputs,
+                          n_outputs=n_outputs, mirror_axes=ckpt.get("inference_allowed_mirroring_axes"),
+                          weights=ckpt["network_weights"], network=network)
+
+
 def _channel_order(dataset_json: Mapping, cases: Sequence[Mapping], channels: Sequence[str] | None) -> list[str] | None:
     n_channels = len(dataset_json["channel_names"])
     if channels is not None:
@@ -541,8 +609,6 @@ def predict(model_folder: Path, cases: list[dict], out_dir: Path, *, device: str
     with torch_threads(threads), nnunet_environment():  # prediction needs none of nnU-Net's folders
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         dataset_json = _load_json(model_folder / "dataset.json")
         dataset_json["file_ending"] = FILE_ENDING  # our outputs are NIfTI whatever the model was trained on
@@ -551,33 +617,23 @@ def predict(model_folder: Path, cases: list[dict], out_dir: Path, *, device: str
             inputs = [[str(c["images"][ch]) for ch in order] for c in cases]
         else:
             inputs = [[str(next(iter(c["images"].values())))] for c in cases]
-        plans_manager = PlansManager(_load_json(model_folder / "plans.json"))
-        parameters, trainer_name, configuration_name, mirror_axes = [], None, None, None
-        for fold in folds:
-            ckpt = torch.load(model_folder / f"fold_{fold}" / checkpoint, map_location="cpu", weights_only=False)
-            if trainer_name is None:
-                trainer_name = ckpt["trainer_name"]
-                configuration_name = ckpt["init_args"]["configuration"]
-                mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
-            parameters.append(ckpt["network_weights"])
-        configuration_manager = plans_manager.get_configuration(configuration_name)
-        n_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-        n_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        build = network_builder(trainer_name, trainer_class)
-        network = build(plans_manager, configuration_manager, n_inputs, n_outputs, enable_deep_supervision=False)
         try:
-            network.load_state_dict(parameters[0])
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"the weights in {model_folder} do not fit the network built from plans.json for trainer "
-                f"{trainer_name}: pass trainer_class= (that trainer's class) to build its architecture") from error
+            trained = load_trained_network(model_folder, checkpoint, fold=folds[0], trainer_class=trainer_class)
+        except ModelError as error:
+            raise RuntimeError(f"{error}; if the checkpoint's trainer builds another architecture, pass "
+                               "trainer_class= (that trainer's class) to build it") from error
+        network, trainer_name, configuration_name = trained.network, trained.trainer_name, trained.configuration
+        parameters = [trained.weights]
+        for fold in folds[1:]:  # an ensemble: the other folds' weights, loaded by the predictor in turn
+            parameters.append(torch.load(model_folder / f"fold_{fold}" / checkpoint, map_location="cpu",
+                                         weights_only=False)["network_weights"])
 
         predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=bool(tta),
                                     perform_everything_on_device=torch_device.type == "cuda",
                                     device=torch_device, verbose=verbose, verbose_preprocessing=False,
                                     allow_tqdm=False)
-        predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
-                                        trainer_name, mirror_axes)
+        predictor.manual_initialization(network, trained.plans_manager, trained.configuration_manager, parameters,
+                                        dataset_json, trainer_name, trained.mirror_axes)
 
         outputs = [str(out_dir / p) for p in patients]
         for output in outputs:  # never mistake an earlier run's file for this run's
