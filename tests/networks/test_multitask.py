@@ -102,6 +102,21 @@ def test_random_unet_has_nnunet_defaults():
     assert all(layer.out_channels == 2 for layer in net.unet.decoder.seg_layers)
 
 
+def test_wraps_a_residual_encoder_unet_with_anisotropic_strides():
+    """nnU-Net's ResEnc plans build a ResidualEncoderUNet; strides need not be equal on every axis."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from radstudy.networks.multitask import MultitaskNet
+
+    unet = ResidualEncoderUNet(1, 4, FEATURES, torch.nn.Conv3d, 3, [1, 2, 2, [1, 2, 2]], [1, 2, 2, 2], 2, 1,
+                               conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+                               norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU)
+    net = MultitaskNet(unet, n_clinical=0, clinical_hidden=8, dropout=0.0, head_stages=3)
+    seg, cls_logit, risk = net(torch.randn(2, 1, 8, 32, 32))
+    assert seg.shape == (2, 2, 8, 32, 32) and cls_logit.shape == risk.shape == (2,)
+    assert net.n_pooled == sum(FEATURES[-3:])
+
+
 @pytest.mark.parametrize(("dims", "crop"), [(3, (12, 32, 32)), (2, (16, 32, 36))])
 def test_crop_not_divisible_by_the_total_stride_is_a_config_error(dims, crop):
     with pytest.raises(ConfigError, match=r"networks.crop_size .* total stride \[8, 8"):
