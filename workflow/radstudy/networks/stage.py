@@ -35,6 +35,9 @@ from radstudy.torch_tools import resolve_device
 
 log = logging.getLogger(__name__)
 
+MULTITASK = "multitask"
+DSC_COLUMNS = ["patient", "center", "region", "method", "scope", "cohort", "nnunet_trained", "dsc", "hd95",
+               "volume_auto_ml", "volume_manual_ml"]
 PREDICTION_COLUMNS = ["patient", "center", "split", "cohort", "endpoint", "model", "score", "probability", "outcome",
                       "time", "event"]
 
@@ -50,12 +53,14 @@ def wants_gpu(study: Study) -> bool:
 
 
 def fitted_networks(config: dict) -> list[tuple[str, str]]:
-    """(endpoint, model) of every network the stage trains and saves: each configured endpoint x networks.fit;
+    """(endpoint, model) of every network the stage trains and saves: each configured endpoint x the per-endpoint
+    models of networks.fit, and ("multitask", "multitask") for the multitask network (one for both endpoints);
     none when networks.enabled is false."""
     cfg = settings("networks", config.get("networks"))
     if not cfg["enabled"]:
         return []
-    return [(endpoint, model) for endpoint in statistics_settings(config)["endpoints"] for model in cfg["fit"]]
+    return [(endpoint, model) for endpoint in statistics_settings(config)["endpoints"] for model in cfg["fit"]
+            if model != MULTITASK] + ([(MULTITASK, MULTITASK)] if MULTITASK in cfg["fit"] else [])
 
 
 def _clinical_design(data: pd.DataFrame, train: np.ndarray, stats: dict) -> np.ndarray:
@@ -75,7 +80,9 @@ def _target(endpoint: str, y) -> dict:
 
 
 def run(study: Study, *, inputs: list[str | Path], features, clinical, patients, out_predictions: str | Path,
-        out_history: str | Path, out_models: dict, out_saliency: str | Path) -> pd.DataFrame:
+        out_history: str | Path, out_models: dict, out_saliency: str | Path, out_dsc: str | Path | None = None,
+        out_masks: str | Path | None = None, segmentation_split: str | Path | None = None,
+        nnunet_model: str | Path | None = None) -> pd.DataFrame:
     """Train and score every network of the study (`fitted_networks`) in every split of the design.
 
     inputs: every center's network inputs (`radstudy.networks.inputs.inputs_center`); features / clinical /
@@ -83,7 +90,16 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     the primary split's networks (holdout, or `final`). A patient of the split without a network input gets a row
     with an empty score, which the evaluation counts as an exclusion. Writes the predictions, the training
     history of every network (learning curves) and saliency maps of a few patients per cohort (out_saliency:
-    PNG files and index.tsv)."""
+    PNG files and index.tsv).
+
+    The multitask network (networks.fit multitask) is trained once per split for both endpoints (`train_multitask`:
+    the training rows with any outcome; the segmentation target: the manual masks of the training rows that have
+    one) and adds rows of model multitask for each endpoint. Its masks predicted in the crop of the primary split's
+    patients go to out_masks (`{patient}.nii.gz` on the crop grid, in patient space; index.tsv); out_dsc: DSC / HD95
+    in the crop of the held-out annotated patients (the primary split's validation and test cohorts with a manual
+    mask) for the multitask network and, on the same crops, for the automatic segmentation (nnunet), with
+    nnunet_trained from segmentation_split (the patients nnU-Net was trained on). nnunet_model: the study's nnU-Net
+    model folder (multitask.encoder nnunet)."""
     from radstudy.networks import saliency
     from radstudy.networks import train as training
 
@@ -91,7 +107,7 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     stats = statistics_settings(study.config)
     data = assemble(read_table(features), read_table(clinical), read_table(patients))
     cohorts = study_cohorts(data, stats)
-    names, arrays, channels = read_center_inputs([Path(p) for p in inputs])
+    names, arrays, channels, extra = read_center_inputs([Path(p) for p in inputs], with_targets=True)
     row_of = {patient: i for i, patient in enumerate(names)}
     lacking = sorted(set(data["patient"]) - set(row_of))
     if lacking:
@@ -99,7 +115,7 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     device = str(resolve_device(cfg["device"], setting="networks.device"))
     horizon = stats["models"]["survival"]["horizon"]
     primary = primary_split(cohorts)
-    predictions, histories, saliency_rows = [], [], []
+    predictions, histories, saliency_rows, dsc_rows = [], [], [], []
     out_saliency = Path(out_saliency)
     out_saliency.mkdir(parents=True, exist_ok=True)
     for split in split_names(cohorts):
@@ -112,7 +128,7 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
             has_y, y, outcome_cols = outcome(part, endpoint, spec)
             train = (part_cohort == "training") & has_y
             target = _target(endpoint, _full(y, has_y, endpoint))
-            for model in cfg["fit"]:
+            for model in [m for m in cfg["fit"] if m != MULTITASK]:
                 started = time.perf_counter()
                 clinical_x = _clinical_design(part, train, stats) if model == "cnn_clinical" else None
                 trained = training.train_network(
@@ -137,6 +153,20 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
                     key = {"split": split, "endpoint": endpoint, "model": model}
                     saliency_rows += _saliency(saliency, trained, images, clinical_x, part, part_cohort, score,
                                                key, cfg, out_saliency)
+        if MULTITASK in cfg["fit"]:
+            rows = {k: v[[row_of[p] for p in part["patient"]]] for k, v in extra.items()}
+            trained, result = _multitask(study, cfg, stats, part, part_cohort, images, channels, rows, split,
+                                         predictions, histories, device, nnunet_model)
+            if split == primary:
+                if (MULTITASK, MULTITASK) in out_models:
+                    training.save_network(trained, out_models[(MULTITASK, MULTITASK)])
+                dsc_rows = _multitask_dsc(part, part_cohort, rows, result, cfg["region"], segmentation_split)
+                if out_masks is not None and cfg["multitask"]["save_masks"]:
+                    _write_masks(part, part_cohort, rows, result, Path(out_masks))
+    if out_dsc is not None:
+        _write(pd.concat(dsc_rows, ignore_index=True) if dsc_rows else pd.DataFrame(columns=DSC_COLUMNS), out_dsc)
+    if out_masks is not None:
+        Path(out_masks).mkdir(parents=True, exist_ok=True)
     table = _with_missing(pd.concat(predictions, ignore_index=True) if predictions else
                           pd.DataFrame(columns=PREDICTION_COLUMNS), data, cohorts, lacking, stats, cfg)
     _write(table.reindex(columns=PREDICTION_COLUMNS), out_predictions)
@@ -148,12 +178,17 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     return table
 
 
-def read_center_inputs(paths: Iterable[str | Path]) -> tuple[list[str], np.ndarray, list[str]]:
-    """The patients, inputs (float32) and channels of several centers' .npz files, concatenated in the order given.
+TARGET_KEYS = ("manual", "has_manual", "automatic", "has_automatic", "spacing_mm", "origin", "direction")
+
+
+def read_center_inputs(paths: Iterable[str | Path], with_targets: bool = False):
+    """The patients, inputs (float32) and channels of several centers' .npz files, concatenated in the order given
+    (and with_targets: a 4th item, {key: array} of TARGET_KEYS, the segmentation targets and crop grids).
     Channels and input shapes must agree and a patient may appear once: a ValueError names the files otherwise."""
     paths = [Path(p) for p in paths]
     patients: list[str] = []
     inputs = []
+    targets: dict[str, list] = {k: [] for k in TARGET_KEYS}
     channels = shape = first = None
     seen: dict[str, Path] = {}
     for path in paths:
@@ -161,6 +196,13 @@ def read_center_inputs(paths: Iterable[str | Path]) -> tuple[list[str], np.ndarr
             names = [str(c) for c in data["channels"]]
             x = data["inputs"].astype(np.float32)
             ids = [str(p) for p in data["patients"]]
+            if with_targets and names:
+                missing = [k for k in TARGET_KEYS if k not in data.files]
+                if missing:
+                    raise ValueError(f"network inputs {path} lack {missing}: written by an older radstudy, rerun "
+                                     "the network_inputs rule (snakemake --forcerun network_inputs)")
+                for k in TARGET_KEYS:
+                    targets[k].append(data[k])
         if not names:
             continue  # a center that was given no patient at all (channels unknown): nothing to add or compare
         if channels is None:
@@ -177,7 +219,102 @@ def read_center_inputs(paths: Iterable[str | Path]) -> tuple[list[str], np.ndarr
         inputs.append(x)
     if channels is None:
         raise ValueError("no network inputs in " + (", ".join(map(str, paths)) or "no file"))
+    if with_targets:
+        return patients, np.concatenate(inputs), channels, {k: np.concatenate(v) for k, v in targets.items()}
     return patients, np.concatenate(inputs), channels
+
+
+def _multitask(study: Study, cfg: dict, stats: dict, part: pd.DataFrame, part_cohort: np.ndarray,
+               images: np.ndarray, channels: list[str], rows: dict, split: str, predictions: list, histories: list,
+               device: str, nnunet_model) -> tuple:
+    """The multitask network of one split: trained on the training rows with any outcome, scored on every row;
+    appends its prediction rows (model multitask, each endpoint) and history. Returns (trained, outputs)."""
+    from radstudy.networks import train as training
+
+    started = time.perf_counter()
+    n_image = len(channels) - int(bool(cfg["mask_channel"]))  # the mask channel would show it the target
+    x = images[:, :n_image]
+    outcomes, target = {}, {}
+    for endpoint, spec in stats["endpoints"].items():
+        has_y, y, outcome_cols = outcome(part, endpoint, spec)
+        outcomes[endpoint] = (has_y, y, outcome_cols)
+        target.update(_target(endpoint, _full(y, has_y, endpoint)))
+    any_outcome = np.logical_or.reduce([o[0] for o in outcomes.values()])
+    train = (part_cohort == "training") & any_outcome
+    clinical_x = _clinical_design(part, train, stats) if cfg["multitask"]["clinical"] else None
+    trained = training.train_multitask(
+        x, clinical_x, target, rows["manual"], rows["has_manual"] & train, train, cfg,
+        seed=derive_seed(study.seed, "network", split, MULTITASK), device=device, log=log,
+        channels=channels[:n_image], nnunet_model=nnunet_model)
+    result = training.predict_multitask(trained, x, clinical_x)
+    horizon = stats["models"]["survival"]["horizon"]
+    for endpoint, (has_y, y, outcome_cols) in outcomes.items():
+        score = result["logit" if endpoint == "binary" else "risk"]
+        fit = train & has_y
+        reg = fixed_score_model(endpoint, MULTITASK, score[fit], y[fit[has_y]])
+        predictions.append(pd.DataFrame({
+            "patient": part["patient"], "center": part["center"], "split": split, "cohort": part_cohort,
+            "endpoint": endpoint, "model": MULTITASK, "score": score,
+            "probability": reg.probability(pd.DataFrame({MULTITASK: score}), horizon),
+        }).join(outcome_cols))
+    histories.append(trained.history.assign(split=split, endpoint=MULTITASK, model=MULTITASK,
+                                            best_epoch=trained.best_epoch))
+    log.info("split %s, multitask: best epoch %d of %d, %.1f s", split, trained.best_epoch, len(trained.history),
+             time.perf_counter() - started)
+    return trained, result
+
+
+def _multitask_dsc(part: pd.DataFrame, cohort: np.ndarray, rows: dict, result: dict, region: str,
+                   segmentation_split) -> list[pd.DataFrame]:
+    """DSC / HD95 / volumes in the crop of the held-out annotated patients: the multitask network's mask and, on
+    the same crop, the automatic segmentation's, against the manual mask."""
+    from radstudy.networks.train import dice
+    from radstudy.segment.nnunet import hd95
+
+    trained_on: set[str] = set()
+    if segmentation_split is not None and Path(segmentation_split).exists():
+        split_table = read_table(segmentation_split)
+        trained_on = set(split_table.loc[split_table["set"] == "train", "patient"].astype(str))
+    out = []
+    held_out = np.flatnonzero(np.isin(cohort, ["validation", "test"]) & rows["has_manual"])
+    for i in held_out:
+        manual = rows["manual"][i] > 0
+        spacing = rows["spacing_mm"][i][-manual.ndim:]
+        voxel_ml = float(np.prod(rows["spacing_mm"][i])) / 1000.0
+        candidates = [("multitask", result["probability_map"][i] > 0.5)]
+        if rows["has_automatic"][i]:
+            candidates.append(("nnunet", rows["automatic"][i] > 0))
+        for method, mask in candidates:
+            out.append({"patient": part["patient"].iloc[i], "center": part["center"].iloc[i], "region": region,
+                        "method": method, "scope": "crop", "cohort": cohort[i],
+                        "nnunet_trained": part["patient"].iloc[i] in trained_on,
+                        "dsc": round(dice(mask, manual), 4), "hd95": round(hd95(mask, manual, spacing), 3),
+                        "volume_auto_ml": round(int(mask.sum()) * voxel_ml, 3),
+                        "volume_manual_ml": round(int(manual.sum()) * voxel_ml, 3)})
+    return [pd.DataFrame(out, columns=DSC_COLUMNS)]
+
+
+def _write_masks(part: pd.DataFrame, cohort: np.ndarray, rows: dict, result: dict, out_dir: Path) -> None:
+    """Each patient's predicted mask (and probability > 0.5) in its crop, as a NIfTI image on the crop grid in
+    patient space (it lies over the patient's scan in ITK-SNAP / 3D Slicer), and index.tsv."""
+    import SimpleITK as sitk
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = []
+    for i, patient in enumerate(part["patient"]):
+        mask = (result["probability_map"][i] > 0.5).astype(np.uint8)
+        if mask.ndim == 2:
+            mask = mask[None]
+        image = sitk.GetImageFromArray(mask)
+        image.SetSpacing([float(v) for v in rows["spacing_mm"][i][::-1]])
+        image.SetOrigin([float(v) for v in rows["origin"][i]])
+        image.SetDirection([float(v) for v in rows["direction"][i]])
+        file = f"{patient}.nii.gz"
+        sitk.WriteImage(image, str(out_dir / file), True)
+        index.append({"file": file, "patient": patient, "center": part["center"].iloc[i], "cohort": cohort[i],
+                      "voxels": int(mask.sum()), "has_manual": bool(rows["has_manual"][i])})
+    _write(pd.DataFrame(index, columns=["file", "patient", "center", "cohort", "voxels", "has_manual"]),
+           out_dir / "index.tsv")
 
 
 def _full(y, has_y: np.ndarray, endpoint: str):

@@ -61,6 +61,7 @@ from radstudy.torch_tools import deterministic, torch_threads
 
 PREDICT_BATCH = 32  # rows per forward pass in eval mode (memory, not results: eval mode is row-independent)
 FORMAT = "radstudy.networks/1"
+MULTITASK = "multitask"  # the endpoint of a multitask network (it predicts both)
 HISTORY_COLUMNS = ["epoch", "train_loss", "inner_loss", "inner_metric", "seconds", "inner_seconds"]
 
 
@@ -356,6 +357,179 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
                           library_versions(), inner_rows, pretrained)
 
 
+# ============================================================================ the multitask network (seed 004)
+def _finite_rows(values: np.ndarray | None, n: int) -> np.ndarray:
+    return np.zeros(n, bool) if values is None else np.isfinite(np.asarray(values, dtype=float))
+
+
+def train_multitask(inputs: np.ndarray, clinical: np.ndarray | None, target: dict, seg: np.ndarray,
+                    has_seg: np.ndarray, train: np.ndarray, cfg: dict, *, seed: int, device: str = "cpu",
+                    log: logging.Logger | None = None, channels: Sequence[str] | None = None,
+                    nnunet_model: str | Path | None = None) -> TrainedNetwork:
+    """Train the multitask network (`radstudy.networks.multitask`) on the rows of `train`.
+
+    target: any of "y" (binary endpoint) and "time" + "event" (survival), arrays of length N, NaN where a row has
+    no such outcome; seg (N, *spatial): the region of the manual mask in the crop, has_seg (N,): the rows that have
+    one. Every training row needs at least one outcome. The loss of a batch is
+
+        w_seg x (Dice + cross-entropy, rows with a mask) + w_cls x BCE (rows with y) + w_surv x Cox Efron (rows
+        with a survival outcome)
+
+    with the weights of cfg multitask.loss_weights, the classification and survival terms off during the first
+    multitask.warmup_epochs epochs (segmentation warm-up) and the kept epoch chosen after them. Everything else
+    as `train_network`: only `train` rows are read; an inner split of them (stratified by event, else by y) for the
+    early stopping and the kept epoch (lowest inner loss, the same weighted loss), the stratified batches, the
+    augmentation (the target mask is moved with its image), clinical normalisation with training statistics,
+    determinism. The inner history reports the AUC, Harrell's C and the Dice of the inner rows.
+
+    nnunet_model: the study's trained nnU-Net model folder, read when multitask.encoder is nnunet."""
+    from radstudy.networks.multitask import build_from_nnunet, build_multitask, segmentation_loss
+
+    log = log if log is not None else logging.getLogger(__name__)
+    cfg = settings("networks", cfg)
+    mt = cfg["multitask"]
+    rows = _training_rows(inputs, train, cfg)
+    n = len(inputs)
+    has = {"y": _finite_rows(target.get("y"), n),
+           "survival": _finite_rows(target.get("time"), n) & _finite_rows(target.get("event"), n)}
+    without = rows[~(has["y"] | has["survival"])[rows]]
+    if len(without):
+        raise ValueError(f"training row(s) {without[:10].tolist()} have no outcome of any endpoint")
+    seg = np.asarray(seg)
+    has_seg = np.asarray(has_seg, dtype=bool)
+    if seg.shape != (n, *inputs.shape[2:]) or has_seg.shape != (n,):
+        raise ValueError(f"seg must be (rows, {', '.join(map(str, inputs.shape[2:]))}) and has_seg (rows,) for "
+                         f"inputs {inputs.shape}, got {seg.shape} and {has_seg.shape}")
+    outcome = {}
+    for kind, keys in (("binary", ("y",)), ("survival", ("time", "event"))):
+        present = rows[has["y" if kind == "binary" else "survival"][rows]]
+        if len(present):
+            outcome.update(_outcome({k: target[k] for k in keys}, kind, present, n))
+    event = np.where(has["survival"], np.nan_to_num(np.asarray(target.get("event", np.zeros(n)), float)), np.nan)
+    ys = np.where(has["y"], np.nan_to_num(np.asarray(target.get("y", np.zeros(n)), float)), np.nan)
+    strata_all = np.where(np.isfinite(event), event, np.where(np.isfinite(ys), ys, 0)).astype(bool)
+    kind = "survival" if has["survival"][rows].any() else "binary"
+    strata = strata_all[rows]
+    fit_rows, inner_rows = _inner_split(rows, strata, cfg["inner_validation_fraction"], seed, kind)
+    fit_pos, inner_pos = _positions(rows, fit_rows, inner_rows)
+    channels = _channel_names(channels, inputs.shape[1])
+    clinical_train = None if clinical is None else _rows_of("clinical", clinical, n)[rows]
+    normaliser = None if clinical_train is None else ClinicalNormaliser.fit(clinical_train)
+    y_train = ys[rows]
+    pos_weight = None
+    if cfg["class_weight"] == "balanced" and np.isfinite(y_train).any():
+        positives = np.nansum(y_train)
+        pos_weight = float((np.isfinite(y_train).sum() - positives) / positives) if positives else None
+    torch_device = torch.device(device)
+    # the target travels as the last channel through the augmentation
+    stacked = np.concatenate([np.asarray(inputs, np.float32)[rows], seg[rows, None].astype(np.float32)], axis=1)
+    images = _cached(stacked, np.arange(len(rows)), torch_device)
+    clin = None if normaliser is None else torch.from_numpy(normaliser.transform(clinical_train)).to(torch_device)
+    t = {name: torch.as_tensor(values, dtype=torch.float32, device=torch_device) for name, values in
+         (("y", np.nan_to_num(ys[rows])), ("time", np.nan_to_num(np.asarray(target.get("time", np.zeros(n)),
+                                                                               float)[rows])),
+          ("event", np.nan_to_num(event[rows])))}
+    masks = {name: torch.as_tensor(values[rows], device=torch_device) for name, values in
+             (("y", has["y"]), ("survival", has["survival"]), ("seg", has_seg))}
+    weights = mt["loss_weights"]
+    warmup = int(mt["warmup_epochs"])
+
+    def loss_of(out, pos, epoch: int | None = None, target_seg=None) -> torch.Tensor:
+        seg_logits, cls_logit, risk = out
+        seg_target = images[pos, -1] if target_seg is None else target_seg
+        loss = weights["segmentation"] * segmentation_loss(seg_logits, seg_target, masks["seg"][pos])
+        heads = 0.0 if epoch is not None and epoch <= warmup else 1.0
+        with_y, with_s = masks["y"][pos], masks["survival"][pos]
+        if heads and weights["classification"] and bool(with_y.any()):
+            loss = loss + weights["classification"] * binary_loss(cls_logit[with_y], t["y"][pos][with_y], pos_weight)
+        if heads and weights["survival"] and bool(with_s.any()):
+            loss = loss + weights["survival"] * cox_efron_loss(risk[with_s], t["time"][pos][with_s],
+                                                               t["event"][pos][with_s])
+        return loss
+
+    image_channels = len(channels)
+    metric_name = "c" if kind == "survival" else "auc"
+    devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
+    with torch_threads(cfg["threads"]), torch.random.fork_rng(devices=devices), deterministic(seed, warn_only=True):
+        generator = torch.Generator().manual_seed(int(seed))
+        n_clinical = 0 if normaliser is None else len(normaliser.means)
+        pretrained = None
+        if mt["encoder"] == "nnunet":
+            if nnunet_model is None:
+                raise ValueError("networks.multitask.encoder is 'nnunet' but no nnU-Net model folder was given")
+            model, pretrained = build_from_nnunet(cfg, nnunet_model, len(channels), n_clinical)
+        else:
+            model = build_multitask(cfg, len(channels), n_clinical)
+        model.to(torch_device)
+        fit_pos_t, inner_pos_t = (torch.as_tensor(p, device=torch_device) for p in (fit_pos, inner_pos))
+
+        def make_batches():
+            return [fit_pos_t[torch.as_tensor(batch, device=torch_device)] for batch in
+                    _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival")]
+
+        def batch_loss(index, epoch):
+            x = _augment(images[index], generator, cfg["augmentation"], image_channels)
+            out = model(x[:, :-1], None if clin is None else clin[index])
+            return loss_of(out, index, epoch, target_seg=(x[:, -1] > 0.5).float())
+
+        def inner_eval(epoch):
+            out = _outputs(model, images[inner_pos_t, :-1], None if clin is None else clin[inner_pos_t])
+            loss = float(loss_of(out, inner_pos_t, epoch if epoch <= warmup else None))
+            cls_logit, risk = out[1].float().cpu().numpy(), out[2].float().cpu().numpy()
+            inner_y, inner_s = has["y"][rows][inner_pos], has["survival"][rows][inner_pos]
+            metrics = {"auc": auc(ys[rows][inner_pos][inner_y], cls_logit[inner_y]) if inner_y.any() else np.nan,
+                       "c": harrell_c(t["time"].cpu().numpy()[inner_pos][inner_s],
+                                      event[rows][inner_pos][inner_s], risk[inner_s]) if inner_s.any() else np.nan}
+            with_seg = has_seg[rows][inner_pos]
+            predicted = out[0].argmax(1).cpu().numpy()[with_seg] > 0
+            truth = seg[rows][inner_pos][with_seg] > 0
+            metrics["dice"] = float(np.mean([dice(p, q) for p, q in zip(predicted, truth)])) if len(truth) else np.nan
+            return loss, metrics
+
+        history, best_epoch, _ = _run_epochs(model, cfg, make_batches=make_batches, batch_loss=batch_loss,
+                                             inner_eval=inner_eval, log=log, metric_name=metric_name,
+                                             first_eligible=min(warmup + 1, cfg["epochs"]))
+    return TrainedNetwork(model, _history(history), best_epoch, normaliser, cfg, channels, MULTITASK,
+                          library_versions(), inner_rows, pretrained)
+
+
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Dice similarity coefficient of two boolean masks (1.0 when both are empty)."""
+    total = int(predicted.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((predicted & truth).sum()) / total
+
+
+def _outputs(model, images: torch.Tensor, clinical: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Eval-mode outputs of a multitask network (segmentation logits, logit, risk), PREDICT_BATCH rows at a time."""
+    model.eval()
+    with torch.inference_mode():
+        parts = [model(images[i:i + PREDICT_BATCH], None if clinical is None else clinical[i:i + PREDICT_BATCH])
+                 for i in range(0, len(images), PREDICT_BATCH)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def predict_multitask(trained: TrainedNetwork, inputs: np.ndarray, clinical: np.ndarray | None = None
+                      ) -> dict[str, np.ndarray]:
+    """Per row: "logit" (binary endpoint), "risk" (log relative risk) and "probability_map" (N, *spatial: the
+    region's softmax probability in the crop; the predicted mask is > 0.5)."""
+    _check_inputs(trained, inputs, clinical)
+    clin = None if clinical is None else trained.normaliser.transform(clinical)
+    device = next(trained.model.parameters()).device
+    out = {"logit": [], "risk": [], "probability_map": []}
+    with torch_threads(trained.cfg["threads"]):
+        for start in range(0, len(inputs), PREDICT_BATCH):
+            rows = np.arange(start, min(start + PREDICT_BATCH, len(inputs)))
+            c = None if clin is None else torch.from_numpy(clin[rows]).to(device)
+            seg_logits, logit, risk = _outputs(trained.model, _cached(inputs, rows, device), c)
+            out["logit"].append(logit.float().cpu().numpy())
+            out["risk"].append(risk.float().cpu().numpy())
+            out["probability_map"].append(torch.softmax(seg_logits.float(), 1)[:, 1].cpu().numpy())
+    if not out["logit"]:
+        return {"logit": np.zeros(0, np.float32), "risk": np.zeros(0, np.float32),
+                "probability_map": np.zeros((0, *inputs.shape[2:]), np.float32)}
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
 def _positions(rows: np.ndarray, *parts: np.ndarray) -> list[np.ndarray]:
     """Positions (in `rows`) of the rows of each part."""
     position = {row: i for i, row in enumerate(rows)}
@@ -373,13 +547,7 @@ def _channel_names(channels: Sequence[str] | None, n_channels: int) -> list[str]
 def predict(trained: TrainedNetwork, inputs: np.ndarray, clinical: np.ndarray | None = None) -> np.ndarray:
     """Raw score per row (logit or log relative risk), eval mode, PREDICT_BATCH rows at a time."""
     model = trained.model
-    expected = len(trained.channels)
-    if inputs.ndim != int(trained.cfg["dims"]) + 2 or inputs.shape[1] != expected:
-        raise ValueError(f"inputs must be (rows, {expected} channels: {', '.join(trained.channels)}, ...) for "
-                         f"dims {trained.cfg['dims']}, got shape {inputs.shape}")
-    if (trained.normaliser is None) != (clinical is None):
-        raise ValueError("clinical data must be given exactly when the network was trained with it "
-                         f"({'with' if trained.normaliser is not None else 'without'} clinical data)")
+    _check_inputs(trained, inputs, clinical)
     clin = None if clinical is None else trained.normaliser.transform(clinical)
     device = next(model.parameters()).device
     out = []
@@ -390,6 +558,16 @@ def predict(trained: TrainedNetwork, inputs: np.ndarray, clinical: np.ndarray | 
             c = None if clin is None else torch.from_numpy(clin[rows]).to(device)
             out.append(_scores(model, images, c).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def _check_inputs(trained: TrainedNetwork, inputs: np.ndarray, clinical: np.ndarray | None) -> None:
+    expected = len(trained.channels)
+    if inputs.ndim != int(trained.cfg["dims"]) + 2 or inputs.shape[1] != expected:
+        raise ValueError(f"inputs must be (rows, {expected} channels: {', '.join(trained.channels)}, ...) for "
+                         f"dims {trained.cfg['dims']}, got shape {inputs.shape}")
+    if (trained.normaliser is None) != (clinical is None):
+        raise ValueError("clinical data must be given exactly when the network was trained with it "
+                         f"({'with' if trained.normaliser is not None else 'without'} clinical data)")
 
 
 def save_network(trained: TrainedNetwork, path: str | Path) -> None:
@@ -410,14 +588,25 @@ def save_network(trained: TrainedNetwork, path: str | Path) -> None:
 
 
 def load_network(path: str | Path) -> TrainedNetwork:
-    """A network saved by `save_network`, on the CPU, in eval mode."""
+    """A network saved by `save_network`, on the CPU, in eval mode. A multitask network started from an nnU-Net
+    is rebuilt from that model folder's plans (recorded in the file), which must still be there."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a clear error
         raise ValueError(f"network file {path} cannot be read ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"network file {path} is not a radstudy network ({FORMAT} expected)")
-    model = build_network(payload["cfg"], payload["in_channels"], payload["n_clinical"])
+    if payload["endpoint"] == MULTITASK:
+        from radstudy.networks.multitask import build_from_nnunet, build_multitask
+
+        cfg = settings("networks", payload["cfg"])
+        if cfg["multitask"]["encoder"] == "nnunet":  # the architecture of the nnU-Net plans it started from
+            model, _ = build_from_nnunet(cfg, payload["pretrained"]["model_folder"], payload["in_channels"],
+                                         payload["n_clinical"])
+        else:
+            model = build_multitask(cfg, payload["in_channels"], payload["n_clinical"])
+    else:
+        model = build_network(payload["cfg"], payload["in_channels"], payload["n_clinical"])
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
