@@ -140,6 +140,43 @@ def test_end_to_end_networks_join_the_predictions_and_the_report(tiny_study):
     assert "End-to-end networks" in html and "cnn_clinical" in html
 
 
+def test_the_multitask_network_predicts_both_endpoints_segments_and_is_evaluated_beside_nnunet(tiny_study):
+    """The multitask network (seed 004): scores for both endpoints in every cohort, one saved network, its masks in
+    the crop as images in patient space (they lie on the patient's scan), and its DSC in the crop of the held-out
+    annotated patients beside nnU-Net's rows in results/segmentation/dsc.tsv; the report evaluates it."""
+    workdir = tiny_study.workdir
+    predictions = pd.read_csv(workdir / "results" / "models" / "predictions.tsv", sep="\t")
+    multitask = predictions[predictions["model"] == "multitask"]
+    assert set(multitask["endpoint"]) == {"binary", "survival"}
+    for endpoint, rows in multitask.groupby("endpoint"):
+        assert set(rows["cohort"]) == {"training", "validation", "test"}, endpoint
+        assert rows["score"].notna().all() and rows["score"].std() > 0, endpoint
+    assert (workdir / "results" / "networks" / "multitask" / "multitask.pt").is_file()
+    history = pd.read_csv(workdir / "results" / "networks" / "history.tsv", sep="\t")
+    assert {"inner_dice", "inner_auc"} <= set(history.columns) and (history["model"] == "multitask").any()
+    masks = workdir / "results" / "networks" / "masks"
+    index = pd.read_csv(masks / "index.tsv", sep="\t")
+    primary = multitask[multitask["endpoint"] == "binary"]
+    assert set(index["patient"]) == set(primary.loc[primary["split"] == primary["split"].iloc[0], "patient"])
+    first = index.iloc[0]
+    mask = sitk.ReadImage(str(masks / first["file"]))
+    folder = next((workdir / "results" / "ingest").glob(f"*/{first['patient']}"))
+    scan = sitk.ReadImage(str(next(folder.glob("image_*.nii.gz"))))
+    centre = mask.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in mask.GetSize()])
+    inside = scan.TransformPhysicalPointToContinuousIndex(centre)
+    assert all(0 <= i < s for i, s in zip(inside, scan.GetSize()))  # the crop lies in the patient's scan
+    dsc = pd.read_csv(workdir / "results" / "segmentation" / "dsc.tsv", sep="\t")
+    assert {"method", "scope"} <= set(dsc.columns)
+    assert set(dsc.loc[dsc["scope"] == "image", "method"]) == {"nnunet"}
+    crop = dsc[dsc["scope"] == "crop"]
+    assert set(crop["method"]) == {"multitask", "nnunet"} and set(crop["cohort"]) <= {"validation", "test"}
+    held_out = primary[primary["cohort"].isin(["validation", "test"])]
+    assert set(crop["patient"]) <= set(held_out["patient"])
+    assert crop["dsc"].between(0, 1).all()
+    html = (workdir / "results" / "report" / "report.html").read_text()
+    assert "multitask" in html
+
+
 def test_rtstruct_seg_and_label_map_masks_equal_the_drawn_masks(tiny_study):
     """Each center delivers masks as NIfTI, RTSTRUCT and DICOM SEG: every ingested manual mask equals the mask
     the demo drew (its ground truth), voxel for voxel."""
@@ -194,9 +231,9 @@ def test_second_run_has_nothing_to_do(tiny_study):
 
 # files Snakemake lists as untracked that are declared all the same: inside a declared directory() output (a
 # patient's ingest folder, a center's segmentation folder, the report's evaluation folder, the networks' saliency
-# maps), benchmarks and logs
+# maps and the multitask network's masks), benchmarks and logs
 DECLARED_FOLDERS = re.compile(r"^results/(ingest/[A-Z]+/[A-Z]+-\d{4}/|segmentation/[A-Z]+/|report/evaluation/"
-                              r"|networks/saliency/|benchmarks/|logs/)")
+                              r"|networks/saliency/|networks/masks/|benchmarks/|logs/)")
 
 
 def test_every_file_under_results_is_declared(tiny_study):

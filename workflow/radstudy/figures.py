@@ -31,6 +31,10 @@ def dsc_figure(table):
     import matplotlib.pyplot as plt
     import numpy as np
 
+    if "method" in table and not table.empty:  # one category per region, method and scope (multitask rows)
+        nnunet_image = (table["method"] == "nnunet") & (table["scope"] == "image")
+        table = table.assign(region=np.where(nnunet_image, table["region"],
+                                             table["region"] + "\n" + table["method"] + " (" + table["scope"] + ")"))
     regions = list(dict.fromkeys(table["region"])) if not table.empty else []
     colours = {center: f"C{k}" for k, center in enumerate(sorted(table["center"].unique()))}  # one colour per center
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

@@ -141,6 +141,10 @@ NETWORK_CHECKPOINT = NETWORKS["checkpoint"] or []
 NETWORK_FILES = [
     f"results/networks/{endpoint}/{model}.pt" for endpoint, model in FITTED_NETWORKS
 ]
+# the multitask network (networks.fit: multitask): its DSC in the crop joins nnU-Net's in results/segmentation/dsc.tsv;
+# with multitask.encoder nnunet it starts from the study's nnU-Net, an input (a retrained nnU-Net retrains it)
+MULTITASK = "multitask" in NETWORKS["fit"] and NETWORKS["enabled"]
+MULTITASK_NNUNET = NNUNET_MODEL if MULTITASK and NETWORKS["multitask"]["encoder"] == "nnunet" else []
 
 
 def network_predictions(wildcards):

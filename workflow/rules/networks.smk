@@ -1,5 +1,6 @@
 # End-to-end networks (networks.enabled): each center's network inputs (crops around the region in every channel),
-# then one network per split x endpoint x model, trained on the split's training partition only.
+# then one network per split x endpoint x model, trained on the split's training partition only; the multitask network
+# (seed 004) once per split for both endpoints, its masks predicted in the crop (masks/) and its DSC (dsc.tsv).
 
 
 rule network_inputs:
@@ -26,11 +27,15 @@ rule networks:
         clinical="results/clinical/clinical.tsv",
         patients="results/qc/patients.tsv",
         checkpoint=NETWORK_CHECKPOINT,
+        split="results/segmentation/split.tsv",
+        nnunet=MULTITASK_NNUNET,
     output:
         predictions="results/networks/predictions.tsv",
         history="results/networks/history.tsv",
         models=NETWORK_FILES,
         saliency=directory("results/networks/saliency"),
+        dsc="results/networks/dsc.tsv",
+        masks=directory("results/networks/masks"),
     log:
         "results/logs/networks.log",
     benchmark:

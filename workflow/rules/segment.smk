@@ -103,6 +103,8 @@ rule segmentation_quality:
         split="results/segmentation/split.tsv",
         segmentations=expand("results/segmentation/{center}", center=CENTERS),
         ingest=all_ingest_dirs,
+        # the multitask network's DSC in the crop (networks.fit: multitask), beside nnU-Net's
+        networks="results/networks/dsc.tsv" if MULTITASK else [],
     output:
         table="results/segmentation/dsc.tsv",
         png="results/segmentation/dsc.png",

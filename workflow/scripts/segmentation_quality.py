@@ -10,5 +10,5 @@ from radstudy.logs import setup
 setup(snakemake.log[0])
 segmentation_stage.evaluate_holdout(
     load_study(snakemake.config), snakemake.input.split, snakemake.input.segmentations, snakemake.input.ingest,
-    snakemake.output.table, snakemake.output.png, snakemake.output.pdf,
+    snakemake.output.table, snakemake.output.png, snakemake.output.pdf, networks_tsv=snakemake.input.networks or None,
 )

@@ -49,7 +49,7 @@ log = logging.getLogger("radstudy.evaluate.performance")
 # clinical, radiomic, deep, combined; then the end-to-end networks
 MODEL_ORDER = section_schema("models.fit")["items"]["enum"] + section_schema("networks.fit")["items"]["enum"]
 MODEL_COLORS = {"clinical": "#1b9e77", "radiomic": "#7570b3", "deep": "#e6ab02", "combined": "#d95f02",
-                "cnn": "#e7298a", "cnn_clinical": "#1f78b4"}
+                "cnn": "#e7298a", "cnn_clinical": "#1f78b4", "multitask": "#e31a1c"}
 _EXTRA_COLORS = ["#66a61e", "#a6761d", "#666666", "#b15928", "#a6cee3", "#fb9a99"]
 INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}
 CONSTANT_NOTE = "no feature selected: constant prediction"

@@ -146,15 +146,23 @@ def _med_iqr(v: pd.Series) -> str:
 
 
 def segmentation_summary(dsc: pd.DataFrame) -> pd.DataFrame:
-    """Per region x center (and all centers): DSC mean ± SD and median [IQR], HD95, volumes auto vs manual."""
+    """Per region (x method x scope, where the table has them: nnU-Net on the whole image, the multitask network
+    and nnU-Net in the network's crops) x center (and all centers): DSC mean ± SD and median [IQR], HD95, volumes
+    auto vs manual. Crop rows of patients nnU-Net was trained on (nnunet_trained) are left out of the nnU-Net crop
+    summary, so that both methods are summarised on patients neither was trained on."""
     rows = []
+    if "method" in dsc.columns and "nnunet_trained" in dsc.columns:
+        trained = dsc["nnunet_trained"].astype(str).str.lower() == "true"
+        dsc = dsc[~(trained & (dsc["scope"] == "crop") & (dsc["method"] == "nnunet"))]
+    by = ["region", "method", "scope"] if {"method", "scope"} <= set(dsc.columns) else ["region"]
     keys = [("all", dsc)] + ([(c, g) for c, g in dsc.groupby("center")] if "center" in dsc.columns else [])
-    for region, rg in dsc.groupby("region", sort=True):
+    for group, rg in dsc.groupby(by, sort=True):
+        group = dict(zip(by, group if isinstance(group, tuple) else (group,)))
         for center, _ in keys:
             g = rg if center == "all" else rg[rg["center"] == center]
             if g.empty:
                 continue
-            row = {"region": region, "center": center, "n": len(g),
+            row = {**group, "center": center, "n": len(g),
                    "DSC mean ± SD": f"{g['dsc'].mean():.3f} ± {g['dsc'].std(ddof=1):.3f}" if len(g) > 1 else f"{g['dsc'].mean():.3f}",
                    "DSC median [IQR]": _med_iqr(g["dsc"])}
             if "hd95" in g.columns:
@@ -408,6 +416,8 @@ SALIENCY_INDEX_COLUMNS = ["file", "patient", "cohort", "split", "endpoint", "mod
 
 
 def _inner_metric(endpoint: str) -> str:
+    if endpoint == "multitask":  # the survival head's C (the binary head's AUC when there is no survival endpoint)
+        return "C (AUC)"
     return "AUC" if endpoint == "binary" else "Harrell's C"
 
 
@@ -433,6 +443,8 @@ def plot_learning_curves(history: pd.DataFrame, endpoint: str, out_dir: Path) ->
             ax.plot(run["epoch"], run["train_loss"], color=colour, lw=1.3)
             ax.plot(run["epoch"], run["inner_loss"], color=colour, lw=1.3, ls="--")
             right.plot(run["epoch"], run["inner_metric"], color=colour, lw=0.9, ls=":")
+            if "inner_dice" in run and run["inner_dice"].notna().any():  # the multitask network's segmentation
+                right.plot(run["epoch"], run["inner_dice"], color=colour, lw=0.9, ls="-.")
             chosen = run[run["epoch"] == run["best_epoch"]]
             ax.plot(chosen["epoch"], chosen["inner_loss"], "o", color=colour, mfc="white", ms=7, mew=1.5)
         ax.set_title(model)
@@ -445,12 +457,15 @@ def plot_learning_curves(history: pd.DataFrame, endpoint: str, out_dir: Path) ->
                Line2D([], [], color="black", lw=1.3, ls="--", label="inner-validation loss"),
                Line2D([], [], color="black", lw=0.9, ls=":", label=f"inner-validation {metric}"),
                Line2D([], [], color="black", marker="o", mfc="white", ls="", label="chosen epoch")]
+    if "inner_dice" in runs and runs["inner_dice"].notna().any():
+        handles.insert(3, Line2D([], [], color="black", lw=0.9, ls="-.", label="inner-validation Dice"))
     if len(splits) <= 10:  # one colour per split; more splits repeat the colours and get no legend entry
         handles += [Line2D([], [], color=f"C{k}", lw=3, label=f"split {split}") for k, split in enumerate(splits)]
     axes["legend"].axis("off")
     axes["legend"].legend(handles=handles, loc="center", ncol=min(len(handles), 4 * len(models)), fontsize=8,
                           frameon=False)
-    fig.suptitle(f"Learning curves, {endpoint} endpoint")
+    fig.suptitle("Learning curves, multitask network (both endpoints)" if endpoint == "multitask"
+                 else f"Learning curves, {endpoint} endpoint")
     return _figure_file(fig, out_dir, f"learning_curves_{endpoint}")
 
 
@@ -623,7 +638,11 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
         content = html_table(summary)
         try:
             content = _figure_html(plot_segmentation(dsc, ev), "Dice similarity coefficient of the automatic "
-                                   "segmentation against the manual masks per region and center; volumes.") + content
+                                   "segmentation against the manual masks per region and center; volumes."
+                                   + (" Multitask rows: the network's mask in its crop and nnU-Net's on the same "
+                                      "crop, for the annotated patients held out of the network's training "
+                                      "(validation and test cohorts)." if "method" in dsc.columns
+                                      and (dsc["method"] == "multitask").any() else "")) + content
         except Exception as exc:
             log.warning("segmentation figure not drawn: %s", exc)
         section("segmentation", "Segmentation quality", content)

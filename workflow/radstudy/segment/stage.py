@@ -186,8 +186,10 @@ def segment_center(study: Study, center_id: str, qc_table: str | Path, ingest_di
 
 def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_dirs: list[str | Path],
                      ingest_dirs: list[str | Path], out_tsv: str | Path, out_png: str | Path,
-                     out_pdf: str | Path) -> pd.DataFrame:
-    """DSC, HD95 and volumes of the automatic vs the manual masks of the holdout patients.
+                     out_pdf: str | Path, networks_tsv: str | Path | None = None) -> pd.DataFrame:
+    """DSC, HD95 and volumes of the automatic vs the manual masks of the holdout patients (method nnunet, scope
+    image: on the whole image grid, cohort "segmentation holdout"), and with networks_tsv the multitask network's
+    rows (`radstudy.networks.stage`: method multitask and, on the same crops, nnunet; scope crop).
     segmentation_dirs: the centers' segmentation folders (segment_center's out_dir, named after the center);
     ingest_dirs: the patients' ingest folders (at least those of the holdout patients)."""
     labels = study.config["ingest"]["labels"]
@@ -206,12 +208,21 @@ def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_dirs: lis
                          "volume_auto_ml": round(result["volume_auto_ml"], 3),
                          "volume_manual_ml": round(result["volume_manual_ml"], 3)})
     table = pd.DataFrame(rows, columns=["patient", "center", "region", "dsc", "hd95", "volume_auto_ml", "volume_manual_ml"])
+    table = table.assign(method="nnunet", scope="image", cohort="segmentation holdout", nnunet_trained=False)
+    if networks_tsv is not None:
+        table = pd.concat([table, pd.read_csv(networks_tsv, sep="\t")], ignore_index=True)
+    table = table.reindex(columns=DSC_COLUMNS)
     Path(out_tsv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_tsv, sep="\t", index=False)
     _save_dsc_figure(table, Path(out_png), Path(out_pdf))
     if not table.empty:
-        log.info("holdout DSC medians: %s", table.groupby("region")["dsc"].median().round(3).to_dict())
+        log.info("holdout DSC medians: %s",
+                 table.groupby(["region", "method", "scope"])["dsc"].median().round(3).to_dict())
     return table
+
+
+DSC_COLUMNS = ["patient", "center", "region", "method", "scope", "cohort", "nnunet_trained", "dsc", "hd95",
+               "volume_auto_ml", "volume_manual_ml"]
 
 
 def _save_dsc_figure(table: pd.DataFrame, png: Path, pdf: Path) -> None:
