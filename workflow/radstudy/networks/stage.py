@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from radstudy.config import Study, settings
+from radstudy.segment.stage import DSC_COLUMNS
 from radstudy.statistics.design import primary_split, split_names
 from radstudy.statistics.models import (
     ClinicalEncoder,
@@ -36,8 +37,6 @@ from radstudy.torch_tools import resolve_device
 log = logging.getLogger(__name__)
 
 MULTITASK = "multitask"
-DSC_COLUMNS = ["patient", "center", "region", "method", "scope", "cohort", "nnunet_trained", "dsc", "hd95",
-               "volume_auto_ml", "volume_manual_ml"]
 PREDICTION_COLUMNS = ["patient", "center", "split", "cohort", "endpoint", "model", "score", "probability", "outcome",
                       "time", "event"]
 
