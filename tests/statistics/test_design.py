@@ -143,3 +143,28 @@ def test_invalid_designs_are_refused():
         assign_cohorts(pts[pts["role"] == "external"], {}, 0, outcome="y")
     with pytest.raises(ValueError, match="role"):
         assign_cohorts(pts.assign(role="train"), {}, 0, outcome="y")
+
+
+def test_the_four_way_design_draws_an_internal_test_cohort_from_the_development_centers():
+    """Seed 004: training / validation / internal test from the development centers, the external center as test;
+    the fractions are of all development patients, stratified; without it the draws are those of before."""
+    rng = np.random.default_rng(0)
+    pts = pd.DataFrame({"patient": [f"P{i:03d}" for i in range(200)], "center": ["A"] * 80 + ["B"] * 80 + ["C"] * 40,
+                        "role": ["development"] * 160 + ["external"] * 40, "y": rng.integers(0, 2, 200)})
+    design = {"type": "holdout", "holdout": {"validation_fraction": 0.2, "internal_test_fraction": 0.2}}
+    out = assign_cohorts(pts, design, seed=3, outcome="y").merge(pts, on=["patient", "center"])
+    counts = out.groupby("cohort").size().to_dict()
+    assert counts == {"training": 96, "validation": 32, "internal_test": 32, "test": 40}
+    assert set(out.loc[out["cohort"] == "internal_test", "center"]) == {"A", "B"}
+    assert (out.loc[out["role"] == "external", "cohort"] == "test").all()
+    for cohort in ("validation", "internal_test"):  # stratified by outcome and center
+        sub = out[out["cohort"] == cohort]
+        assert abs(sub["y"].mean() - out.loc[out["role"] == "development", "y"].mean()) < 0.06
+        assert abs((sub["center"] == "A").mean() - 0.5) <= 1 / len(sub) + 1e-9
+    plain = {"type": "holdout", "holdout": {"validation_fraction": 0.2}}
+    assert assign_cohorts(pts, plain, seed=3, outcome="y").equals(
+        assign_cohorts(pts, {**plain, "holdout": {"validation_fraction": 0.2, "internal_test_fraction": 0}},
+                       seed=3, outcome="y"))
+    with pytest.raises(ValueError, match="internal_test_fraction"):
+        assign_cohorts(pts, {"type": "holdout", "holdout": {"validation_fraction": 0.5, "internal_test_fraction": 0.5}},
+                       seed=3, outcome="y")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from radstudy.config import Study, settings
 from radstudy.segment.stage import DSC_COLUMNS
-from radstudy.statistics.design import primary_split, split_names
+from radstudy.statistics.design import COHORTS, primary_split, split_names
 from radstudy.statistics.models import (
     ClinicalEncoder,
     assemble,
@@ -95,7 +95,7 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     the training rows with any outcome; the segmentation target: the manual masks of the training rows that have
     one) and adds rows of model multitask for each endpoint. Its masks predicted in the crop of the primary split's
     patients go to out_masks (`{patient}.nii.gz` on the crop grid, in patient space; index.tsv); out_dsc: DSC / HD95
-    in the crop of the held-out annotated patients (the primary split's validation and test cohorts with a manual
+    in the crop of the held-out annotated patients (the primary split's cohorts other than training, with a manual
     mask) for the multitask network and, on the same crops, for the automatic segmentation (nnunet), with
     nnunet_trained from segmentation_split (the patients nnU-Net was trained on). nnunet_model: the study's nnU-Net
     model folder (multitask.encoder nnunet)."""
@@ -275,7 +275,7 @@ def _multitask_dsc(part: pd.DataFrame, cohort: np.ndarray, rows: dict, result: d
         split_table = read_table(segmentation_split)
         trained_on = set(split_table.loc[split_table["set"] == "train", "patient"].astype(str))
     out = []
-    held_out = np.flatnonzero(np.isin(cohort, ["validation", "test"]) & rows["has_manual"])
+    held_out = np.flatnonzero((cohort != "training") & rows["has_manual"])
     for i in held_out:
         manual = rows["manual"][i] > 0
         spacing = rows["spacing_mm"][i][-manual.ndim:]
@@ -351,7 +351,7 @@ def _saliency(saliency, trained, images, clinical_x, part, cohort, score, key: d
     import matplotlib.pyplot as plt
 
     rows = []
-    for name in ("training", "validation", "test"):
+    for name in COHORTS:
         chosen = np.flatnonzero(cohort == name)[: cfg["saliency_patients"]]
         if not len(chosen):
             continue

@@ -31,7 +31,7 @@ import pandas as pd
 
 from radstudy.config import settings
 
-COHORTS = ("training", "validation", "test")
+COHORTS = ("training", "validation", "internal_test", "test")
 FINAL_SPLIT = "final"
 
 
@@ -60,10 +60,22 @@ def assign_cohorts(
     rng = np.random.default_rng(seed)
 
     splits: list[tuple[str, np.ndarray]] = []  # (name, validation mask over dev)
+    internal_test = np.zeros(len(dev), dtype=bool)  # the holdout design's internal test cohort (seed 004)
     kind = cfg["type"]
     if kind == "holdout":
         frac = cfg["holdout"]["validation_fraction"]
-        splits.append(("holdout", _systematic_sample(strata, frac, rng)))
+        internal = cfg["holdout"]["internal_test_fraction"]
+        if internal > 0:
+            if frac + internal >= 1:
+                raise ValueError(f"design.holdout: validation_fraction {frac} + internal_test_fraction {internal} "
+                                 "must leave development patients to train on (sum < 1)")
+            internal_test = _systematic_sample(strata, internal, rng)
+            rest = np.flatnonzero(~internal_test)
+            validation = np.zeros(len(dev), dtype=bool)
+            validation[rest[_systematic_sample(strata[rest], frac / (1 - internal), rng)]] = True
+            splits.append(("holdout", validation))
+        else:  # (the draws of studies without an internal test cohort are unchanged)
+            splits.append(("holdout", _systematic_sample(strata, frac, rng)))
     elif kind == "kfold":
         k = int(cfg["kfold"]["folds"])
         if not 2 <= k <= len(dev):
@@ -82,7 +94,7 @@ def assign_cohorts(
     for name, validation in splits:
         rows.append(pd.DataFrame({
             "split": name, "patient": dev["patient"], "center": dev["center"],
-            "cohort": np.where(validation, "validation", "training"),
+            "cohort": np.where(internal_test, "internal_test", np.where(validation, "validation", "training")),
         }))
         rows.append(pd.DataFrame({"split": name, "patient": ext["patient"], "center": ext["center"], "cohort": "test"}))
     out = pd.concat(rows, ignore_index=True)
