@@ -6,6 +6,7 @@ segmentation warm-up is kept out of the choice of the epoch, and a saved network
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from radstudy.concordance import auc, harrell_c
@@ -98,3 +99,22 @@ def test_a_saved_multitask_network_predicts_as_the_trained_one(tmp_path):
     a, b = predict_multitask(trained, images), predict_multitask(loaded, images)
     assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert list(loaded.history.columns) == list(trained.history.columns)
+
+
+@pytest.mark.slow
+def test_training_starts_from_the_study_nnunet_and_the_saved_network_is_rebuilt_from_its_plans(tiny_nnunet,
+                                                                                                 tmp_path):
+    """multitask.encoder nnunet (2d crops, as the tiny nnU-Net): training starts from its weights (the load report
+    travels with the network) and a saved network loads back onto the same architecture."""
+    images, target, mask, train = _study(n=40, n_train=30)
+    images2d = images[:, :, SIZE // 2].repeat(2, -1).repeat(2, -2)  # 32 x 32 slices: the tiny plans stride 16
+    mask2d = mask[:, SIZE // 2].repeat(2, -1).repeat(2, -2)
+    cfg = {**CFG, "dims": 2, "crop_size": [8, 32, 32], "epochs": 2,
+           "multitask": {"encoder": "nnunet"}}
+    trained = train_multitask(images2d, None, target, mask2d, train, train, cfg, seed=6,
+                              nnunet_model=tiny_nnunet["model"])
+    assert trained.pretrained["encoder_loaded"] == trained.pretrained["encoder_tensors"] > 0
+    save_network(trained, tmp_path / "multitask.pt")
+    loaded = load_network(tmp_path / "multitask.pt")
+    a, b = predict_multitask(trained, images2d), predict_multitask(loaded, images2d)
+    assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
