@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radstudy.errors import ConfigError
+from radstudy.networks.nets import fuse_clinical
 from radstudy.torch_tools import ModelError, file_sha256
 
 N_CLASSES = 2  # background, region
@@ -97,15 +98,8 @@ class MultitaskNet(nn.Module):
         skips = self.unet.encoder(x)
         seg_logits = self.unet.decoder(skips)
         spatial = tuple(range(2, x.dim()))
-        parts = [self.dropout(torch.cat([s.mean(dim=spatial) for s in skips[-self.head_stages:]], dim=1))]
-        if self.clinical is not None:
-            if clinical is None or clinical.shape[-1] != self.n_clinical:
-                got = "none" if clinical is None else clinical.shape[-1]
-                raise ValueError(f"this network fuses {self.n_clinical} clinical predictors, got {got}")
-            parts.append(self.clinical(clinical))
-        elif clinical is not None:
-            raise ValueError("this network has no clinical input (an image-only model), but clinical data was given")
-        features = torch.cat(parts, dim=1)
+        pooled = self.dropout(torch.cat([s.mean(dim=spatial) for s in skips[-self.head_stages:]], dim=1))
+        features = fuse_clinical(pooled, clinical, self.clinical, self.n_clinical)
         return seg_logits, self.cls_head(features).squeeze(1), self.risk_head(features).squeeze(1)
 
 

@@ -61,15 +61,23 @@ class FusionNet(nn.Module):
         return self.backbone(image)
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
-        parts = [self.dropout(self.embed(image))]
-        if self.clinical is not None:
-            if clinical is None or clinical.shape[-1] != self.n_clinical:
-                got = "none" if clinical is None else clinical.shape[-1]
-                raise ValueError(f"this network fuses {self.n_clinical} clinical predictors, got {got}")
-            parts.append(self.clinical(clinical))
-        elif clinical is not None:
+        return self.head(fuse_clinical(self.dropout(self.embed(image)), clinical, self.clinical,
+                                       self.n_clinical)).squeeze(1)
+
+
+def fuse_clinical(image_features: torch.Tensor, clinical: torch.Tensor | None, mlp: nn.Module | None,
+                  n_clinical: int) -> torch.Tensor:
+    """Late fusion: the image features joined with the clinical MLP's output (`mlp` None: an image-only network,
+    which takes no clinical data). A clear error when clinical data are missing, of another width, or given to an
+    image-only network."""
+    if mlp is None:
+        if clinical is not None:
             raise ValueError("this network has no clinical input (an image-only model), but clinical data was given")
-        return self.head(torch.cat(parts, dim=1)).squeeze(1)
+        return image_features
+    if clinical is None or clinical.shape[-1] != n_clinical:
+        got = "none" if clinical is None else clinical.shape[-1]
+        raise ValueError(f"this network fuses {n_clinical} clinical predictors, got {got}")
+    return torch.cat([image_features, mlp(clinical)], dim=1)
 
 
 def build_network(cfg: dict, in_channels: int, n_clinical: int = 0) -> FusionNet:

@@ -188,6 +188,15 @@ def _batches(strata: np.ndarray, batch_size: int, generator: torch.Generator, su
     return [order[k::n_batches] for k in range(n_batches)]
 
 
+def _batch_maker(fit_pos: torch.Tensor, strata: np.ndarray, batch_size: int, generator: torch.Generator,
+                 survival: bool):
+    """A function giving each epoch's batches (`_batches`) as tensors of positions into the cached rows."""
+    def make_batches() -> list[torch.Tensor]:
+        return [fit_pos[torch.as_tensor(batch, device=fit_pos.device)] for batch in
+                _batches(strata, batch_size, generator, survival)]
+    return make_batches
+
+
 def _zoom_depth(x: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
     """Linear resampling of each row of (N, C, D, H, W) along D by its zoom (grid_sample's convention, zeros
     outside, align_corners=False), as one batched product with a (D x D) interpolation matrix per row."""
@@ -339,9 +348,7 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
         image_channels = len(channels) - int(bool(cfg["mask_channel"]))
         fit_pos_t, inner_pos_t = (torch.as_tensor(p, device=torch_device) for p in (fit_pos, inner_pos))
 
-        def make_batches():
-            return [fit_pos_t[torch.as_tensor(batch, device=torch_device)] for batch in
-                    _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival")]
+        make_batches = _batch_maker(fit_pos_t, strata[fit_pos], cfg["batch_size"], generator, kind == "survival")
 
         def batch_loss(index, epoch):
             x = _augment(images[index], generator, cfg["augmentation"], image_channels)
@@ -463,9 +470,7 @@ def train_multitask(inputs: np.ndarray, clinical: np.ndarray | None, target: dic
         model.to(torch_device)
         fit_pos_t, inner_pos_t = (torch.as_tensor(p, device=torch_device) for p in (fit_pos, inner_pos))
 
-        def make_batches():
-            return [fit_pos_t[torch.as_tensor(batch, device=torch_device)] for batch in
-                    _batches(strata[fit_pos], cfg["batch_size"], generator, kind == "survival")]
+        make_batches = _batch_maker(fit_pos_t, strata[fit_pos], cfg["batch_size"], generator, kind == "survival")
 
         def batch_loss(index, epoch):
             x = _augment(images[index], generator, cfg["augmentation"], image_channels)
