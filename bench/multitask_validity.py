@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from finished_study import open_study
 
 from radstudy.concordance import harrell_c
-from radstudy.config import load_study
 from radstudy.evaluate.metrics import auc_delong, bootstrap_counts, percentile_ci
 from radstudy.networks.stage import _clinical_design, _full, _target, network_settings, read_center_inputs
 from radstudy.networks.train import predict_multitask, train_multitask
-from radstudy.statistics.design import primary_split
 from radstudy.statistics.models import assemble, derive_seed, outcome, statistics_settings, study_cohorts
 from radstudy.tables import read_table
 
@@ -110,12 +109,7 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--bootstrap", type=int, default=2000)
     args = parser.parse_args()
-    work = args.workdir.resolve()
-    os.chdir(work)
-    study = load_study(work / "config" / "config.yaml" if (work / "config").is_dir() else work / "config.yaml",
-                       base_dir=work)
-    print(f"load average before: {os.getloadavg()}")
-    split = primary_split(pd.read_csv(work / "results" / "models" / "cohorts.tsv", sep="\t"))
+    work, study, split = open_study(args.workdir)
     table = pd.concat([_study_rows(work, split, c) for c in ("validation", "test")]
                       + [pd.DataFrame(_ablation(study, work, split, args.bootstrap))], ignore_index=True)
     pd.set_option("display.width", 160)

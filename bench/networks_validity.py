@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from finished_study import open_study
 
 from radstudy.concordance import auc
-from radstudy.config import load_study
 from radstudy.evaluate.metrics import auc_delong
 from radstudy.networks.stage import network_settings, read_center_inputs
 from radstudy.networks.train import predict, train_network
-from radstudy.statistics.design import primary_split
 from radstudy.statistics.models import derive_seed
 
 IMAGE_WEIGHTS = {"tumour_heterogeneity": 4.0, "liver_texture": 3.5}  # radstudy.demo.cohort._RISK_WEIGHTS
@@ -43,13 +42,8 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--permutations", type=int, default=3)
     args = parser.parse_args()
-    work = args.workdir.resolve()
-    os.chdir(work)
-    study = load_study(work / "config" / "config.yaml" if (work / "config").is_dir() else work / "config.yaml",
-                       base_dir=work)
-    print(f"load average before: {os.getloadavg()}")
+    work, study, split = open_study(args.workdir)
     predictions = pd.read_csv(work / "results" / "models" / "predictions.tsv", sep="\t")
-    split = primary_split(pd.read_csv(work / "results" / "models" / "cohorts.tsv", sep="\t"))
     rows = predictions[(predictions["split"] == split) & (predictions["endpoint"] == "binary")]
     cnn = rows[rows["model"] == "cnn"].dropna(subset=["score", "outcome"])
     test = cnn[cnn["cohort"] == "test"]

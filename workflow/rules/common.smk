@@ -144,7 +144,9 @@ NETWORK_FILES = [
 # the multitask network (networks.fit: multitask): its DSC in the crop joins nnU-Net's in results/segmentation/dsc.tsv;
 # with multitask.encoder nnunet it starts from the study's nnU-Net, an input (a retrained nnU-Net retrains it)
 MULTITASK = "multitask" in NETWORKS["fit"] and NETWORKS["enabled"]
-MULTITASK_NNUNET = NNUNET_MODEL if MULTITASK and NETWORKS["multitask"]["encoder"] == "nnunet" else []
+MULTITASK_NNUNET = (
+    NNUNET_MODEL if MULTITASK and NETWORKS["multitask"]["encoder"] == "nnunet" else []
+)
 
 
 def network_predictions(wildcards):
