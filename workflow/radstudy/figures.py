@@ -34,7 +34,7 @@ def dsc_figure(table):
     if "method" in table and not table.empty:  # one category per region, method and scope (multitask rows)
         nnunet_image = (table["method"] == "nnunet") & (table["scope"] == "image")
         table = table.assign(region=np.where(nnunet_image, table["region"],
-                                             table["region"] + "\n" + table["method"] + " (" + table["scope"] + ")"))
+                                             table["region"] + "\n" + table["method"] + "\n(" + table["scope"] + ")"))
     regions = list(dict.fromkeys(table["region"])) if not table.empty else []
     colours = {center: f"C{k}" for k, center in enumerate(sorted(table["center"].unique()))}  # one colour per center
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -51,12 +51,16 @@ def dsc_figure(table):
         ax.grid(alpha=0.25)
         if metric == "dsc":
             ax.set_ylim(0, 1.02)
-    if regions:
-        axes[0].legend(title="center", fontsize=8, frameon=False)
+    if regions:  # every center, also those without a point in the first category
+        from matplotlib.lines import Line2D
+
+        axes[0].legend(handles=[Line2D([], [], ls="", marker="o", color=c, label=center)
+                                for center, c in colours.items()], title="center", fontsize=8, frameon=False)
     ax = axes[2]
     for k, region in enumerate(regions):
         sub = table[table["region"] == region]
-        ax.scatter(sub["volume_manual_ml"], sub["volume_auto_ml"], s=12, alpha=0.7, label=region, color=plt.cm.Set1(k))
+        ax.scatter(sub["volume_manual_ml"], sub["volume_auto_ml"], s=12, alpha=0.7, label=region.replace("\n", " "),
+                   color=plt.cm.Set1(k))
     if regions:
         top = float(np.nanmax(table[["volume_auto_ml", "volume_manual_ml"]].to_numpy())) * 1.05
         ax.plot([0, top], [0, top], ls="--", color="grey", lw=0.8)

@@ -452,7 +452,8 @@ def plot_learning_curves(history: pd.DataFrame, endpoint: str, out_dir: Path) ->
         ax.set_ylabel("loss")
         ax.grid(alpha=0.25)
         right.set_ylim(0, 1)
-        right.set_ylabel(f"inner-validation {metric}")
+        right.set_ylabel(f"inner-validation {metric}" + (", Dice" if "inner_dice" in runs
+                                                           and runs["inner_dice"].notna().any() else ""))
     handles = [Line2D([], [], color="black", lw=1.3, label="training loss"),
                Line2D([], [], color="black", lw=1.3, ls="--", label="inner-validation loss"),
                Line2D([], [], color="black", lw=0.9, ls=":", label=f"inner-validation {metric}"),
@@ -462,7 +463,7 @@ def plot_learning_curves(history: pd.DataFrame, endpoint: str, out_dir: Path) ->
     if len(splits) <= 10:  # one colour per split; more splits repeat the colours and get no legend entry
         handles += [Line2D([], [], color=f"C{k}", lw=3, label=f"split {split}") for k, split in enumerate(splits)]
     axes["legend"].axis("off")
-    axes["legend"].legend(handles=handles, loc="center", ncol=min(len(handles), 4 * len(models)), fontsize=8,
+    axes["legend"].legend(handles=handles, loc="center", ncol=min(len(handles), 1 + 2 * len(models)), fontsize=8,
                           frameon=False)
     fig.suptitle("Learning curves, multitask network (both endpoints)" if endpoint == "multitask"
                  else f"Learning curves, {endpoint} endpoint")
