@@ -126,6 +126,9 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
+# start a submitted batch job at once: slurmctld's default batch_sched_delay (3 s, for sites that take thousands
+# of sbatch calls a second) delays the scheduling of every new job, and the test's jobs run one stage after another
+SchedulerParameters=batch_sched_delay=0
 MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides

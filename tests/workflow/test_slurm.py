@@ -8,9 +8,9 @@ bit-reproducible from run to run, and its SLURM sizing is checked by the profile
 job of the study ran as a SLURM job with the profile's sizes (discovery, ingestion, clinical tables, QC, the
 segmentation split, prediction, radiomics, perturbed-mask radiomics, deep features, statistics, evaluation and
 report; the end-to-end networks stay off there), per-patient jobs grouped into one SLURM job per center sized for serial members, results equal to the
-shared local run (ingestion, segmentation masks, features, models, predictions), and a job failing on SLURM
-fails the workflow with its log shown. The profiles' resolution of every rule (GPU requests included) is checked
-with dry runs, without a cluster.
+shared local run (ingestion, segmentation masks, features, models, predictions), and a job failing on SLURM (a
+second run of the same delivery, on the same cluster at the same time) fails the workflow with its log shown. The
+profiles' resolution of every rule (GPU requests included) is checked with dry runs, without a cluster.
 """
 
 from __future__ import annotations
@@ -46,13 +46,32 @@ SLURM_RULES = {"discover", "ingest_patient", "clinical_table", "center_qc", "seg
                "deep_features_center", "feature_table", "patient_flow", "statistics", "evaluate_report"}
 GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics", "radiomics_perturbed": "perturbed"}
 # Overrides a site with slurmdbd would not need: no accounting database here (sacct would poll forever, and the
-# plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence.
+# plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence; and up
+# to 12 SLURM jobs at once: the study's widest stage (every center's radiomics, perturbed radiomics and deep
+# features, and the segmentation quality) in one go, not a job of it waiting for a slot and then for a status poll.
 TEST_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-no-account",
-                  "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "9"]
+                  "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--jobs", "12"]
 
 
 def _profile() -> dict:
     return yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
+
+
+def _node_size() -> tuple[int, int]:
+    """(CPUs, MB) of the test cluster's one node: room for the study run's --jobs and the failing run's one job,
+    each of the profile's largest request, at once.
+
+    SLURM allocates the profile's sizes as they are, whatever this machine is (the jobs themselves need little,
+    and nothing enforces the sizes). A node that holds fewer makes the runs' jobs queue for one another, e.g. a
+    center's QC behind two nnU-Net segmentations, time that only this test cluster would add.
+    """
+    slots = int(TEST_OVERRIDES[TEST_OVERRIDES.index("--jobs") + 1]) + 1
+    sizes = _profile()["set-resources"].values()
+    return (slots * max(size.get("cpus_per_task", 1) for size in sizes),
+            slots * max(size.get("mem_mb", 0) for size in sizes))
+
+
+NODE_CPUS, NODE_MEM_MB = _node_size()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -79,13 +98,12 @@ def _communicate(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def _snakemake_slurm(workdir: Path, env: dict, *args: str, timeout: float = 480) -> tuple[int, str]:
+def _start_snakemake_slurm(workdir: Path, env: dict, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """snakemake with the SLURM profile (and TEST_OVERRIDES) in workdir, started; its output (stderr too) to stdout."""
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(workdir / "config.yaml"), "--workflow-profile", str(SLURM_PROFILE),
            *TEST_OVERRIDES, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir, env=env)
-    out = _communicate(proc, timeout)
-    return proc.returncode, out
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, text=True, cwd=workdir, env=env)
 
 
 def _minutes(limit: str) -> int:
@@ -129,11 +147,9 @@ def cluster(tmp_path_factory):
     if not shutil.which("apt-get") and not shutil.which("slurmctld"):
         pytest.skip("no apt-get to install SLURM, and SLURM is not installed")
     state = tmp_path_factory.mktemp("slurm")
-    # A node large enough for the profile's requests as they are (16 CPUs, 128 GB), whatever this machine is:
-    # SLURM allocates them; the jobs themselves need little.
     # RADSTUDY_SLURM_OWNER: a later start may replace this cluster once this process is gone (a killed run)
-    env = {**os.environ, "RADSTUDY_SLURM_DIR": str(state), "RADSTUDY_SLURM_CPUS": "16",
-           "RADSTUDY_SLURM_MEM_MB": "128000", "RADSTUDY_SLURM_OWNER": str(os.getpid())}
+    env = {**os.environ, "RADSTUDY_SLURM_DIR": str(state), "RADSTUDY_SLURM_CPUS": str(NODE_CPUS),
+           "RADSTUDY_SLURM_MEM_MB": str(NODE_MEM_MB), "RADSTUDY_SLURM_OWNER": str(os.getpid())}
     install = subprocess.run([str(CLUSTER_SCRIPT), "install"], capture_output=True, text=True, env=env, timeout=900)
     if install.returncode != 0:
         pytest.skip(f"SLURM could not be installed: {install.stderr.strip()[-500:]}")
@@ -147,27 +163,62 @@ def cluster(tmp_path_factory):
         subprocess.run([str(CLUSTER_SCRIPT), "stop"], capture_output=True, text=True, env=env, timeout=180)
 
 
-@pytest.fixture(scope="module")
-def runs(cluster, tiny_study, tmp_path_factory):
-    """The shared study's delivery run on SLURM with the shared run's model: (slurm workdir, local workdir, output)."""
-    local = tiny_study.workdir
-    on_slurm = tmp_path_factory.mktemp("on_slurm")
+def _delivery(local: Path, to: Path) -> Path:
+    """The shared study's delivery (the same DICOM folders, clinical tables and pseudonym key) in a new working
+    directory, configured to run on SLURM with the shared local run's nnU-Net model."""
+    to.mkdir(parents=True, exist_ok=True)
     for item in ("config.yaml", "centers.tsv", "radiomics.yaml"):
-        shutil.copy2(local / item, on_slurm / item)
-    shutil.copytree(local / "demo", on_slurm / "demo")
-    shutil.copytree(local / "resources" / "private", on_slurm / "resources" / "private")  # the same pseudonyms
+        shutil.copy2(local / item, to / item)
+    shutil.copytree(local / "demo", to / "demo")
+    shutil.copytree(local / "resources" / "private", to / "resources" / "private")  # the same pseudonyms
     model = next((local / "resources" / "nnunet" / "results").rglob("plans.json")).parent
-    shutil.copytree(model, on_slurm / "given_model")
-    config = yaml.safe_load((on_slurm / "config.yaml").read_text())
+    shutil.copytree(model, to / "given_model")
+    config = yaml.safe_load((to / "config.yaml").read_text())
     config["segmentation"]["model_folder"] = "given_model"
     config["demo"]["enabled"] = False  # delivered: the demo's folders are the hospitals' data now
     # The networks stay local: a CPU-bound stage like statistics, whose profile entry and GPU request the dry runs
     # below check; leaving them out keeps this test within the suite's time (their determinism: tests/networks).
     config["networks"]["enabled"] = False
-    (on_slurm / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    code, output = _snakemake_slurm(on_slurm, cluster, timeout=1500)
-    assert code == 0, output[-6000:]
-    return on_slurm, local, output
+    (to / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return to
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(cluster, tiny_study, tmp_path_factory):
+    """The module's two SLURM runs, started together on the one cluster: the whole study, and a center whose clinical
+    table is broken. The second is one short job, most of its time spent waiting on the plugin's status polls
+    (and, once its job failed, on the poll interval before snakemake exits): run on its own after the study it would
+    add that wait to the module's time.
+
+    {"study": (workdir, its local counterpart, output), "failing": (workdir, exit code, output)}
+    """
+    local = tiny_study.workdir
+    on_slurm = _delivery(local, tmp_path_factory.mktemp("on_slurm"))
+    # The failing run: the same delivery, center C's discovery as the local run wrote it (so that the clinical table
+    # is the one job to run), and C's clinical table not a table.
+    failing = _delivery(local, tmp_path_factory.mktemp("failing_on_slurm"))
+    (failing / "results" / "ingest" / "C").mkdir(parents=True)
+    shutil.copy2(local / "results" / "ingest" / "C" / "patients.tsv", failing / "results" / "ingest" / "C")
+    (failing / "demo" / "clinical" / "C.csv").write_text("this is not a clinical table\n1\n")
+    failing_log = failing / "snakemake_output.txt"
+    with failing_log.open("w") as out:
+        procs = [_start_snakemake_slurm(on_slurm, cluster), _start_snakemake_slurm(failing, cluster,
+                                                                                    "results/clinical/C.tsv", stdout=out)]
+    try:
+        output = _communicate(procs[0], timeout=1500)
+        procs[1].wait(timeout=300)
+    except BaseException:
+        for proc in procs:
+            _stop(proc)
+        raise
+    assert procs[0].returncode == 0, output[-6000:]
+    return {"study": (on_slurm, local, output), "failing": (failing, procs[1].returncode, failing_log.read_text())}
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_runs):
+    """The shared study's delivery run on SLURM with the shared run's model: (slurm workdir, local workdir, output)."""
+    return slurm_runs["study"]
 
 
 def test_every_job_ran_as_a_slurm_job_sized_by_the_profile(cluster, runs):
@@ -278,19 +329,17 @@ def test_results_equal_a_local_run(runs):
     assert (on_slurm / "results" / "report" / "report.html").stat().st_size > 0
 
 
-def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, runs):
-    on_slurm, _, _ = runs
-    (on_slurm / "demo" / "clinical" / "C.csv").write_text("this is not a clinical table\n1\n")
-    code, output = _snakemake_slurm(on_slurm, cluster, "results/clinical/C.tsv", timeout=300)
+def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, slurm_runs):
+    workdir, code, output = slurm_runs["failing"]
     assert code != 0, output[-3000:]
     assert "Error in rule clinical_table" in output, output[-3000:]
     failed = _slurm_jobs(cluster, _run_ids(output))
     assert list(failed["state"]) == ["FAILED"], failed
     job = failed["job"].iloc[0]
-    log = on_slurm / ".snakemake" / "slurm_logs" / "rule_clinical_table" / "C" / f"{job}.log"
+    log = workdir / ".snakemake" / "slurm_logs" / "rule_clinical_table" / "C" / f"{job}.log"
     assert str(log) in output
     # the job's traceback, in the rule's log and the SLURM log, both printed (show-failed-logs in the profile)
-    rule_log = (on_slurm / "results" / "logs" / "clinical" / "C.log").read_text()
+    rule_log = (workdir / "results" / "logs" / "clinical" / "C.log").read_text()
     assert f"SLURM job {job} on " in rule_log and "Traceback" in rule_log, rule_log
     error = [line for line in rule_log.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
     assert error and error[-1] in log.read_text(), rule_log
