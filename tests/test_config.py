@@ -156,3 +156,18 @@ def test_a_part_of_a_config_is_checked_against_the_schema(section, value, expect
 
     with pytest.raises(ConfigError, match=re.escape(expected)):
         settings(section, value)
+
+
+def test_manual_segmentation_refuses_what_needs_the_study_nnunet(tmp_path):
+    """segmentation.method manual trains no nnU-Net: the nnunet deep-feature backbone and a multitask network
+    starting from nnU-Net need a model given elsewhere, with a message saying so."""
+    config = copy.deepcopy(DEFAULT)
+    config["segmentation"]["method"] = "manual"
+    with pytest.raises(ConfigError, match="features.deep.backbone nnunet.*segmentation.method manual"):
+        validate_config(config)
+    config["features"]["deep"]["enabled"] = False
+    config["networks"].update(enabled=True, fit=["multitask"], multitask={"encoder": "nnunet"})
+    with pytest.raises(ConfigError, match="networks.multitask.encoder nnunet"):
+        validate_config(config)
+    config["segmentation"]["model_folder"] = "given_model"  # a model from elsewhere: allowed
+    assert validate_config(config)["segmentation"]["method"] == "manual"

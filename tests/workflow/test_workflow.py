@@ -260,6 +260,39 @@ def test_a_deleted_fitted_model_reruns_the_statistics_and_the_report_only(tiny_s
     assert "Missing output files: results/models/binary/radiomic.joblib" in dry.stdout + dry.stderr
 
 
+def test_a_study_with_manual_masks_runs_no_nnunet_job_and_excludes_patients_without_a_mask(tiny_study, tmp_path):
+    """segmentation.method manual (seeds 000, 002, 003): the whole study plans without any nnU-Net rule; a center's
+    segmentation is its patients' manual masks, unchanged; a patient delivered without one is excluded, reason
+    no_manual_mask, its message naming the file."""
+    workdir = copy_study(tiny_study, tmp_path / "manual")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["segmentation"]["method"] = "manual"
+    config["features"]["deep"]["enabled"] = False  # its nnunet backbone needs the nnU-Net route (a ConfigError)
+    (workdir / "config_manual.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    base = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
+            str(workdir / "config_manual.yaml"), "--cores", "2"]
+    plan = subprocess.run(base + ["--dry-run", "--forceall"], capture_output=True, text=True, cwd=workdir)
+    assert plan.returncode == 0, plan.stderr[-5000:]
+    planned = set(re.findall(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):", plan.stdout + plan.stderr, flags=re.M))
+    assert "segment_center" in planned and not {r for r in planned if r.startswith("nnunet")}, planned
+    done = subprocess.run(base + ["results/segmentation/B", "results/segmentation/split.tsv", "--forcerun",
+                                  "segment_center"], capture_output=True, text=True, cwd=workdir)
+    assert done.returncode == 0, done.stderr[-5000:]
+    qc = pd.read_csv(workdir / "results" / "segmentation" / "B" / "qc.tsv", sep="\t")
+    ingest = pd.read_csv(workdir / "results" / "qc" / "B" / "patients.tsv", sep="\t")
+    annotated = set(ingest.loc[ingest["annotated"] & (ingest["status"] == "included"), "patient"])
+    assert annotated and set(qc.loc[qc["status"] == "included", "patient"]) == annotated
+    without = qc[qc["status"] == "excluded"]
+    assert len(without) and (without["reason"] == "no_manual_mask").all()
+    assert all("mask_manual.nii.gz" in m for m in without["message"])
+    for patient in annotated:
+        mine = workdir / "results" / "segmentation" / "B" / f"{patient}.nii.gz"
+        manual = next((workdir / "results" / "ingest" / "B").glob(f"{patient}")) / "mask_manual.nii.gz"
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(mine))),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(manual))))
+    assert set(pd.read_csv(workdir / "results" / "segmentation" / "split.tsv", sep="\t")["set"]) == {"manual"}
+
+
 def test_a_trained_model_folder_in_the_config_is_used_without_training(tiny_study, tmp_path):
     """A copy of the study given the model it trained, as if from an earlier study: only segmentation reruns."""
     workdir = copy_study(tiny_study, tmp_path / "given")

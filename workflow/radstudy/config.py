@@ -64,6 +64,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source} is invalid:\n  {lines}")
     config = _with_defaults(copy.deepcopy(config), schema)
     _check_deep_features(config, source)
+    _check_manual_segmentation(config, source)
     key_file = Path(config["pseudonymisation"]["key_file"])
     if "results" in key_file.parts:
         raise ConfigError(
@@ -71,6 +72,26 @@ def validate_config(config: dict, source: str = "config") -> dict:
             "the key links pseudonyms to patients and results/ is what gets shared"
         )
     return config
+
+
+def _check_manual_segmentation(config: dict, source: str) -> None:
+    """segmentation.method manual trains no nnU-Net: what needs the study's nnU-Net must get one elsewhere."""
+    seg = config["segmentation"]
+    if seg["method"] != "manual" or seg["model_folder"]:
+        return
+    deep = config["features"]["deep"]
+    if deep["enabled"] and deep["backbone"] == "nnunet" and not deep["checkpoint"]:
+        raise ConfigError(f"{source}: features.deep.backbone nnunet is the encoder of the study's nnU-Net, which "
+                          "segmentation.method manual does not train: give features.deep.checkpoint (a trained nnU-Net "
+                          "model folder) or segmentation.model_folder, use backbone resnet3d / resnet2d with its "
+                          "checkpoint, or set features.deep.enabled: false")
+    networks = config.get("networks") or {}
+    multitask = networks.get("multitask") or {}
+    if networks.get("enabled") and "multitask" in (networks.get("fit") or []) \
+            and multitask.get("encoder") == "nnunet":
+        raise ConfigError(f"{source}: networks.multitask.encoder nnunet starts from the study's nnU-Net, which "
+                          "segmentation.method manual does not train: give segmentation.model_folder or use encoder "
+                          "random")
 
 
 def _check_deep_features(config: dict, source: str) -> None:

@@ -23,6 +23,7 @@ CHANNEL_GRID_MISMATCH = "channel_grid_mismatch"  # a channel cannot be brought o
 PIXEL_DATA_ERROR = "pixel_data_error"  # headers readable but pixel data cannot be decoded
 NO_CLINICAL_RECORD = "no_clinical_record"  # images delivered but no row in the center's clinical table
 SEGMENTATION_QC = "segmentation_qc"  # the automatic segmentation failed its plausibility checks
+NO_MANUAL_MASK = "no_manual_mask"  # segmentation.method manual: the patient was delivered without a usable mask
 FEATURE_EXTRACTION = "feature_extraction"  # a region could not give radiomic or deep features (on_bad_region: exclude)
 
 REASONS = {
@@ -41,6 +42,7 @@ REASONS = {
     PIXEL_DATA_ERROR: "pixel data cannot be decoded",
     NO_CLINICAL_RECORD: "no row in the clinical table",
     SEGMENTATION_QC: "automatic segmentation failed quality control",
+    NO_MANUAL_MASK: "no manual mask (segmentation.method manual)",
     FEATURE_EXTRACTION: "radiomic or deep features could not be extracted from a region",
 }
 

@@ -1,10 +1,11 @@
 # Segmentation: nnU-Net v2 trained on the annotated patients (or a trained model given in the config),
-# applied to every included patient, one job per center (the model is loaded once per job).
+# applied to every included patient, one job per center (the model is loaded once per job); or
+# (segmentation.method manual) every patient's delivered mask, no nnU-Net job.
 # Every rule exists whatever the config; segmentation.model_folder decides which ones a study needs (the model
 # given or the one trained here) and which rule writes split.tsv:
 
 
-if SEG["model_folder"]:
+if SEG["model_folder"] or SEG["method"] == "manual":
 
     ruleorder: segmentation_split > nnunet_dataset
 
@@ -13,7 +14,7 @@ else:
     ruleorder: nnunet_dataset > segmentation_split
 
 
-# with a given model: every annotated patient is a holdout patient (none trained it)
+# with a given model: every annotated patient is a holdout patient (none trained it); manual masks: no holdout
 rule segmentation_split:
     input:
         qc=expand("results/qc/{center}/patients.tsv", center=CENTERS),
@@ -80,7 +81,8 @@ rule nnunet_train:
 
 checkpoint segment_center:
     input:
-        model=NNUNET_MODEL,
+        # segmentation.method manual: the delivered masks, no model (no nnU-Net job in the DAG)
+        model=NNUNET_MODEL if SEG["method"] == "nnunet" else [],
         qc="results/qc/{center}/patients.tsv",
         ingest=center_ingest_dirs,
     output:

@@ -11,5 +11,5 @@ if __name__ == "__main__":  # nnU-Net's process pools re-import the main module
     setup(snakemake.log[0])
     segmentation_stage.segment_center(
         load_study(snakemake.config), snakemake.wildcards.center, snakemake.input.qc, snakemake.input.ingest,
-        snakemake.input.model, snakemake.output[0],
+        snakemake.input.model or None, snakemake.output[0],
     )

@@ -3,8 +3,9 @@
 The nnU-Net mechanics live in `radstudy.segment.nnunet`; this module turns the study's tables and config into its
 calls, and its results into the files the later stages and the report read:
 
-    results/segmentation/split.tsv                 annotated patients: train | holdout
-    results/segmentation/{center}/{patient}.nii.gz automatic label map (post-processed) on the image grid
+    results/segmentation/split.tsv                 annotated patients: train | holdout (| manual)
+    results/segmentation/{center}/{patient}.nii.gz automatic label map (post-processed) on the image grid, or with
+                                                   segmentation.method manual the patient's manual mask
     results/segmentation/{center}/qc.tsv           per patient: volumes, QC flags, status
     results/segmentation/dsc.tsv (+ dsc.png/.pdf)  holdout patients: automatic vs manual, per region
 
@@ -23,7 +24,7 @@ import SimpleITK as sitk
 from radstudy.segment import nnunet as segment
 from radstudy.config import Study
 from radstudy.figures import dsc_figure
-from radstudy.errors import REASONS, SEGMENTATION_QC, ConfigError
+from radstudy.errors import NO_MANUAL_MASK, REASONS, SEGMENTATION_QC, ConfigError
 from radstudy.ingest.outputs import MASK_FILE, image_file, label_volumes
 from radstudy.ingest.outputs import patient_folders
 
@@ -123,11 +124,14 @@ def build_dataset(study: Study, qc_tables: list[str | Path], ingest_dirs: list[s
 
 
 def holdout_only_split(study: Study, qc_tables: list[str | Path], out_split: str | Path) -> None:
-    """With a trained model given in the config, every annotated patient is a holdout patient (none trained it)."""
+    """With a trained model given in the config, every annotated patient is a holdout patient (none trained it);
+    with segmentation.method manual there is no automatic segmentation to evaluate: every annotated patient's set
+    is `manual`."""
     annotated = _included(qc_tables)
     annotated = annotated[annotated["annotated"].astype(str) == "True"]
     Path(out_split).parent.mkdir(parents=True, exist_ok=True)
-    annotated.assign(set="holdout")[["patient", "center", "set"]].to_csv(out_split, sep="\t", index=False)
+    kind = "manual" if _cfg(study)["method"] == "manual" else "holdout"
+    annotated.assign(set=kind)[["patient", "center", "set"]].to_csv(out_split, sep="\t", index=False)
 
 
 def plan(study: Study, raw_dir: str | Path, preprocessed_dir: str | Path) -> Path:
@@ -150,11 +154,53 @@ def train(study: Study, preprocessed_dir: str | Path, results_dir: str | Path) -
     )
 
 
+QC_COLUMNS = ["patient", "center", "flags", "status", "stage", "reason", "reason_text", "message"]
+
+
+def manual_center(study: Study, center_id: str, qc_table: str | Path, ingest_dirs: list[str | Path],
+                  out_dir: str | Path) -> pd.DataFrame:
+    """segmentation.method manual: every included patient's manual mask (its ingest folder's mask_manual.nii.gz)
+    is its segmentation, copied unchanged into out_dir; a patient without one, or whose mask holds none of the
+    configured labels, is excluded (reason no_manual_mask, the message names the patient and the file). Same
+    qc.tsv as `segment_center` (volumes per label, status)."""
+    labels = study.config["ingest"]["labels"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folders = patient_folders(ingest_dirs)
+    rows = []
+    for row in _included([qc_table]).itertuples():
+        source = folders[row.patient] / MASK_FILE
+        volumes, problem = {}, ""
+        if not source.exists():
+            problem = f"{row.patient}: no manual mask ({source} absent): segmentation.method is manual"
+        else:
+            mask = sitk.ReadImage(str(source))
+            volumes = {f"volume_{region}_ml": v["volume_ml"] for region, v in label_volumes(mask, labels).items()}
+            if not any(v > 0 for v in volumes.values()):
+                problem = f"{row.patient}: manual mask {source} holds none of the labels {sorted(labels)}"
+            else:
+                sitk.WriteImage(mask, str(out_dir / f"{row.patient}.nii.gz"), useCompression=True)
+        if problem:
+            log.warning("%s (excluded)", problem)
+        rows.append({"patient": row.patient, "center": center_id, **volumes, "flags": "",
+                     "status": "excluded" if problem else "included", "stage": "segmentation" if problem else "",
+                     "reason": NO_MANUAL_MASK if problem else "",
+                     "reason_text": REASONS[NO_MANUAL_MASK] if problem else "", "message": problem})
+    table = pd.DataFrame(rows, columns=["patient", "center", *[f"volume_{r}_ml" for r in labels], *QC_COLUMNS[2:]])
+    table.to_csv(out_dir / "qc.tsv", sep="\t", index=False)
+    log.info("center %s: %d manual masks, %d patients without one (excluded)", center_id,
+             int((table["status"] == "included").sum()), int((table["status"] == "excluded").sum()))
+    return table
+
+
 def segment_center(study: Study, center_id: str, qc_table: str | Path, ingest_dirs: list[str | Path],
-                   model_folder: str | Path, out_dir: str | Path) -> pd.DataFrame:
+                   model_folder: str | Path | None, out_dir: str | Path) -> pd.DataFrame:
     """Segment every included patient of one center with the model loaded once; post-process and QC each.
-    ingest_dirs: the center's patients' ingest folders (at least those of its included patients)."""
+    ingest_dirs: the center's patients' ingest folders (at least those of its included patients). With
+    segmentation.method manual: `manual_center` (model_folder unused)."""
     cfg = _cfg(study)
+    if cfg["method"] == "manual":
+        return manual_center(study, center_id, qc_table, ingest_dirs, out_dir)
     labels = study.config["ingest"]["labels"]
     out_dir = Path(out_dir)
     patients = _included([qc_table])
