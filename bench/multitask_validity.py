@@ -1,6 +1,6 @@
 """The multitask network (issue 16, seed 004) next to the other models of a finished study, and its ablation.
 
-On the primary split's external test cohort (and its validation cohort) of a finished study with networks.fit
+On the primary split's external test cohort (and its validation and internal test cohorts) of a finished study with networks.fit
 including multitask, prints per model (clinical, radiomic, deep, combined, cnn, cnn_clinical, multitask: those the
 study fitted) the binary endpoint's AUC with its DeLong 95% CI and the survival endpoint's Harrell's C with its
 bootstrap 95% CI, as the study's report computed them (results/report/evaluation/metrics_*.csv); the multitask
@@ -30,10 +30,11 @@ from finished_study import open_study
 
 from radstudy.concordance import harrell_c
 from radstudy.evaluate.metrics import auc_delong, bootstrap_counts, percentile_ci
-from radstudy.networks.stage import _clinical_design, _full, _target, network_settings, read_center_inputs
-from radstudy.networks.train import predict_multitask, train_multitask
-from radstudy.statistics.models import assemble, derive_seed, outcome, statistics_settings, study_cohorts
+from radstudy.segment.stage import trained_model_folder
+from radstudy.networks.stage import _multitask, network_settings, read_center_inputs
+from radstudy.statistics.models import assemble, derive_seed, statistics_settings, study_cohorts
 from radstudy.tables import read_table
+from radstudy.torch_tools import resolve_device
 
 
 def _study_rows(work: Path, split: str, cohort: str) -> pd.DataFrame:
@@ -50,8 +51,8 @@ def _study_rows(work: Path, split: str, cohort: str) -> pd.DataFrame:
 
 
 def _ablation(study, work: Path, split: str, n_bootstrap: int) -> list[dict]:
-    """The multitask network of the primary split retrained without the segmentation loss; scored on the
-    validation and test cohorts as the study scored its own."""
+    """The multitask network of the primary split retrained as the stage trains it (`networks.stage._multitask`:
+    same rows, seed and settings) with the segmentation loss off; scored on every cohort but training."""
     cfg = copy.deepcopy(network_settings(study))
     cfg["multitask"]["loss_weights"]["segmentation"] = 0.0
     stats = statistics_settings(study.config)
@@ -65,43 +66,33 @@ def _ablation(study, work: Path, split: str, n_bootstrap: int) -> list[dict]:
     keep = cohort.notna().to_numpy() & data["patient"].isin(row_of).to_numpy()
     part, part_cohort = data[keep].reset_index(drop=True), cohort[keep].to_numpy()
     index = [row_of[p] for p in part["patient"]]
-    n_image = len(channels) - int(bool(cfg["mask_channel"]))
-    images = arrays[index][:, :n_image]
-    outcomes, target = {}, {}
-    for endpoint, spec in stats["endpoints"].items():
-        has_y, y, _ = outcome(part, endpoint, spec)
-        outcomes[endpoint] = (has_y, y)
-        target.update(_target(endpoint, _full(y, has_y, endpoint)))
-    train = (part_cohort == "training") & np.logical_or.reduce([o[0] for o in outcomes.values()])
-    clinical_x = _clinical_design(part, train, stats) if cfg["multitask"]["clinical"] else None
+    rows = {k: v[index] for k, v in extra.items()}
+    seg = study.config["segmentation"]  # the study's nnU-Net (multitask.encoder nnunet): given, or trained here
+    nnunet = str(seg["model_folder"] or trained_model_folder(study, Path(seg["work_dir"]) / "results"))
+    predictions: list[pd.DataFrame] = []
     started = time.perf_counter()
-    trained = train_multitask(images, clinical_x, target, extra["manual"][index],
-                              extra["has_manual"][index] & train, train, cfg,
-                              seed=derive_seed(study.seed, "network", split, "multitask"), device="cpu",
-                              channels=channels[:n_image])
+    trained, _ = _multitask(study, cfg, stats, part, part_cohort, arrays[index], channels, rows, split, predictions,
+                            [], str(resolve_device(cfg["device"])), nnunet)
     print(f"ablation trained in {time.perf_counter() - started:.1f} s, kept epoch {trained.best_epoch}")
-    result = predict_multitask(trained, images, clinical_x)
-    rows = []
-    for name in ("validation", "test"):
-        in_cohort = part_cohort == name
-        for endpoint, (has_y, y) in outcomes.items():
+    out = []
+    for table in predictions:
+        endpoint = table["endpoint"].iloc[0]
+        for name, group in table[table["cohort"] != "training"].groupby("cohort"):
+            row = {"what": "multitask, segmentation loss off", "cohort": name, "endpoint": endpoint}
             if endpoint == "binary":
-                sel = in_cohort[has_y]
-                yy, score = np.asarray(y)[sel].astype(int), result["logit"][has_y][sel]
-                r = auc_delong(yy, score)
-                rows.append({"what": "multitask, segmentation loss off", "cohort": name, "endpoint": endpoint,
-                             "metric": "auc", "value": r["auc"], "low": r["ci_low"], "high": r["ci_high"],
-                             "n": len(yy), "events": int(yy.sum())})
+                group = group.dropna(subset=["outcome"])
+                y = group["outcome"].to_numpy().astype(int)
+                r = auc_delong(y, group["score"].to_numpy())
+                out.append({**row, "metric": "auc", "value": r["auc"], "low": r["ci_low"], "high": r["ci_high"],
+                            "n": len(y), "events": int(y.sum())})
             else:
-                sel = in_cohort[has_y]
-                t, e = np.asarray(y["time"])[sel], np.asarray(y["event"])[sel]
-                score = result["risk"][has_y][sel]
+                group = group.dropna(subset=["time", "event"])
+                t, e, score = (group[c].to_numpy() for c in ("time", "event", "score"))
                 counts = bootstrap_counts(len(t), n_bootstrap, derive_seed(study.seed, "bootstrap", name))
                 low, high = percentile_ci(np.asarray(harrell_c(t, e, score, counts)))
-                rows.append({"what": "multitask, segmentation loss off", "cohort": name, "endpoint": endpoint,
-                             "metric": "c_harrell", "value": float(harrell_c(t, e, score)), "low": low,
-                             "high": high, "n": len(t), "events": int(e.sum())})
-    return rows
+                out.append({**row, "metric": "c_harrell", "value": float(harrell_c(t, e, score)), "low": low,
+                            "high": high, "n": len(t), "events": int(e.sum())})
+    return out
 
 
 def main() -> None:
@@ -110,7 +101,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=2000)
     args = parser.parse_args()
     work, study, split = open_study(args.workdir)
-    table = pd.concat([_study_rows(work, split, c) for c in ("validation", "test")]
+    cohorts = [c for c in ("validation", "internal_test", "test")
+               if c in set(pd.read_csv(work / "results" / "models" / "cohorts.tsv", sep="\t")["cohort"])]
+    table = pd.concat([_study_rows(work, split, c) for c in cohorts]
                       + [pd.DataFrame(_ablation(study, work, split, args.bootstrap))], ignore_index=True)
     pd.set_option("display.width", 160)
     for (cohort, endpoint), rows in table.groupby(["cohort", "endpoint"], sort=False):

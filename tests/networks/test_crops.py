@@ -299,6 +299,10 @@ def test_manual_and_automatic_targets_are_the_regions_on_the_crop_grid(tmp_path,
     # dims 2: the target of the largest slice, on the slice's grid
     x2, info2 = _input(images, mask, _cfg(dims=2), manual=mask)
     assert info2["manual"].shape == x2.shape[1:] and info2["manual"].sum() == (labels[info2["slice"]] == 2).sum()
+    # a manual mask whose region misses the input's slice gives no target (not an empty one)
+    elsewhere = np.where(np.arange(SHAPE[0])[:, None, None] == info2["slice"], 0, labels).astype(np.uint8)
+    _, info3 = _input(images, mask, _cfg(dims=2), manual=_write(elsewhere, tmp_path / "elsewhere.nii.gz"))
+    assert info3["manual"] is None
 
 
 def test_a_center_file_stores_targets_with_their_flags(tmp_path):
@@ -312,3 +316,4 @@ def test_a_center_file_stores_targets_with_their_flags(tmp_path):
         assert data["manual"].shape == (2, 32, 32, 32) and data["manual"].dtype == np.uint8
         assert data["manual"][0].sum() > 0 and data["manual"][1].sum() == 0
         assert data["origin"].shape == (2, 3) and data["direction"].shape == (2, 9)
+        assert data["crop_from"].tolist() == ["manual", "automatic"]  # P001's crop was placed by its manual mask

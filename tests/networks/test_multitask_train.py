@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from radstudy.concordance import auc, harrell_c
+from radstudy.errors import ConfigError
 from radstudy.networks.train import dice, load_network, predict_multitask, save_network, train_multitask
 
 SIZE = 16
@@ -89,6 +90,10 @@ def test_one_endpoint_missing_for_some_training_rows_and_the_warmup_is_not_a_kep
     cfg = {**CFG, "epochs": 4, "early_stopping_patience": None, "multitask": {**CFG["multitask"], "warmup_epochs": 2}}
     trained = train_multitask(images, None, target, mask, train, train, cfg, seed=4)
     assert trained.best_epoch > 2 and len(trained.history) == 4
+    # a warm-up as long as the training would leave the prediction heads untrained: refused, naming both settings
+    with pytest.raises(ConfigError, match=r"multitask.warmup_epochs \(4\) must be below networks.epochs \(4\)"):
+        train_multitask(images, None, target, mask, train, train,
+                        {**cfg, "multitask": {**cfg["multitask"], "warmup_epochs": 4}}, seed=4)
 
 
 def test_a_saved_multitask_network_predicts_as_the_trained_one(tmp_path):
@@ -111,9 +116,12 @@ def test_training_starts_from_the_study_nnunet_and_the_saved_network_is_rebuilt_
     mask2d = mask[:, SIZE // 2].repeat(2, -1).repeat(2, -2)
     cfg = {**CFG, "dims": 2, "crop_size": [8, 32, 32], "epochs": 2,
            "multitask": {"encoder": "nnunet"}}
-    trained = train_multitask(images2d, None, target, mask2d, train, train, cfg, seed=6,
+    trained = train_multitask(images2d, None, target, mask2d, train, train, cfg, seed=6, channels=["CT"],
                               nnunet_model=tiny_nnunet["model"])
     assert trained.pretrained["encoder_loaded"] == trained.pretrained["encoder_tensors"] > 0
+    with pytest.raises(ConfigError, match=r"takes the channels \['CT'\].*hold \['T2'\]"):
+        train_multitask(images2d, None, target, mask2d, train, train, cfg, seed=6, channels=["T2"],
+                        nnunet_model=tiny_nnunet["model"])
     save_network(trained, tmp_path / "multitask.pt")
     loaded = load_network(tmp_path / "multitask.pt")
     a, b = predict_multitask(trained, images2d), predict_multitask(loaded, images2d)

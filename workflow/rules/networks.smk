@@ -27,7 +27,7 @@ rule networks:
         clinical="results/clinical/clinical.tsv",
         patients="results/qc/patients.tsv",
         checkpoint=NETWORK_CHECKPOINT,
-        split="results/segmentation/split.tsv",
+        split="results/segmentation/split.tsv" if MULTITASK else [],
         nnunet=MULTITASK_NNUNET,
     output:
         predictions="results/networks/predictions.tsv",

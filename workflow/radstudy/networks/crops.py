@@ -38,7 +38,8 @@ Storage: one compressed .npz per center (`np.savez_compressed`, read without pic
 (N, C, ...) float16, channels (C,), spacing_mm (N, 3) z y x, origin (N, 3) and direction (N, 9) of the crop grid
 (x y z, SimpleITK's order), outside_fov (N, image channels), slice (N,) (dims 2; -1 for dims 3), manual and
 automatic (N, ...) uint8 (the region in the crop, 0 where there is none) with has_manual and has_automatic (N,)
-bool, dims and region.
+bool, crop_from (N,): "manual" when the crop was placed by the patient's manual mask (the mask the features use,
+segmentation.masks_for_features / method manual), else "automatic", dims and region.
 """
 
 from __future__ import annotations
@@ -156,11 +157,13 @@ def _target_on_grid(path: Path | None, reference: sitk.Image, grid: sitk.Image, 
         log.warning("%s: %s mask %s is not on the images' grid: no segmentation target", patient, what, path)
         return None
     voxels = sitk.GetArrayFromImage(image) == label
-    if not voxels.any():
-        log.warning("%s: %s mask %s holds no voxel of label %d: no segmentation target", patient, what, path, label)
-        return None
-    if slice_index is not None:
+    if slice_index is not None:  # dims 2: the target of the input's slice
         voxels = np.where(np.arange(len(voxels))[:, None, None] == slice_index, voxels, False)
+    if not voxels.any():
+        where = "" if slice_index is None else f" on slice {slice_index}"
+        log.warning("%s: %s mask %s holds no voxel of label %d%s: no segmentation target", patient, what, path, label,
+                    where)
+        return None
     return deep.region_on_grid(voxels, reference, grid)
 
 
@@ -238,7 +241,7 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
     cfg = settings("networks", dict(cfg))
     out_npz = Path(out_npz)
     patients, inputs, spacings, outside, slices, issues = [], [], [], [], [], []
-    origins, directions, masks = [], [], {"manual": [], "automatic": []}
+    origins, directions, crop_from, masks = [], [], [], {"manual": [], "automatic": []}
     targets = targets or {}
     channels = image_channels = None
     for patient, images, mask, fovs in items:
@@ -250,6 +253,7 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
                              "set networks.channels")
         try:
             manual, automatic = targets.get(patient, (None, None))
+            placed_by = "manual" if manual is not None and Path(mask) == Path(manual) else "automatic"
             x, info = patient_input(images, mask, patient=patient, labels=labels, cfg=cfg, modalities=modalities,
                                     fovs=fovs, manual=manual, automatic=automatic)
         except PatientExcluded as exc:
@@ -263,6 +267,7 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
         outside.append([info["outside_fov"][c] for c in image_channels])
         slices.append(-1 if info["slice"] is None else info["slice"])
         origins.append(info["origin"])
+        crop_from.append(placed_by)
         directions.append(info["direction"])
         for what in masks:
             masks[what].append(info[what])
@@ -286,7 +291,8 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
                         slice=np.array(slices, dtype=np.int64), dims=np.int64(cfg["dims"]),
                         region=np.array(cfg["region"]),
                         origin=np.array(origins, dtype=np.float64).reshape(-1, 3),
-                        direction=np.array(directions, dtype=np.float64).reshape(-1, 9), **stored)
+                        direction=np.array(directions, dtype=np.float64).reshape(-1, 9),
+                        crop_from=np.array(crop_from, dtype=str), **stored)
     log.info("%s: %d patient(s) with an input (%d with a manual mask), %d left out (issues)", out_npz.name,
              len(patients), int(stored["has_manual"].sum()), len(issues))
     return pd.DataFrame(issues, columns=ISSUE_COLUMNS)

@@ -161,7 +161,7 @@ def build_multitask(cfg: dict, in_channels: int, n_clinical: int = 0) -> Multita
 
 
 def build_from_nnunet(cfg: dict, model_folder: str | Path, in_channels: int,
-                      n_clinical: int = 0) -> tuple[MultitaskNet, dict]:
+                      n_clinical: int = 0, channels: list[str] | None = None) -> tuple[MultitaskNet, dict]:
     """A `MultitaskNet` on the U-Net of a trained nnU-Net model folder, with its trained weights except the
     segmentation output layers (module docstring), and a report: model_folder, fold, checkpoint, checkpoint_sha256,
     configuration, encoder_tensors, encoder_loaded (== encoder_tensors), decoder_loaded, skipped (checkpoint keys
@@ -188,6 +188,11 @@ def build_from_nnunet(cfg: dict, model_folder: str | Path, in_channels: int,
         raise ConfigError(f"the nnU-Net model takes {trained.n_inputs} input channel(s) (channel_names of "
                           f"{trained.folder / 'dataset.json'}), the multitask network gets {in_channels}: its crops "
                           "must hold the model's channels, in its order")
+    expected = trained.dataset_json.get("radstudy_channels")
+    if channels is not None and expected is not None and list(channels) != list(expected):
+        raise ConfigError(f"the nnU-Net model takes the channels {list(expected)} in this order (radstudy_channels of "
+                          f"{trained.folder / 'dataset.json'}), the multitask network's crops hold {list(channels)}: "
+                          "set networks.channels to the model's order")
     _check_crop(cfg, unet.encoder, dims, f"the strides of {where}")
 
     decoder = unet.decoder
@@ -206,7 +211,7 @@ def build_from_nnunet(cfg: dict, model_folder: str | Path, in_channels: int,
     encoder_keys = [k for k in state if k.startswith("encoder.")]
     decoder_keys = [k for k in state if k.startswith("decoder.") and not k.startswith("decoder.encoder.")
                     and not k.startswith("decoder.seg_layers.")]
-    report = {"model_folder": str(trained.folder), "fold": trained.fold, "checkpoint": str(trained.path),
+    report = {"model_folder": str(Path(trained.folder).resolve()), "fold": trained.fold, "checkpoint": str(trained.path),
               "checkpoint_sha256": file_sha256(trained.path), "configuration": trained.configuration,
               "encoder_tensors": len(encoder_keys), "encoder_loaded": sum(loaded(k) for k in encoder_keys),
               "decoder_loaded": sum(loaded(k) for k in decoder_keys),

@@ -177,7 +177,7 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     return table
 
 
-TARGET_KEYS = ("manual", "has_manual", "automatic", "has_automatic", "spacing_mm", "origin", "direction")
+TARGET_KEYS = ("manual", "has_manual", "automatic", "has_automatic", "spacing_mm", "origin", "direction", "crop_from")
 
 
 def read_center_inputs(paths: Iterable[str | Path], with_targets: bool = False):
@@ -285,7 +285,7 @@ def _multitask_dsc(part: pd.DataFrame, cohort: np.ndarray, rows: dict, result: d
             candidates.append(("nnunet", rows["automatic"][i] > 0))
         for method, mask in candidates:
             out.append({"patient": part["patient"].iloc[i], "center": part["center"].iloc[i], "region": region,
-                        "method": method, "scope": "crop", "cohort": cohort[i],
+                        "method": method, "scope": "crop", "crop_from": rows["crop_from"][i], "cohort": cohort[i],
                         "nnunet_trained": part["patient"].iloc[i] in trained_on,
                         "dsc": round(dice(mask, manual), 4), "hd95": round(hd95(mask, manual, spacing), 3),
                         "volume_auto_ml": round(int(mask.sum()) * voxel_ml, 3),

@@ -55,6 +55,7 @@ from sklearn.model_selection import train_test_split
 from radstudy import __version__
 from radstudy.concordance import auc, harrell_c
 from radstudy.config import settings
+from radstudy.errors import ConfigError
 from radstudy.networks.losses import binary_loss, cox_efron_loss
 from radstudy.networks.nets import FusionNet, build_network, load_pretrained
 from radstudy.torch_tools import deterministic, torch_threads
@@ -250,7 +251,7 @@ def _scores(model: FusionNet, images: torch.Tensor, clinical: torch.Tensor | Non
 
 
 def _run_epochs(model: torch.nn.Module, cfg: dict, *, make_batches, batch_loss, inner_eval, log: logging.Logger,
-                metric_name: str, first_eligible: int = 1) -> tuple[list[dict], int, dict]:
+                metric_name: str, first_eligible: int = 1, label: str = "network") -> tuple[list[dict], int, dict]:
     """The epochs of one training: AdamW steps over `make_batches()` (position tensors; batches of one row are
     skipped) with `batch_loss(positions, epoch)`, then `inner_eval(epoch)` -> (inner loss, {metric: value}) in eval
     mode; the weights of the epoch >= first_eligible with the lowest inner loss are kept; early stopping after
@@ -289,7 +290,7 @@ def _run_epochs(model: torch.nn.Module, cfg: dict, *, make_batches, batch_loss, 
         elif cfg["early_stopping_patience"] and epoch - best_epoch >= cfg["early_stopping_patience"]:
             break
     if best_state is None:
-        raise ValueError("training diverged: the inner loss was NaN in every epoch that could be kept")
+        raise ValueError(f"training of the {label} diverged: the inner loss was NaN in every epoch that could be kept")
     model.load_state_dict(best_state)
     model.eval()
     return history, best_epoch, best_state
@@ -359,7 +360,8 @@ def train_network(inputs: np.ndarray, clinical: np.ndarray | None, target: dict,
             return float(loss_of(score, inner_pos_t)), {metric_name: metric_of(score.float().cpu().numpy())}
 
         history, best_epoch, _ = _run_epochs(model, cfg, make_batches=make_batches, batch_loss=batch_loss,
-                                             inner_eval=inner_eval, log=log, metric_name=metric_name)
+                                             inner_eval=inner_eval, log=log, metric_name=metric_name,
+                                             label=f"{endpoint} network")
     return TrainedNetwork(model, _history(history), best_epoch, normaliser, cfg, channels, endpoint,
                           library_versions(), inner_rows, pretrained)
 
@@ -395,6 +397,10 @@ def train_multitask(inputs: np.ndarray, clinical: np.ndarray | None, target: dic
     log = log if log is not None else logging.getLogger(__name__)
     cfg = settings("networks", cfg)
     mt = cfg["multitask"]
+    if mt["warmup_epochs"] >= cfg["epochs"] and (mt["loss_weights"]["classification"] or
+                                                 mt["loss_weights"]["survival"]):
+        raise ConfigError(f"networks.multitask.warmup_epochs ({mt['warmup_epochs']}) must be below networks.epochs "
+                          f"({cfg['epochs']}): the classification and survival heads train only after the warm-up")
     rows = _training_rows(inputs, train, cfg)
     n = len(inputs)
     has = {"y": _finite_rows(target.get("y"), n),
@@ -464,7 +470,7 @@ def train_multitask(inputs: np.ndarray, clinical: np.ndarray | None, target: dic
         if mt["encoder"] == "nnunet":
             if nnunet_model is None:
                 raise ValueError("networks.multitask.encoder is 'nnunet' but no nnU-Net model folder was given")
-            model, pretrained = build_from_nnunet(cfg, nnunet_model, len(channels), n_clinical)
+            model, pretrained = build_from_nnunet(cfg, nnunet_model, len(channels), n_clinical, channels=channels)
         else:
             model = build_multitask(cfg, len(channels), n_clinical)
         model.to(torch_device)
@@ -493,7 +499,7 @@ def train_multitask(inputs: np.ndarray, clinical: np.ndarray | None, target: dic
 
         history, best_epoch, _ = _run_epochs(model, cfg, make_batches=make_batches, batch_loss=batch_loss,
                                              inner_eval=inner_eval, log=log, metric_name=metric_name,
-                                             first_eligible=min(warmup + 1, cfg["epochs"]))
+                                             first_eligible=warmup + 1, label="multitask network")
     return TrainedNetwork(model, _history(history), best_epoch, normaliser, cfg, channels, MULTITASK,
                           library_versions(), inner_rows, pretrained)
 

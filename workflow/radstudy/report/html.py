@@ -148,12 +148,13 @@ def _med_iqr(v: pd.Series) -> str:
 def segmentation_summary(dsc: pd.DataFrame) -> pd.DataFrame:
     """Per region (x method x scope, where the table has them: nnU-Net on the whole image, the multitask network
     and nnU-Net in the network's crops) x center (and all centers): DSC mean ± SD and median [IQR], HD95, volumes
-    auto vs manual. Crop rows of patients nnU-Net was trained on (nnunet_trained) are left out of the nnU-Net crop
-    summary, so that both methods are summarised on patients neither was trained on."""
+    auto vs manual. The crop rows of patients nnU-Net was trained on (nnunet_trained) are left out for both methods:
+    nnU-Net has seen their masks, and so has a multitask network that starts from its weights; both are summarised
+    on the same patients, which neither was trained on."""
     rows = []
     if "method" in dsc.columns and "nnunet_trained" in dsc.columns:
         trained = dsc["nnunet_trained"].astype(str).str.lower() == "true"
-        dsc = dsc[~(trained & (dsc["scope"] == "crop") & (dsc["method"] == "nnunet"))]
+        dsc = dsc[~(trained & (dsc["scope"] == "crop"))]
     by = ["region", "method", "scope"] if {"method", "scope"} <= set(dsc.columns) else ["region"]
     keys = [("all", dsc)] + ([(c, g) for c, g in dsc.groupby("center")] if "center" in dsc.columns else [])
     for group, rg in dsc.groupby(by, sort=True):
@@ -642,8 +643,9 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
                                    "segmentation against the manual masks per region and center; volumes."
                                    + (" Multitask rows: the network's mask in its crop and nnU-Net's on the same "
                                       "crop, for the annotated patients held out of the network's training "
-                                      "(validation and test cohorts)." if "method" in dsc.columns
-                                      and (dsc["method"] == "multitask").any() else "")) + content
+                                      "(every cohort but training; the table: those nnU-Net was not trained on)."
+                                      if "method" in dsc.columns and (dsc["method"] == "multitask").any()
+                                      else "")) + content
         except Exception as exc:
             log.warning("segmentation figure not drawn: %s", exc)
         section("segmentation", "Segmentation quality", content)

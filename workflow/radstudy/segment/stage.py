@@ -267,8 +267,8 @@ def evaluate_holdout(study: Study, split_tsv: str | Path, segmentation_dirs: lis
     return table
 
 
-DSC_COLUMNS = ["patient", "center", "region", "method", "scope", "cohort", "nnunet_trained", "dsc", "hd95",
-               "volume_auto_ml", "volume_manual_ml"]
+DSC_COLUMNS = ["patient", "center", "region", "method", "scope", "crop_from", "cohort", "nnunet_trained", "dsc",
+               "hd95", "volume_auto_ml", "volume_manual_ml"]
 
 
 def _save_dsc_figure(table: pd.DataFrame, png: Path, pdf: Path) -> None:

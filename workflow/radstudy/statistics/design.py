@@ -1,11 +1,13 @@
 """Study designs: which patient is in the training, validation or test cohort of each split.
 
 `assign_cohorts(patients, design, seed)` returns a long table, one row per patient per split:
-`split, patient, center, cohort` with cohort in {training, validation, test}. External centers
+`split, patient, center, cohort` with cohort in {training, validation, internal_test, test}. External centers
 (`role == "external"` in the patient table) are always `test`; development patients are split:
 
 * `holdout` -- one split (`holdout`): training / validation at `holdout.validation_fraction`
-  (the fixed training/validation/test design of Guo 2026, seed 001).
+  (the fixed training/validation/test design of Guo 2026, seed 001); with `holdout.internal_test_fraction`
+  an `internal_test` cohort is drawn from the development patients first (seed 004's four-way design:
+  training / validation / internal test from the development centers, the external center as test).
 * `kfold` -- `kfold.folds` splits (`fold1`...): each fold is once the validation cohort, the other
   folds the training cohort; the validation cohorts partition the development patients (Sun 2025,
   seed 000: 5-fold cross-validation + an external center).
