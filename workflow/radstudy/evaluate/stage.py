@@ -51,17 +51,28 @@ def design_text(study: Study) -> str:
     centers = ", ".join(f"{c.id} ({c.role})" for c in study.centers)
     harm = cfg["harmonization"]
     seg = cfg["segmentation"]
+    internal = (" and an internal test cohort" if cfg["design"]["type"] == "holdout"
+                and cfg["design"]["holdout"]["internal_test_fraction"] > 0 else "")
     return (
         f"Centers: {centers}. Design: {cfg['design']['type']} (development centers split into training and "
-        f"validation, stratified by outcome and center; external centers form the test cohort). "
-        f"Segmentation: nnU-Net v2 ({seg['configuration']}), "
-        f"{'a trained model given in the config' if seg['model_folder'] else 'trained on the annotated development patients'}; "
-        f"features from {seg['masks_for_features'].replace('_', ' ')} masks. "
+        f"validation{internal}, stratified by outcome and center; external centers form the test cohort). "
+        f"{segmentation_text(seg)} "
         f"Harmonization: {harm['method']} per center fitted on the training partition"
         f"{'; external centers mapped onto the training reference from their own features (no labels)' if harm['external'] == 'unseen' else '; external centers not harmonized'}. "
         f"Selection: univariate filter, Spearman redundancy, LASSO ({cfg['selection']['lasso']['rule']} rule), "
         f"all fitted on training only. {networks_text(cfg['networks'])}Seed {study.seed}."
     )
+
+
+def segmentation_text(seg: dict) -> str:
+    """Where the study's masks come from, in one sentence."""
+    if seg["method"] == "manual":
+        return ("Segmentation: the delivered manual masks of every patient (segmentation.method manual; no automatic "
+                "segmentation; patients without a mask excluded).")
+    trained = ("a trained model given in the config" if seg["model_folder"]
+               else "trained on the annotated development patients")
+    return (f"Segmentation: nnU-Net v2 ({seg['configuration']}), {trained}; features from "
+            f"{seg['masks_for_features'].replace('_', ' ')} masks.")
 
 
 def networks_text(net: dict) -> str:
@@ -72,7 +83,21 @@ def networks_text(net: dict) -> str:
     return (f"End-to-end networks ({', '.join(net['fit'])}): MONAI {net['architecture']} (width x{net['widen_factor']:g}"
             f", {net['dims']}D) on {crop} crops around the {net['region']}, trained in each split on its training "
             f"partition, early stopping on an inner {net['inner_validation_fraction']:.0%} of it (at most "
-            f"{net['epochs']} epochs). ")
+            f"{net['epochs']} epochs). " + _multitask_text(net))
+
+
+def _multitask_text(net: dict) -> str:
+    if "multitask" not in net["fit"]:
+        return ""
+    mt = net["multitask"]
+    weights = mt["loss_weights"]
+    unet = ("the study's nnU-Net architecture, from its weights" if mt["encoder"] == "nnunet"
+            else "features " + "-".join(map(str, mt["features_per_stage"])))
+    return (f"Multitask network: a U-Net ({unet}) "
+            f"segmenting the {net['region']} in the crop with classification and Cox heads"
+            f"{' and the clinical predictors' if mt['clinical'] else ''}, loss {weights['segmentation']:g} x (Dice + "
+            f"cross-entropy, patients with a manual mask) + {weights['classification']:g} x BCE + "
+            f"{weights['survival']:g} x Cox, {mt['warmup_epochs']} warm-up epoch(s) on segmentation alone. ")
 
 
 def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combined_models: dict, features,
