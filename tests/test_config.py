@@ -171,3 +171,12 @@ def test_manual_segmentation_refuses_what_needs_the_study_nnunet(tmp_path):
         validate_config(config)
     config["segmentation"]["model_folder"] = "given_model"  # a model from elsewhere: allowed
     assert validate_config(config)["segmentation"]["method"] == "manual"
+
+
+def test_radiomics_parameters_per_channel_name_every_image_channel():
+    config = copy.deepcopy(DEFAULT)
+    config["features"]["radiomics"]["params"] = {"CT": "config/radiomics/ct.yaml"}
+    assert validate_config(config)["features"]["radiomics"]["params"] == {"CT": "config/radiomics/ct.yaml"}
+    config["features"]["radiomics"]["params"] = {"CT": "config/radiomics/ct.yaml", "T2": "config/radiomics/mri.yaml"}
+    with pytest.raises(ConfigError, match=r"name every image channel \(CT\): unknown \['T2'\]"):
+        validate_config(config)

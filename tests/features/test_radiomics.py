@@ -363,6 +363,41 @@ def test_shipped_parameter_files(name, count, wavelet):
     assert ep.resample["round_intensities"] and ep.resample["interpolator"] == "linear"
 
 
+def test_the_mri_parameter_file_normalises_and_does_not_round():
+    ep = F.load_params(REPO / "config" / "radiomics" / "mri.yaml")
+    assert ep.setting["normalize"] and ep.setting["normalizeScale"] == 100 and "resegmentRange" not in ep.setting
+    assert not ep.resample["round_intensities"]
+    names = F.feature_names(ep)
+    assert len(names) == len(set(names)) > 1000 and "wavelet-HHH_glszm_ZonePercentage" in names
+
+
+MR_FAST = {"setting": {"normalize": True, "normalizeScale": 100, "binWidth": 5, "voxelArrayShift": 300},
+           "imageType": {"Original": {}}, "featureClass": {"firstorder": None, "glcm": None}}
+
+
+def test_each_channel_takes_its_own_parameters(tmp_path):
+    """An MR channel beside a CT one (features.radiomics.params per channel): each channel's block equals what its
+    own parameters give on that channel alone; shape comes from the first channel's."""
+    images, mask = write_case(tmp_path, channels=("CT", "T2"))
+    mr = sitk.ReadImage(str(images["T2"]))
+    sitk.WriteImage(sitk.Cast(mr, sitk.sitkFloat32) * 7.5 + 300.0, str(images["T2"]))  # an MR-like scale
+    both, _ = extract(images, mask, channel_params={"T2": MR_FAST})
+    ct_alone, _ = extract({"CT": images["CT"]}, mask)
+    mr_alone, _ = extract({"T2": images["T2"]}, mask, params=MR_FAST)
+    both, ct_alone, mr_alone = features_of(both), features_of(ct_alone), features_of(mr_alone)
+    ct_cols = [c for c in both.index if "_CT_" in c]
+    mr_cols = [c for c in both.index if "_T2_" in c]
+    assert ct_cols and mr_cols and not any("shape" in c for c in mr_cols)
+    np.testing.assert_allclose(both[ct_cols], ct_alone[ct_cols], rtol=1e-10)
+    mr_texture = [c for c in mr_cols if "glcm" in c]
+    np.testing.assert_allclose(both[mr_texture], mr_alone[mr_texture], rtol=1e-10)
+    # the CT parameters on the rescaled MR would give other bins: the per-channel file is what made the block
+    mr_with_ct, _ = extract({"T2": images["T2"]}, mask)
+    assert not np.allclose(features_of(mr_with_ct)[mr_texture], both[mr_texture], equal_nan=True)
+    with pytest.raises(ValueError, match=r"channel\(s\) \['PET'\], which are not image channels"):
+        extract(images, mask, channel_params={"PET": MR_FAST})
+
+
 def test_parameter_checks(tmp_path):
     with pytest.raises(ValueError, match="radstudy.resample"):
         F.load_params({**FAST, "setting": {"resampledPixelSpacing": [1, 1, 1], "interpolator": "sitkLinear"}})

@@ -65,6 +65,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     config = _with_defaults(copy.deepcopy(config), schema)
     _check_deep_features(config, source)
     _check_manual_segmentation(config, source)
+    _check_radiomics_params(config, source)
     key_file = Path(config["pseudonymisation"]["key_file"])
     if "results" in key_file.parts:
         raise ConfigError(
@@ -72,6 +73,19 @@ def validate_config(config: dict, source: str = "config") -> dict:
             "the key links pseudonyms to patients and results/ is what gets shared"
         )
     return config
+
+
+def _check_radiomics_params(config: dict, source: str) -> None:
+    """features.radiomics.params per channel must name exactly the image channels."""
+    params = config["features"]["radiomics"]["params"]
+    if isinstance(params, dict):
+        channels = list(config["ingest"]["channels"])
+        missing, unknown = sorted(set(channels) - set(params)), sorted(set(params) - set(channels))
+        if missing or unknown:
+            raise ConfigError(f"{source}: features.radiomics.params per channel must name every image channel "
+                              f"({', '.join(channels)}): " + "; ".join(
+                                  ([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown
+                                                                                 else [])))
 
 
 def _check_manual_segmentation(config: dict, source: str) -> None:

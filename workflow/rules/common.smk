@@ -22,6 +22,8 @@ NNUNET_DATASET = segmentation_stage.dataset_name(STUDY)
 TRAINED_MODEL = str(segmentation_stage.trained_model_folder(STUDY, f"{NNUNET}/results"))
 NNUNET_MODEL = str(SEG["model_folder"] or TRAINED_MODEL)
 DEEP = STUDY.config["features"]["deep"]
+# the radiomics parameter file(s): one, or one per channel (features.radiomics.params)
+RADIOMICS_PARAMS = features_stage.radiomics_param_files(STUDY.config)
 # Frozen once nnU-Net's dataset is built: a center added later is not trained on (segmentation.retrain_on_new_centers)
 try:
     SEGMENTATION_TRAIN_CENTERS = segmentation_stage.train_centers(

@@ -8,7 +8,7 @@ rule radiomics_patient:
     input:
         ingest="results/ingest/{center}/{patient}",
         segmentation="results/segmentation/{center}",
-        params=STUDY.config["features"]["radiomics"]["params"],
+        params=RADIOMICS_PARAMS,
     output:
         "results/features/{center}/{patient}.parquet",
     log:
@@ -23,7 +23,7 @@ rule radiomics_perturbed:
     input:
         ingest="results/ingest/{center}/{patient}",
         segmentation="results/segmentation/{center}",
-        params=STUDY.config["features"]["radiomics"]["params"],
+        params=RADIOMICS_PARAMS,
     output:
         "results/features/perturbed/{center}/{patient}.parquet",
     log:

@@ -290,6 +290,25 @@ def _class_features(cls, enabled: Sequence[str] | None) -> list[str]:
     return [f for f in enabled if not available.get(f, True)]
 
 
+def channel_extraction_params(params, channel_params: Mapping | None, channels) -> dict[str, ExtractionParams]:
+    """Each channel's parameters, each file read once: `channel_params[channel]` where given, else `params`. A
+    channel of channel_params that is not one of `channels` is a ValueError naming it."""
+    channel_params = dict(channel_params or {})
+    unknown = sorted(set(map(str, channel_params)) - set(map(str, channels)))
+    if unknown:
+        raise ValueError(f"radiomics parameters given for channel(s) {unknown}, which are not image channels "
+                         f"({', '.join(map(str, channels))})")
+    loaded: dict[str, ExtractionParams] = {}
+
+    def once(source) -> ExtractionParams:
+        key = str(source) if isinstance(source, (str, Path)) else id(source)
+        if key not in loaded:
+            loaded[key] = load_params(source)
+        return loaded[key]
+
+    return {str(c): once(channel_params.get(str(c), params)) for c in channels}
+
+
 def feature_metadata(params: str | Path | Mapping | ExtractionParams) -> dict[str, Any]:
     """Provenance written beside the feature table: versions, sha256 of the parameter file, settings actually used."""
     import pywt
@@ -725,8 +744,13 @@ def extract_patient(
     mask_perturbation: str | None = None,
     perturbation_radius: int = 1,
     fovs: Mapping[str, str | Path] | None = None,
+    channel_params: Mapping[str, str | Path | Mapping | ExtractionParams] | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """One patient's feature row (patient, center, excluded, exclusion_reason, features...) and its issues.
+
+    `channel_params`: channel -> parameter file for the channels that take their own (an MR or PET channel beside
+    a CT one: a HU window and 25-HU bins would put a whole MR tumour into one or two bins); the others take
+    `params`. Shape features come from the first channel's parameters.
 
     `images`: channel name -> image file (all channels on one grid, the first is the reference).
     `mask`: label-map file; `labels`: region name -> label value; `derived`: see `derive_regions`.
@@ -739,11 +763,11 @@ def extract_patient(
         raise ValueError(f"on_bad_region must be one of {BAD_REGION_POLICIES}, got {on_bad_region!r}")
     if not images:
         raise ValueError(f"{patient}: no image channels given")
-    ep = load_params(params)
     _quiet_pyradiomics()
     channels = [str(c) for c in images]
+    eps = channel_extraction_params(params, channel_params, channels)
     region_names = list(labels) + list(derived or {})
-    per_channel = {c: feature_names(ep, shape=(i == 0)) for i, c in enumerate(channels)}
+    per_channel = {c: feature_names(eps[c], shape=(i == 0)) for i, c in enumerate(channels)}
     values: dict[str, float] = {}
     for region in region_names:
         for c in channels:
@@ -835,6 +859,7 @@ def extract_patient(
                                                      f"of image {image_file} ({channel}) cannot be used ({exc})",
                           channel=channel)
                 continue
+        ep = eps[channel]
         margin = max(float(margin_mm), required_margin_mm(ep, image.GetSpacing()))
         extractor = _new_extractor(ep)
         if ci > 0 and "shape" in extractor.enabledFeatures:
@@ -985,14 +1010,17 @@ def study_table(rows: Iterable[pd.DataFrame] | Iterable[str | Path]) -> pd.DataF
     return table
 
 
-def write_study(rows, out: str | Path, params, meta_out: str | Path | None = None) -> tuple[pd.DataFrame, Path]:
+def write_study(rows, out: str | Path, params, meta_out: str | Path | None = None,
+                channel_params: Mapping | None = None) -> tuple[pd.DataFrame, Path]:
     """Study table to `out` (.parquet/.tsv/.csv) and its metadata to `meta_out` (default: `<out stem>.meta.json`
-    beside it)."""
+    beside it; channel_params: each channel's own parameters, recorded under channel_params)."""
     out = Path(out)
     table = study_table(rows)
     write_row(table, out)
     meta_path = Path(meta_out) if meta_out is not None else out.with_name(out.name.split(".")[0] + ".meta.json")
     meta = feature_metadata(params)
+    if channel_params:
+        meta["channel_params"] = {str(c): feature_metadata(p) for c, p in channel_params.items()}
     meta["patients"] = len(table)
     meta["features"] = int(len(table.columns) - len(ID_COLUMNS) - len(FLAG_COLUMNS))
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

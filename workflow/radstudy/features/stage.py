@@ -55,15 +55,33 @@ def _patient_inputs(study: Study, patient: str, ingest_dir: str | Path,
     return images, mask_for(study, patient, ingest_dir, segmentation_dir), fovs
 
 
+def radiomics_params(study: Study) -> tuple[str, dict[str, str]]:
+    """(the parameter file of the first channel, {channel: file} of the others) from features.radiomics.params: one
+    file for every channel, or one per channel."""
+    params = study.config["features"]["radiomics"]["params"]
+    if isinstance(params, str):
+        return params, {}
+    first = next(iter(study.config["ingest"]["channels"]))
+    return str(params[first]), {str(c): str(f) for c, f in params.items() if c != first}
+
+
+def radiomics_param_files(config: dict) -> list[str]:
+    """Every parameter file features.radiomics.params names (the rules' inputs)."""
+    params = config["features"]["radiomics"]["params"]
+    return [params] if isinstance(params, str) else sorted(set(map(str, params.values())))
+
+
 def patient_radiomics(study: Study, center: str, patient: str, ingest_dir: str | Path, segmentation_dir: str | Path,
                       out: str | Path) -> pd.DataFrame:
     """Radiomics of one patient: ingest_dir is the patient's ingest folder, segmentation_dir its center's
     segmentation folder."""
     cfg = study.config["features"]["radiomics"]
     images, mask, fovs = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
+    params, channel_params = radiomics_params(study)
     row, issues = features.extract_patient(
-        images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=cfg["params"],
+        images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=params,
         derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region=cfg["on_bad_region"], fovs=fovs,
+        channel_params=channel_params,
     )
     for issue in issues:
         log.warning("%s", issue["message"])
@@ -77,11 +95,14 @@ def patient_perturbed(study: Study, center: str, patient: str, ingest_dir: str |
     with a `perturbation` column; the ICC itself is computed by the statistics stage on training patients."""
     cfg, rob = study.config["features"]["radiomics"], study.config["features"]["robustness"]
     images, mask, fovs = _patient_inputs(study, patient, ingest_dir, segmentation_dir)
-    params = features.load_params(cfg["params"])
+    first, per_channel = radiomics_params(study)
+    params = features.channel_extraction_params(first, per_channel, list(images))  # each file read once
+    first_channel = next(iter(images))
     rows = []
     for how in rob["perturbations"]:
         row, issues = features.extract_patient(
-            images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"], params=params,
+            images, mask, patient=patient, center=center, labels=study.config["ingest"]["labels"],
+            params=params[first_channel], channel_params=params,
             derived=cfg["derived"], margin_mm=cfg["margin_mm"], on_bad_region="nan", mask_perturbation=how,
             perturbation_radius=rob["radius"], fovs=fovs,
         )
@@ -190,7 +211,8 @@ def study_table(study: Study, rows: list[str | Path], out_table: str | Path, out
     qc.tsv: included / excluded per patient; `message` also carries the patient's deep-feature issues.
     out_meta: the table's metadata (versions, parameters hash; default: <table stem>.meta.json beside it);
     deep_meta: the centers' deep-extractor settings (deep_center's out_meta), the first one recorded in out_meta."""
-    table, meta = features.write_study(rows, out_table, study.config["features"]["radiomics"]["params"], out_meta)
+    params, channel_params = radiomics_params(study)
+    table, meta = features.write_study(rows, out_table, params, out_meta, channel_params=channel_params)
     notes: dict[str, str] = {}
     if deep_tables:
         table = _join_deep(table, list(deep_tables))
