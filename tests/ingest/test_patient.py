@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import yaml
 
 from radstudy.config import load_study
-from radstudy.errors import PatientExcluded
+from radstudy.errors import CHANNEL_GRID_MISMATCH, PatientExcluded
 from radstudy.ingest import dicomio
 from radstudy.ingest.patient import MASK_FILE, fov_file, image_file, ingest_patient
 from radstudy.ingest.pseudonym import assign_pseudonyms
@@ -214,6 +214,24 @@ def test_second_channel_on_another_grid_is_resampled_onto_the_first(tmp_path):
     pv = sitk.ReadImage(str(tmp_path / "out" / image_file("PV")))
     nc = sitk.ReadImage(str(tmp_path / "out" / image_file("NC")))
     assert nc.GetSize() == pv.GetSize() and nc.GetOrigin() == pv.GetOrigin()
+
+
+@pytest.mark.parametrize("same_grid", [True, False])
+def test_a_channel_in_another_frame_of_reference_is_excluded_naming_both_series(tmp_path, same_grid):
+    """Two sessions (two frames of reference) are two coordinate systems: even on identical grids their voxels do
+    not correspond without registration."""
+    folder = tmp_path / "dicom" / "MRN1"
+    write_ct_series(folder / "s1", _volume(), z_positions=np.arange(12) * 2.0, description="ABD PV 3mm",
+                    frame_of_reference_uid="1.2.826.0.1.3680043.8.498.1")
+    write_ct_series(folder / "s2", _volume(seed=4) if same_grid else _volume(6, seed=4),
+                    z_positions=np.arange(12) * 2.0 if same_grid else np.arange(6) * 4.0,
+                    description="NON CONTRAST", frame_of_reference_uid="1.2.826.0.1.3680043.8.498.2")
+    channels = {"PV": {"description": "PV"}, "NC": {"description": "NON CONTRAST", "min_slices": 2}}
+    study, ids = _study(tmp_path, channels=channels)
+    record = ingest_patient(study, "T", ids["MRN1"], tmp_path / "out")
+    assert record["status"] == "excluded" and record["reason"] == CHANNEL_GRID_MISMATCH, record
+    assert "another frame of reference" in record["message"]
+    assert "NON CONTRAST" in record["message"] and "ABD PV 3mm" in record["message"]
 
 
 def test_identifying_values_in_file_names_and_descriptions_are_redacted(tmp_path):

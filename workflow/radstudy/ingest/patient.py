@@ -113,12 +113,22 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
         resampled, fov = False, None
         if reference is None:
             reference, reference_for, reference_series = image, frame, chosen
+        elif frame is not None and reference_for is not None and frame != reference_for:
+            # another frame of reference: another patient coordinate system (another session, or moved between
+            # acquisitions), whatever the grids say; voxels would not correspond without registration
+            raise PatientExcluded(
+                CHANNEL_GRID_MISMATCH,
+                f"{pseudonym}: channel {name} (series {chosen.summary()}) is in another frame of reference than "
+                f"channel {next(iter(cfg['channels']))} (series {reference_series.summary()}); registration is not "
+                "part of ingestion",
+            )
         elif not same_grid(image, reference, geometry["grid_tolerance"], direction_tolerance=1e-6):
             if frame is None or frame != reference_for:
                 raise PatientExcluded(
                     CHANNEL_GRID_MISMATCH,
-                    f"{pseudonym}: channel {name} is on another grid and another frame of reference than "
-                    f"{next(iter(cfg['channels']))}; registration is not part of ingestion",
+                    f"{pseudonym}: channel {name} (series {chosen.summary()}) is on another grid than channel "
+                    f"{next(iter(cfg['channels']))} (series {reference_series.summary()}) and its frame of reference "
+                    "is not given, so the two cannot be put on one grid; registration is not part of ingestion",
                 )
             # Same frame of reference: the scanner placed both series in one patient coordinate system.
             image, fov = resample_channel(image, reference, chosen.modality)
