@@ -633,7 +633,11 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
         section("table1", "Table 1: patient characteristics", _missing(f"Not available: {why} was provided."))
 
     # segmentation ----------------------------------------------------------------------------------
-    if dsc_tsv and Path(dsc_tsv).is_file():
+    if dsc_tsv and Path(dsc_tsv).is_file() and _read(dsc_tsv).empty:
+        section("segmentation", "Segmentation quality", _missing(
+            "No automatic segmentation was evaluated: no holdout patient with a manual mask, or the study's masks are "
+            "the delivered manual masks (segmentation.method manual; see the design)."))
+    elif dsc_tsv and Path(dsc_tsv).is_file():
         dsc = _read(dsc_tsv)
         summary = segmentation_summary(dsc)
         summary.to_csv(ev / "segmentation_quality.csv", index=False)
