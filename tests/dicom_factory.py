@@ -366,3 +366,92 @@ def assert_excluded(reason: str, named: str, call, /, *args, **kwargs):
     assert info.value.reason == reason, info.value
     assert named in info.value.message
     return info.value
+
+
+# --------------------------------------------------------------------------- MR series
+# Single-frame MR as scanners deliver it: MR Image Storage, sequence tags, and the diffusion b-value in the standard
+# tag or in one vendor's private tag.
+
+# vendor -> (Manufacturer, private group, private creator, element offset, VR)
+MR_PRIVATE_B_VALUE = {
+    "siemens": ("SIEMENS", 0x0019, "SIEMENS MR HEADER", 0x0C, "IS"),
+    "ge": ("GE MEDICAL SYSTEMS", 0x0043, "GEMS_PARM_01", 0x39, "IS"),
+    "philips": ("Philips Medical Systems", 0x2001, "Philips Imaging DD 001", 0x03, "FL"),
+}
+
+
+def write_mr_series(
+    folder: Path,
+    volume: np.ndarray,
+    *,
+    description: str = "t2_tse_tra",
+    image_type=("ORIGINAL", "PRIMARY", "M", "NORM"),
+    echo_time: float | None = 90.0,
+    repetition_time: float | None = 4000.0,
+    scanning_sequence: str | None = "SE",
+    sequence_name: str | None = "*tse2d1_15",
+    b_value: float | None = None,
+    b_value_tag: str = "standard",
+    manufacturer: str | None = None,
+    private_creator: str | None = None,
+    private_raw: bool = False,
+    ge_bias: bool = False,
+    file_prefix: str = "MR",
+    **series_kwargs,
+) -> SeriesUIDs:
+    """An MR series (MR Image Storage, one file per slice of `volume`) written by `write_ct_series` and turned into MR.
+
+    b_value is written where `b_value_tag` says: "standard" (DiffusionBValue (0018,9087)), or the private tag of
+    "siemens" (0019,100C IS), "ge" (0043,1039 IS, first of four values; `ge_bias` adds 1e9 as multi-b-value GE
+    sequences do) or "philips" (2001,1003 FL). `manufacturer` defaults to that vendor's (TESTCO for "standard");
+    `private_creator` overrides the vendor's creator (a foreign block; "" writes the element (gggg,10xx) without any
+    creator, as exports that drop creators do); `private_raw` writes the private value as VR UN bytes, as an export
+    that lost the VR does (pydicom restores the VR when it knows the creator's dictionary). Other keywords go to `write_ct_series` (series_uid, positions,
+    z_positions, series_number, file_names...): files of one series with several b-values are written by calling this
+    again with the same series_uid and other file names.
+    """
+    import pydicom
+
+    n_slices = len(volume)
+    series_kwargs.setdefault("file_names", [f"{file_prefix}{i:04d}.dcm" for i in range(n_slices)])
+    series_kwargs.setdefault("intercept", 0.0)
+    uids = write_ct_series(folder, volume, description=description, image_type=image_type, modality="MR", **series_kwargs)
+    vendor = MR_PRIVATE_B_VALUE.get(b_value_tag)
+    for path in uids.files:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+        del ds.ConvolutionKernel
+        ds.Manufacturer = manufacturer or (vendor[0] if vendor else "TESTCO")
+        ds.MagneticFieldStrength = "3"
+        for keyword, value in (("EchoTime", echo_time), ("RepetitionTime", repetition_time)):
+            if value is not None:
+                setattr(ds, keyword, _ds(value))
+        if scanning_sequence is not None:
+            ds.ScanningSequence = scanning_sequence.split("\\")
+        if sequence_name is not None:
+            ds.SequenceName = sequence_name
+        if b_value is not None:
+            if vendor is None:
+                ds.DiffusionBValue = float(b_value)
+            else:
+                _, group, creator, offset, vr = vendor
+                if private_creator == "":
+                    block = None
+                else:
+                    block = ds.private_block(group, private_creator or creator, create=True)
+                if vr == "FL":
+                    value = float(b_value)
+                    raw = np.float32(value).tobytes()
+                else:
+                    first = str(int(b_value) + (1_000_000_000 if ge_bias and b_value_tag == "ge" else 0))
+                    value = [first, "8", "0", "0"] if b_value_tag == "ge" else first
+                    raw = ("\\".join(value) if isinstance(value, list) else value).encode("ascii")
+                    raw += b" " * (len(raw) % 2)
+                if block is None:
+                    ds.add_new((group, 0x1000 | offset), "UN" if private_raw else vr, raw if private_raw else value)
+                elif private_raw:
+                    block.add_new(offset, "UN", raw)
+                else:
+                    block.add_new(offset, vr, value)
+        ds.save_as(path, enforce_file_format=True)
+    return uids

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,9 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.datadict import keyword_for_tag
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, iter_pixels
+from pydicom.tag import Tag
 
 from radstudy.config import settings
 from radstudy.errors import (
@@ -60,7 +63,28 @@ _HEADER_TAGS = [
     # Enhanced multi-frame images keep geometry and rescale here; single-frame files have none, so reading
     # them costs those files nothing.
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "DimensionIndexSequence",
+    # MR series selection: sequence tags and the diffusion b-value (standard tag; vendors' private tags below).
+    "EchoTime", "RepetitionTime", "ScanningSequence", "SequenceName", "EchoPulseSequence", "PulseSequenceName",
+    "DiffusionBValue", "DiffusionDirectionality",
 ]
+
+# The vendors' private diffusion b-value tags: (vendor, Manufacturer regex, group, element offset in the private
+# block, private creators, how the value is encoded). The block is found through its private creator; the creator
+# slots (gggg,0010)..(gggg,001F) are read, which covers what scanners write (creators at higher slots are not
+# searched). A file of another Manufacturer is never read for these tags.
+PRIVATE_B_VALUE_TAGS = (
+    ("Siemens", re.compile(r"SIEMENS", re.IGNORECASE), 0x0019, 0x0C, ("SIEMENS MR HEADER",), "IS"),
+    # First value of a multi-valued IS; multi-b-value and synthetic DWI add 1e9 (BIAS_FOR_BVALUE) on some versions.
+    ("GE", re.compile(r"^\s*GE\b|GENERAL ELECTRIC", re.IGNORECASE), 0x0043, 0x39, ("GEMS_PARM_01",), "IS"),
+    ("Philips", re.compile(r"PHILIPS", re.IGNORECASE), 0x2001, 0x03, ("PHILIPS IMAGING DD 001",), "FL"),
+)
+PRIVATE_SLOTS = range(0x10, 0x20)
+GE_B_VALUE_BIAS = 1_000_000_000
+_HEADER_TAGS += [
+    Tag(group, tag) for _, _, group, offset, _, _ in PRIVATE_B_VALUE_TAGS for slot in PRIVATE_SLOTS
+    for tag in (slot, (slot << 8) | offset)
+]
+B_VALUE_TOLERANCE = 1.0  # s/mm^2: a selector's b_value matches a file within this
 
 # Enhanced multi-frame images (one file, one frame per slice; PS3.3 C.7.6.16 functional groups) that scanning
 # expands into one header per frame: Enhanced CT, Legacy Converted Enhanced CT, Enhanced MR, Legacy Converted
@@ -124,6 +148,11 @@ class DicomHeader:
     number_of_frames: int = 1
     frame_number: int | None = None  # 1-based frame of an enhanced multi-frame file; None for a single-frame file
     stack: tuple[tuple[str, str], ...] = ()  # (attribute, value) of the frame's non-spatial dimensions (StackID, b-value...)
+    echo_time: float | None = None  # ms; EchoTime, or the frame's MREchoSequence > EffectiveEchoTime
+    repetition_time: float | None = None  # ms; RepetitionTime, or the frame's MRTimingAndRelatedParametersSequence
+    scanning_sequence: str = ""  # ScanningSequence and SequenceName joined by a space (enhanced MR: EchoPulseSequence, PulseSequenceName)
+    b_value: float | None = None  # diffusion b-value, s/mm^2
+    b_value_source: str | None = None  # the tag that gave b_value (standard, MRDiffusionSequence, or a vendor's private tag)
 
     @property
     def has_pixels(self) -> bool:
@@ -255,7 +284,74 @@ def _header_from_dataset(ds: pydicom.Dataset, path: Path, relative: str) -> Dico
         bits_stored=_integer(ds, "BitsStored"),
         pixel_representation=_integer(ds, "PixelRepresentation"),
         number_of_frames=_integer(ds, "NumberOfFrames") or 1,
+        echo_time=_float(ds, "EchoTime"),
+        repetition_time=_float(ds, "RepetitionTime"),
+        scanning_sequence=_sequence_text(ds),
+        **dict(zip(("b_value", "b_value_source"), _b_value(ds), strict=True)),
     )
+
+
+def _sequence_text(ds) -> str:
+    """ScanningSequence (its values joined by backslashes) and SequenceName joined by a space; for enhanced MR files,
+    which have neither, EchoPulseSequence and PulseSequenceName."""
+    parts = ["\\".join(v.strip() for v in _multi(ds, "ScanningSequence")), _text(ds, "SequenceName")]
+    if not any(parts):
+        parts = [_text(ds, "EchoPulseSequence"), _text(ds, "PulseSequenceName")]
+    return " ".join(part for part in parts if part)
+
+
+def _b_value(ds) -> tuple[float | None, str | None]:
+    """(b-value in s/mm^2, the tag that gave it) of a file: the standard DiffusionBValue (0018,9087), else the private
+    tag of the file's vendor (PRIVATE_B_VALUE_TAGS), else (None, None). Enhanced MR frames take theirs from their
+    functional groups (`_frame_b_value`)."""
+    value = _float(ds, "DiffusionBValue")
+    if value is not None:
+        return value, "DiffusionBValue (0018,9087)"
+    manufacturer = _text(ds, "Manufacturer")
+    for vendor, pattern, group, offset, creators, encoding in PRIVATE_B_VALUE_TAGS:
+        if not pattern.search(manufacturer):
+            continue
+        element = _private_element(ds, group, offset, creators)
+        if element is None:
+            continue
+        value = _private_number(element.value, encoding)
+        if value is None:
+            continue
+        if vendor == "GE":
+            value %= GE_B_VALUE_BIAS
+        return value, f"{vendor} private ({group:04X},{element.tag.element:04X})"
+    return None, None
+
+
+def _private_element(ds, group: int, offset: int, creators: tuple[str, ...]):
+    """The element at `offset` of the private block of `group` whose creator is one of `creators` (case-insensitive);
+    where the file has no creator at all in the default slot (gggg,0010) (an export that dropped it), the element
+    (gggg,10xx) itself. A block of another creator is never read."""
+    wanted = {c.upper() for c in creators}
+    for slot in PRIVATE_SLOTS:
+        creator = ds.get((group, slot))
+        if creator is not None and str(creator.value).strip().upper() in wanted:
+            return ds.get((group, (slot << 8) | offset))
+    if ds.get((group, PRIVATE_SLOTS[0])) is None:
+        return ds.get((group, (PRIVATE_SLOTS[0] << 8) | offset))
+    return None
+
+
+def _private_number(value, encoding: str) -> float | None:
+    """The first number of a private element's value: IS/DS text (a list of values, a string, or the raw bytes of an
+    element read without its VR), or FL (a float, or 4 little-endian bytes)."""
+    if isinstance(value, (bytes, bytearray)):
+        if encoding == "FL":
+            return float(struct.unpack("<f", bytes(value[:4]))[0]) if len(value) >= 4 else None
+        value = bytes(value).decode("ascii", "replace")
+    if isinstance(value, str):
+        value = value.replace("\x00", "").split("\\")
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    try:
+        return None if value is None or str(value).strip() == "" else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _text(ds, keyword: str) -> str:
@@ -330,8 +426,23 @@ def _frame_headers(ds: pydicom.Dataset, header: DicomHeader) -> list[DicomHeader
             convolution_kernel=header.convolution_kernel or ("\\".join(_multi(kernel, "ConvolutionKernel")) if kernel else ""),
             stack=tuple((keyword, _text(found, keyword)) for group, keyword in stack_attributes
                         if (found := _group_item(groups, group, keyword)) is not None),
+            echo_time=_group_float(groups, "MREchoSequence", "EffectiveEchoTime") or header.echo_time,
+            repetition_time=_group_float(groups, "MRTimingAndRelatedParametersSequence", "RepetitionTime") or header.repetition_time,
+            **dict(zip(("b_value", "b_value_source"), _frame_b_value(groups, header), strict=True)),
         ))
     return frames
+
+
+def _frame_b_value(groups, header: DicomHeader) -> tuple[float | None, str | None]:
+    """A frame's b-value: MRDiffusionSequence > DiffusionBValue of its own or the shared functional groups (a frame
+    whose DiffusionDirectionality is NONE and that gives no b-value is b = 0), else the file's top-level one."""
+    value = _group_float(groups, "MRDiffusionSequence", "DiffusionBValue")
+    if value is not None:
+        return value, "MRDiffusionSequence > DiffusionBValue"
+    item = _group_item(groups, "MRDiffusionSequence", "DiffusionDirectionality")
+    if item is not None and _text(item, "DiffusionDirectionality").upper() == "NONE":
+        return 0.0, "MRDiffusionSequence > DiffusionDirectionality NONE"
+    return header.b_value, header.b_value_source
 
 
 def _group_item(groups, sequence: str, keyword: str) -> pydicom.Dataset | None:
@@ -390,10 +501,28 @@ class Series:
         return any(h.has_pixels for h in self.headers)
 
     def summary(self) -> str:
+        """SeriesNumber, modality, description, ImageType and size, then what MR selectors match on where the files
+        have it: the b-values (with their slice counts and the tag they came from), EchoTime and RepetitionTime
+        ranges and the scanning sequence. A CT series reads as before: "#2 CT 'AXIAL' [ORIGINAL\\PRIMARY] 120 slices"."""
         number = "?" if self.series_number is None else self.series_number
         image_type = "\\".join(self.image_type) or "-"
         kind = f"{self.n_slices} slices" if self.is_image else f"{self.n_slices} file(s), no pixel data"
-        return f"#{number} {self.modality} '{self.description}' [{image_type}] {kind}"
+        text = f"#{number} {self.modality} '{self.description}' [{image_type}] {kind}"
+        b_values = Counter(None if h.b_value is None else round(h.b_value, 1) for h in self.headers)
+        if set(b_values) != {None}:
+            counts = ", ".join(f"{'none' if b is None else f'{b:g}'} ({n})" for b, n in
+                               sorted(b_values.items(), key=lambda item: (item[0] is None, item[0] or 0)))
+            sources = sorted({h.b_value_source for h in self.headers if h.b_value_source})
+            text += f"; b-values {counts} from {', '.join(sources)}"
+        for label, values in (("TE", [h.echo_time for h in self.headers]), ("TR", [h.repetition_time for h in self.headers])):
+            known = [v for v in values if v is not None]
+            if known:
+                low, high = min(known), max(known)
+                text += f"; {label} {low:g} ms" if low == high else f"; {label} {low:g}-{high:g} ms"
+        sequences = sorted({h.scanning_sequence for h in self.headers if h.scanning_sequence})
+        if sequences:
+            text += f"; sequence {' | '.join(sequences)}"
+        return text
 
 
 def group_series(headers: list[DicomHeader]) -> list[Series]:
@@ -430,25 +559,35 @@ def validate_selector(selector: dict | None) -> dict:
     ConfigError on unknown keys or bad values."""
     rules = settings("ingest.channels.*", selector)
     rules.setdefault("description", None)
-    if rules["description"] is not None:
-        try:
-            re.compile(rules["description"])
-        except re.error as error:
-            raise ConfigError(f"series selector: description is not a valid regex: {error}") from None
+    for key in ("description", "scanning_sequence"):
+        if rules[key] is not None:
+            try:
+                re.compile(rules[key])
+            except re.error as error:
+                raise ConfigError(f"series selector: {key} is not a valid regex: {error}") from None
+    for key in ("echo_time", "repetition_time"):
+        low, high = rules[key] or (None, None)
+        if low is not None and high is not None and low > high:
+            raise ConfigError(f"series selector: {key} range [{low}, {high}] has its minimum above its maximum")
     return rules
 
 
 def select_series(series: list[Series], selector: dict, *, patient: str) -> Series:
     """The one image series that `selector` picks (an `ingest.channels` entry: see the config schema for the keys).
 
-    Files whose ImageType contains an excluded value are dropped file by file, since some scanners
-    store the localizer inside the axial series. Then series are kept when they have pixel data and
-    match modality, description (case-insensitive regex search) and min_slices. Among several,
-    `choose` decides: "most_slices" (a tie is ambiguous), "first" (lowest SeriesNumber) or "error".
+    Series are considered when they have pixel data and match modality and description (case-insensitive regex
+    search). Their files (frames of an enhanced file) are then filtered one by one, since scanners store the
+    localizer inside the axial series, several echoes or b-values in one series, and ADC images beside the DWI:
+    a file is dropped when its ImageType holds a value of exclude_image_type, or lacks one of image_type, or
+    does not match scanning_sequence, echo_time, repetition_time or b_value (within B_VALUE_TOLERANCE; a file
+    without the attribute does not match a selector that asks for it). A series keeps the files left, so that
+    b0 and b800 of one DWI series are two channels' series, and counts when at least min_slices are left.
+    Among several, `choose` decides: "most_slices" (a tie is ambiguous), "first" (lowest SeriesNumber) or "error".
+    When none is left, the message lists every series with its ImageType, b-values, TE, TR and sequence.
     """
     rules = validate_selector(selector)
-    excluded_types = {t.upper() for t in rules["exclude_image_type"] or []}
     description = re.compile(rules["description"], re.IGNORECASE) if rules["description"] else None
+    keep = _file_filter(rules)
 
     candidates = []
     for one in series:
@@ -456,7 +595,7 @@ def select_series(series: list[Series], selector: dict, *, patient: str) -> Seri
             continue
         if description is not None and not description.search(one.description):
             continue
-        kept = [h for h in one.headers if not excluded_types.intersection(h.image_type)]
+        kept = [h for h in one.headers if keep(h)]
         if len(kept) < rules["min_slices"]:
             continue
         candidates.append(replace(one, headers=kept, image_type=_most_common(h.image_type for h in kept)))
@@ -482,6 +621,32 @@ def select_series(series: list[Series], selector: dict, *, patient: str) -> Seri
         f"patient {patient}: {len(candidates)} series match selector {_describe(rules)} "
         f"(choose={rules['choose']}): " + "; ".join(s.summary() for s in candidates),
     )
+
+
+def _file_filter(rules: dict):
+    """Whether one file (header) passes the selector's per-file rules (see `select_series`)."""
+    excluded_types = {t.upper() for t in rules["exclude_image_type"] or []}
+    required_types = {t.strip().upper() for t in rules["image_type"] or []}
+    sequence = re.compile(rules["scanning_sequence"], re.IGNORECASE) if rules["scanning_sequence"] else None
+    b_value = rules["b_value"]
+
+    def in_range(value: float | None, bounds) -> bool:
+        if bounds is None:
+            return True
+        low, high = bounds
+        return value is not None and (low is None or value >= low) and (high is None or value <= high)
+
+    def keep(header: DicomHeader) -> bool:
+        return (
+            not excluded_types.intersection(header.image_type)
+            and required_types.issubset(header.image_type)
+            and (sequence is None or bool(sequence.search(header.scanning_sequence)))
+            and in_range(header.echo_time, rules["echo_time"])
+            and in_range(header.repetition_time, rules["repetition_time"])
+            and (b_value is None or (header.b_value is not None and abs(header.b_value - b_value) <= B_VALUE_TOLERANCE))
+        )
+
+    return keep
 
 
 def _describe(rules: dict) -> str:
@@ -562,10 +727,13 @@ def check_geometry(
     distances = np.diff(along)
 
     for i in np.flatnonzero(distances < DUPLICATE_POSITION_MM):
+        b_values = {headers[i].b_value, headers[i + 1].b_value}
+        hint = (f" (b-values {' and '.join(f'{b:g}' for b in sorted(b_values))}: set the channel's b_value to select one)"
+                if len(b_values) > 1 and None not in b_values else "")
         raise PatientExcluded(
             GEOMETRY_MIXED,
             f"patient {patient}: two slices at the same position {along[i]:.3f} mm "
-            f"({headers[i].name} and {headers[i + 1].name}): mixed or duplicated series",
+            f"({headers[i].name} and {headers[i + 1].name}): mixed or duplicated series{hint}",
             file=headers[i + 1].relative_path,
         )
 
@@ -642,7 +810,8 @@ def _check_one_stack(headers: list[DicomHeader], patient: str) -> None:
     raise PatientExcluded(
         GEOMETRY_MIXED,
         f"patient {patient}: enhanced multi-frame {first.modality} with several volumes in one series "
-        f"({'; '.join(differing)}) is not supported; select a series that holds one volume",
+        f"({'; '.join(differing)}) is not supported; select a series that holds one volume"
+        + (", or one b-value with the channel's b_value" if "DiffusionBValue" in keywords else ""),
         file=first.relative_path,
     )
 
