@@ -222,6 +222,12 @@ def _channel_record(series, grid, image: sitk.Image, n_series: int, resampled: b
         "hu_max": float(voxels.max()),
         "hu_mean": round(float(voxels.mean(dtype=np.float64)), 2),
         "resampled_to_reference": resampled,
+        # MR: what the selector saw (None where the files do not carry it)
+        "modality": series.modality,
+        "echo_time_ms": first.echo_time,
+        "repetition_time_ms": first.repetition_time,
+        "b_value": first.b_value,
+        "b_value_source": first.b_value_source,
         # fractions of the reference grid (and of each manual-mask label) outside the channel's field of view
         "fov_outside_fraction": {"grid": round(fov_outside(fov), 4) if fov is not None else 0.0},
     }
