@@ -61,40 +61,18 @@ def _good_patient(folder: Path, *, description="ABD PV 3mm", seed=0):
                     image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
 
 
-def test_real_ct_with_rtstruct_reproduces_ibsi_conversion(tmp_path, reference_dir):
+def _reproduces_ibsi_conversion(tmp_path, reference_dir, series: str, channel: str, modality: str) -> dict:
+    """The IBSI team's STS_001 series with its RTSTRUCT, ingested: the image equals their NIfTI voxel for voxel
+    (same size, origin, spacing, direction) and the GTV reaches Dice >= 0.99 with their mask. Returns the record."""
     sts = reference_dir / "dicom" / "STS_001"
-    shutil.copytree(sts / "CT", tmp_path / "dicom" / "STS001")
-    study, ids = _study(tmp_path, channels={"CT": {"modality": "CT", "min_slices": 10}},
+    shutil.copytree(sts / series, tmp_path / "dicom" / "STS001")
+    study, ids = _study(tmp_path, channels={channel: {"modality": modality, "min_slices": 10}},
                         rtstruct_rois={"tumour": "gtv"})
     out = tmp_path / "out"
     record = ingest_patient(study, "T", ids["STS001"], out)
     assert record["status"] == "included", record
-    ours = sitk.ReadImage(str(out / image_file("CT")))
-    theirs = sitk.ReadImage(str(sts / "nifti" / "CT_image.nii.gz"))
-    assert ours.GetSize() == theirs.GetSize()
-    np.testing.assert_allclose(ours.GetOrigin(), theirs.GetOrigin(), atol=1e-4)
-    np.testing.assert_allclose(ours.GetSpacing(), theirs.GetSpacing(), atol=1e-5)
-    np.testing.assert_allclose(ours.GetDirection(), theirs.GetDirection(), atol=1e-6)
-    assert np.array_equal(sitk.GetArrayFromImage(ours).astype(np.float64), sitk.GetArrayFromImage(theirs).astype(np.float64))
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))) == study.config["ingest"]["labels"]["tumour"]
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(sts / "nifti" / "CT_mask.nii.gz"))) > 0
-    dice = 2 * (mask & reference).sum() / (mask.sum() + reference.sum())
-    assert dice >= 0.99
-    assert record["mask"]["source"] == "rtstruct" and record["mask"]["rois"] == {"tumour": "GTV_Mass_CT"}
-
-
-def test_real_mr_with_rtstruct_reproduces_ibsi_conversion(tmp_path, reference_dir):
-    """The IBSI team's T1-weighted MR of STS_001 (issue 17): raw MR values, no rescale to HU; voxel-equal image,
-    same geometry, and the GTV rasterised at Dice >= 0.99."""
-    sts = reference_dir / "dicom" / "STS_001"
-    shutil.copytree(sts / "MR_T1", tmp_path / "dicom" / "STS001")
-    study, ids = _study(tmp_path, channels={"T1": {"modality": "MR", "min_slices": 10}},
-                        rtstruct_rois={"tumour": "gtv"})
-    out = tmp_path / "out"
-    record = ingest_patient(study, "T", ids["STS001"], out)
-    assert record["status"] == "included", record
-    ours = sitk.ReadImage(str(out / image_file("T1")))
-    theirs = sitk.ReadImage(str(sts / "nifti" / "MR_T1_image.nii.gz"))
+    ours = sitk.ReadImage(str(out / image_file(channel)))
+    theirs = sitk.ReadImage(str(sts / "nifti" / f"{series}_image.nii.gz"))
     assert ours.GetSize() == theirs.GetSize()
     np.testing.assert_allclose(ours.GetOrigin(), theirs.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(ours.GetSpacing(), theirs.GetSpacing(), atol=1e-5)
@@ -102,10 +80,22 @@ def test_real_mr_with_rtstruct_reproduces_ibsi_conversion(tmp_path, reference_di
     assert np.array_equal(sitk.GetArrayFromImage(ours).astype(np.float64),
                           sitk.GetArrayFromImage(theirs).astype(np.float64))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / MASK_FILE))) == study.config["ingest"]["labels"]["tumour"]
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(sts / "nifti" / "MR_T1_mask.nii.gz"))) > 0
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(sts / "nifti" / f"{series}_mask.nii.gz"))) > 0
     dice = 2 * (mask & reference).sum() / (mask.sum() + reference.sum())
     assert dice >= 0.99, dice
     assert record["mask"]["source"] == "rtstruct"
+    return record
+
+
+def test_real_ct_with_rtstruct_reproduces_ibsi_conversion(tmp_path, reference_dir):
+    record = _reproduces_ibsi_conversion(tmp_path, reference_dir, "CT", "CT", "CT")
+    assert record["mask"]["rois"] == {"tumour": "GTV_Mass_CT"}
+
+
+def test_real_mr_with_rtstruct_reproduces_ibsi_conversion(tmp_path, reference_dir):
+    """The T1-weighted MR of STS_001 (issue 17): raw MR values, no rescale to HU."""
+    record = _reproduces_ibsi_conversion(tmp_path, reference_dir, "MR_T1", "T1", "MR")
+    assert record["channels"]["T1"]["modality"] == "MR"
 
 
 def test_good_patient_selects_portal_series_and_writes_label_map(tmp_path):
