@@ -43,6 +43,7 @@ def write_tiny_study(workdir: Path) -> None:
     config["evaluation"] = {"n_bootstrap": 100}
     # the end-to-end networks for a few epochs: the test proves the chain, not what they learn
     config["networks"].update(epochs=2, early_stopping_patience=None, saliency_patients=1)
+    config["networks"]["multitask"]["warmup_epochs"] = 1  # below the 2 epochs: the heads train in epoch 2
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # Original-image first-order and GLCM features only: a 2-epoch nnU-Net segments badly, and filters or shape
     # (maximum diameters) of its oversized regions would dominate the test's run time (tests/test_features.py

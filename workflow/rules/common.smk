@@ -2,9 +2,9 @@
 import pandas as pd
 
 from radstudy.features import stage as features_stage
-from radstudy.networks import stage as networks_stage
+from radstudy.networks import settings as networks_settings
 from radstudy.segment import stage as segmentation_stage
-from radstudy.statistics.models import fitted_models
+from radstudy.statistics.settings import fitted_models
 from radstudy.config import load_study
 from radstudy.errors import ConfigError
 
@@ -136,8 +136,8 @@ SPLIT_MODELS = (
     else []
 )
 # the end-to-end networks (networks.enabled): one saved network per endpoint x networks.fit (primary split)
-NETWORKS = networks_stage.network_settings(STUDY)
-FITTED_NETWORKS = networks_stage.fitted_networks(STUDY.config)
+NETWORKS = networks_settings.network_settings(STUDY)
+FITTED_NETWORKS = networks_settings.fitted_networks(STUDY.config)
 # the user's pretrained weights (networks.checkpoint), which the training reads: an input, so that new weights retrain
 NETWORK_CHECKPOINT = NETWORKS["checkpoint"] or []
 NETWORK_FILES = [

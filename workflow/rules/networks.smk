@@ -44,7 +44,7 @@ rule networks:
         "../../envs/networks.yaml"
     threads: NETWORKS["threads"]
     resources:
-        gpu=1 if networks_stage.wants_gpu(STUDY) else 0,
+        gpu=1 if networks_settings.wants_gpu(STUDY) else 0,
     params:
         models=FITTED_NETWORKS,
     script:

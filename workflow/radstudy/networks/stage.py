@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from radstudy.config import Study, settings
+from radstudy.networks.settings import MULTITASK, fitted_networks, network_settings, wants_gpu  # noqa: F401
 from radstudy.segment.stage import DSC_COLUMNS
 from radstudy.statistics.design import COHORTS, primary_split, split_names
 from radstudy.statistics.models import (
@@ -36,30 +37,8 @@ from radstudy.torch_tools import resolve_device
 
 log = logging.getLogger(__name__)
 
-MULTITASK = "multitask"
 PREDICTION_COLUMNS = ["patient", "center", "split", "cohort", "endpoint", "model", "score", "probability", "outcome",
                       "time", "event"]
-
-
-def network_settings(study: Study) -> dict:
-    return settings("networks", study.config["networks"])
-
-
-def wants_gpu(study: Study) -> bool:
-    """Whether the training job should ask the scheduler for a GPU: device cuda, or auto with segmentation.gpu."""
-    device = network_settings(study)["device"]
-    return device == "cuda" or (device == "auto" and bool(study.config["segmentation"]["gpu"]))
-
-
-def fitted_networks(config: dict) -> list[tuple[str, str]]:
-    """(endpoint, model) of every network the stage trains and saves: each configured endpoint x the per-endpoint
-    models of networks.fit, and ("multitask", "multitask") for the multitask network (one for both endpoints);
-    none when networks.enabled is false."""
-    cfg = settings("networks", config.get("networks"))
-    if not cfg["enabled"]:
-        return []
-    return [(endpoint, model) for endpoint in statistics_settings(config)["endpoints"] for model in cfg["fit"]
-            if model != MULTITASK] + ([(MULTITASK, MULTITASK)] if MULTITASK in cfg["fit"] else [])
 
 
 def _clinical_design(data: pd.DataFrame, train: np.ndarray, stats: dict) -> np.ndarray:

@@ -41,7 +41,7 @@ from radstudy.config import section_schema, settings
 from radstudy.survival import univariable_cox
 from radstudy.tables import read_table
 
-ENDPOINTS = tuple(section_schema("clinical.endpoints")["properties"])  # binary, survival
+from radstudy.statistics.settings import ENDPOINTS  # noqa: E402 (binary, survival)
 
 
 # ------------------------------------------------------------------------------------ outcome
