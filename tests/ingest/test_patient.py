@@ -20,7 +20,7 @@ from radstudy.ingest import dicomio
 from radstudy.ingest.patient import MASK_FILE, fov_file, image_file, ingest_patient
 from radstudy.ingest.pseudonym import assign_pseudonyms
 
-from dicom_factory import write_ct_series, write_rtstruct, write_seg
+from dicom_factory import write_ct_series, write_mr_series, write_rtstruct, write_seg
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -222,6 +222,31 @@ def test_a_channel_in_another_frame_of_reference_is_excluded_naming_both_series(
     assert record["status"] == "excluded" and record["reason"] == CHANNEL_GRID_MISMATCH, record
     assert "another frame of reference" in record["message"]
     assert "NON CONTRAST" in record["message"] and "ABD PV 3mm" in record["message"]
+
+
+def test_n4_bias_correction_of_an_mr_channel_flattens_a_bias_field(tmp_path):
+    """ingest.channels.*.bias_correction n4: a smooth multiplicative field over a homogeneous body is removed (the
+    coefficient of variation inside the body falls to the noise's), the qc.json record says so; none keeps the
+    scanner's values."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices((12, 64, 64))
+    body = ((y - 32) / 26) ** 2 + ((x - 32) / 26) ** 2 <= 1
+    field = np.exp(0.4 * (x - 32) / 32 + 0.2 * (y - 32) / 32)
+    volume = np.round((np.where(body, 400.0, 0.0) + rng.normal(0, 6, body.shape) * body) * field + 20).astype(np.int16)
+    write_mr_series(tmp_path / "dicom" / "MRN1" / "t2", volume, z_positions=np.arange(12) * 3.0)
+
+    def cv(channels: dict) -> tuple[float, dict]:
+        study, ids = _study(tmp_path, channels=channels)
+        out = tmp_path / f"out_{channels['T2'].get('bias_correction', 'none')}"
+        record = ingest_patient(study, "T", ids["MRN1"], out)
+        assert record["status"] == "included", record
+        values = sitk.GetArrayFromImage(sitk.ReadImage(str(out / image_file("T2"))))[body]
+        return float(values.std() / values.mean()), record["channels"]["T2"]
+
+    raw, raw_record = cv({"T2": {"modality": "MR", "min_slices": 10}})
+    corrected, record = cv({"T2": {"modality": "MR", "min_slices": 10, "bias_correction": "n4"}})
+    assert raw > 0.15 and corrected < 0.05
+    assert record["bias_correction"] == "n4" and raw_record["bias_correction"] == "none"
 
 
 def test_identifying_values_in_file_names_and_descriptions_are_redacted(tmp_path):

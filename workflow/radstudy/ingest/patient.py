@@ -109,6 +109,8 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
             chosen, patient=pseudonym, spacing_tolerance=geometry["spacing_tolerance"], gap_factor=geometry["gap_factor"]
         )
         image = dicomio.read_series(grid, patient=pseudonym)
+        if selector.get("bias_correction", "none") == "n4":
+            image = n4_bias_correction(image)
         frame = chosen.headers[0].frame_of_reference_uid
         resampled, fov = False, None
         if reference is None:
@@ -135,6 +137,7 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
             resampled = True
         sitk.WriteImage(image, str(out_dir / image_file(name)), useCompression=True)
         channels[name] = _channel_record(chosen, grid, image, len(series), resampled, fov)
+        channels[name]["bias_correction"] = selector.get("bias_correction", "none")
         if channels[name]["fov_outside_fraction"]["grid"] > 0:
             sitk.WriteImage(fov, str(out_dir / fov_file(name)), useCompression=True)
             fovs[name] = fov
@@ -153,6 +156,25 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
 # A fill value that no feature treats as tissue is not enough on its own (a ring or texture feature still sees it):
 # the fill marks "no data" in the image, and fov_{channel}.nii.gz keeps those voxels out of every feature.
 FILL_VALUES = {"CT": -1024.0}  # air; MR, PT and other modalities: 0
+
+
+def n4_bias_correction(image: sitk.Image, shrink: int = 4) -> sitk.Image:
+    """N4 bias-field correction (SimpleITK's N4BiasFieldCorrectionImageFilter, Tustison et al. 2010) of an MR image:
+    the field is fitted on the image shrunk by `shrink` in-plane (and along z where the image has enough slices),
+    inside an Otsu foreground mask (the body: air has no field to estimate), then the full-resolution image is
+    divided by the field (exp of the log field). Returns float32 on the same grid; deterministic (no sampling)."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    positive = sitk.Maximum(image, 0.0) + 1.0  # N4 works on log intensities: strictly positive values
+    mask = sitk.OtsuThreshold(positive, 0, 1, 200)
+    factors = [shrink if size >= 4 * shrink else 1 for size in positive.GetSize()]
+    small, small_mask = sitk.Shrink(positive, factors), sitk.Shrink(mask, factors)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([50, 50, 30])
+    corrector.Execute(small, small_mask)
+    log_field = corrector.GetLogBiasFieldAsImage(positive)
+    corrected = sitk.Cast(positive / sitk.Exp(log_field) - 1.0, sitk.sitkFloat32)
+    corrected.CopyInformation(image)
+    return corrected
 
 
 def resample_channel(image: sitk.Image, reference: sitk.Image, modality: str) -> tuple[sitk.Image, sitk.Image]:
