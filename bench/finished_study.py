@@ -1,5 +1,5 @@
 """The finished study a validity benchmark reads: its folder (made the working directory, as Snakemake ran in it),
-its validated config and its primary split."""
+its validated config and its primary split; and where the benchmark writes its table."""
 
 from __future__ import annotations
 
@@ -20,3 +20,12 @@ def open_study(workdir: Path) -> tuple[Path, Study, str]:
                        base_dir=work)
     print(f"load average before: {os.getloadavg()}")
     return work, study, primary_split(pd.read_csv(work / "results" / "models" / "cohorts.tsv", sep="\t"))
+
+
+def write_result(work: Path, table: pd.DataFrame, name: str) -> Path:
+    """The benchmark's table as results/benchmarks/{name}.tsv of the study; prints the load average after."""
+    out = work / "results" / "benchmarks" / f"{name}.tsv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, sep="\t", index=False)
+    print(f"load average after: {os.getloadavg()}; written {out}")
+    return out

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from finished_study import open_study
+from finished_study import open_study, write_result
 
 from radstudy.concordance import harrell_c
 from radstudy.evaluate.metrics import auc_delong, bootstrap_counts, percentile_ci
@@ -122,10 +121,7 @@ def main() -> None:
                 table.loc[len(table)] = {"what": f"{method} ({scope}, {label})", "cohort": "held out",
                                          "endpoint": "segmentation", "metric": "dsc median", "value": q[1],
                                          "low": q[0], "high": q[2], "n": len(sub), "events": np.nan}
-    out = work / "results" / "benchmarks" / "multitask_validity.tsv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, sep="\t", index=False)
-    print(f"load average after: {os.getloadavg()}; written {out}")
+    write_result(work, table, "multitask_validity")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ the ground truth are read from its config. Writes results/benchmarks/networks_va
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from finished_study import open_study
+from finished_study import open_study, write_result
 
 from radstudy.concordance import auc
 from radstudy.evaluate.metrics import auc_delong
@@ -84,10 +83,7 @@ def main() -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     gap = lines[1][1] - result["auc"]
     print(f"CI excludes 0.5: {result['ci_low'] > 0.5}; ceiling - cnn = {gap:.3f} (target <= 0.15)")
-    out = work / "results" / "benchmarks" / "networks_validity.tsv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, sep="\t", index=False)
-    print(f"load average after: {os.getloadavg()}; written {out}")
+    write_result(work, table, "networks_validity")
 
 
 if __name__ == "__main__":
