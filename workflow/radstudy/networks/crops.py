@@ -143,13 +143,14 @@ def _normalised(image: sitk.Image, valid: np.ndarray | None, grid: sitk.Image, c
 
 
 def _target_on_grid(path: Path | None, reference: sitk.Image, grid: sitk.Image, *, patient: str, label: int,
-                    what: str, slice_index: int | None) -> np.ndarray | None:
+                    what: str, slice_index: int | None, read: Mapping[Path, sitk.Image]) -> np.ndarray | None:
     """The region of a target mask file on the crop grid (bool), None when there is no file or it is unusable (a
-    warning names the file: the patient keeps its input, without this target)."""
+    warning names the file: the patient keeps its input, without this target). read: mask files already read (the
+    crop's own mask is usually one of the targets)."""
     if path is None or not Path(path).exists():
         return None
     try:
-        image = sitk.ReadImage(str(path))
+        image = read[path] if path in read else sitk.ReadImage(str(path))
     except Exception as exc:  # an unreadable target leaves the patient without it, with the reason
         log.warning("%s: %s mask %s cannot be read (%s): no segmentation target", patient, what, path, exc)
         return None
@@ -217,7 +218,7 @@ def patient_input(images: Mapping[str, str | Path], mask: str | Path, *, patient
         arrays.append(deep.region_on_grid(crop_region, reference, grid).astype(np.float32))
     x = np.stack(arrays).astype(np.float32)
     targets = {what: _target_on_grid(None if path is None else Path(path), mask_image, grid, patient=patient,
-                                     label=label, what=what, slice_index=slice_index)
+                                     label=label, what=what, slice_index=slice_index, read={mask: mask_image})
                for what, path in (("manual", manual), ("automatic", automatic))}
     if slice_index is not None:
         x = x[:, 0]

@@ -93,7 +93,8 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     device = str(resolve_device(cfg["device"], setting="networks.device"))
     horizon = stats["models"]["survival"]["horizon"]
     primary = primary_split(cohorts)
-    predictions, histories, saliency_rows, dsc_rows = [], [], [], []
+    predictions, histories, saliency_rows = [], [], []
+    dsc = pd.DataFrame(columns=DSC_COLUMNS)
     out_saliency = Path(out_saliency)
     out_saliency.mkdir(parents=True, exist_ok=True)
     for split in split_names(cohorts):
@@ -101,7 +102,8 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
         in_split = cohort.notna().to_numpy() & data["patient"].isin(row_of).to_numpy()
         part = data[in_split].reset_index(drop=True)
         part_cohort = cohort[in_split].to_numpy()
-        images = arrays[[row_of[p] for p in part["patient"]]]
+        index = [row_of[p] for p in part["patient"]]
+        images = arrays[index]
         for endpoint, spec in stats["endpoints"].items():
             has_y, y, outcome_cols = outcome(part, endpoint, spec)
             train = (part_cohort == "training") & has_y
@@ -132,17 +134,17 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
                     saliency_rows += _saliency(saliency, trained, images, clinical_x, part, part_cohort, score,
                                                key, cfg, out_saliency)
         if MULTITASK in cfg["fit"]:
-            rows = {k: v[[row_of[p] for p in part["patient"]]] for k, v in extra.items()}
+            rows = {k: v[index] for k, v in extra.items()}
             trained, result = _multitask(study, cfg, stats, part, part_cohort, images, channels, rows, split,
                                          predictions, histories, device, nnunet_model)
             if split == primary:
                 if (MULTITASK, MULTITASK) in out_models:
                     training.save_network(trained, out_models[(MULTITASK, MULTITASK)])
-                dsc_rows = _multitask_dsc(part, part_cohort, rows, result, cfg["region"], segmentation_split)
+                dsc = _multitask_dsc(part, part_cohort, rows, result, cfg["region"], segmentation_split)
                 if out_masks is not None and cfg["multitask"]["save_masks"]:
                     _write_masks(part, part_cohort, rows, result, Path(out_masks))
     if out_dsc is not None:
-        _write(pd.concat(dsc_rows, ignore_index=True) if dsc_rows else pd.DataFrame(columns=DSC_COLUMNS), out_dsc)
+        _write(dsc, out_dsc)
     if out_masks is not None:
         Path(out_masks).mkdir(parents=True, exist_ok=True)
     table = _with_missing(pd.concat(predictions, ignore_index=True) if predictions else
@@ -243,7 +245,7 @@ def _multitask(study: Study, cfg: dict, stats: dict, part: pd.DataFrame, part_co
 
 
 def _multitask_dsc(part: pd.DataFrame, cohort: np.ndarray, rows: dict, result: dict, region: str,
-                   segmentation_split) -> list[pd.DataFrame]:
+                   segmentation_split) -> pd.DataFrame:
     """DSC / HD95 / volumes in the crop of the held-out annotated patients: the multitask network's mask and, on
     the same crop, the automatic segmentation's, against the manual mask."""
     from radstudy.networks.train import dice
@@ -269,7 +271,7 @@ def _multitask_dsc(part: pd.DataFrame, cohort: np.ndarray, rows: dict, result: d
                         "dsc": round(dice(mask, manual), 4), "hd95": round(hd95(mask, manual, spacing), 3),
                         "volume_auto_ml": round(int(mask.sum()) * voxel_ml, 3),
                         "volume_manual_ml": round(int(manual.sum()) * voxel_ml, 3)})
-    return [pd.DataFrame(out, columns=DSC_COLUMNS)]
+    return pd.DataFrame(out, columns=DSC_COLUMNS)
 
 
 def _write_masks(part: pd.DataFrame, cohort: np.ndarray, rows: dict, result: dict, out_dir: Path) -> None:
