@@ -29,8 +29,8 @@ from finished_study import open_study, write_result
 
 from radstudy.concordance import harrell_c
 from radstudy.evaluate.metrics import auc_delong, bootstrap_counts, percentile_ci
-from radstudy.segment.stage import trained_model_folder
-from radstudy.networks.stage import _multitask, network_settings, read_center_inputs
+from radstudy.segment.stage import study_model_folder
+from radstudy.networks.stage import _multitask, network_settings, read_center_inputs, split_rows
 from radstudy.statistics.models import assemble, derive_seed, statistics_settings, study_cohorts
 from radstudy.tables import read_table
 from radstudy.torch_tools import resolve_device
@@ -61,13 +61,9 @@ def _ablation(study, work: Path, split: str, n_bootstrap: int) -> list[dict]:
     names, arrays, channels, extra = read_center_inputs(
         sorted((work / "results" / "networks" / "inputs").glob("*.npz")), with_targets=True)
     row_of = {p: i for i, p in enumerate(names)}
-    cohort = data["patient"].map(cohorts[cohorts["split"] == split].set_index("patient")["cohort"])
-    keep = cohort.notna().to_numpy() & data["patient"].isin(row_of).to_numpy()
-    part, part_cohort = data[keep].reset_index(drop=True), cohort[keep].to_numpy()
-    index = [row_of[p] for p in part["patient"]]
+    part, part_cohort, index = split_rows(data, cohorts, split, row_of)
     rows = {k: v[index] for k, v in extra.items()}
-    seg = study.config["segmentation"]  # the study's nnU-Net (multitask.encoder nnunet): given, or trained here
-    nnunet = str(seg["model_folder"] or trained_model_folder(study, Path(seg["work_dir"]) / "results"))
+    nnunet = str(study_model_folder(study))  # the study's nnU-Net (multitask.encoder nnunet)
     predictions: list[pd.DataFrame] = []
     started = time.perf_counter()
     trained, _ = _multitask(study, cfg, stats, part, part_cohort, arrays[index], channels, rows, split, predictions,

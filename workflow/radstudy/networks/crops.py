@@ -276,8 +276,8 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
                  info["spacing_mm"][-1], ", ".join(f"{c} {s:.1%}" for c, s in info["outside_fov"].items()))
     if channels is None:  # no patient given: the channels are known only when the config names them
         channels = channel_names({}, cfg) if cfg["channels"] is not None else []
-    empty = np.zeros((0, len(channels), *input_shape(cfg)), np.float16)
     shape = input_shape(cfg)
+    empty = np.zeros((0, len(channels), *shape), np.float16)
     stored = {}
     for what, found in masks.items():
         stored[what] = np.stack([np.zeros(shape, np.uint8) if m is None else m.astype(np.uint8) for m in found]) \

@@ -26,8 +26,8 @@ def inputs_center(study: Study, center: str, segmentation_dir: str | Path, inges
              for patient in segmented_patients(segmentation_dir)]
     modalities = {name: selector["modality"] for name, selector in study.config["ingest"]["channels"].items()}
     # the segmentation targets of the multitask network and its comparison with nnU-Net in the same crops
-    targets = {patient: (folders[patient] / MASK_FILE if (folders[patient] / MASK_FILE).exists() else None,
-                         Path(segmentation_dir) / f"{patient}.nii.gz") for patient, *_ in items}
+    targets = {patient: (folders[patient] / MASK_FILE, Path(segmentation_dir) / f"{patient}.nii.gz")
+               for patient, *_ in items}  # a file that is not there gives no target
     issues = crops.write_center_inputs(items, out_inputs, labels=study.config["ingest"]["labels"],
                                        cfg=settings("networks", study.config["networks"]),
                                        modalities=modalities, targets=targets)

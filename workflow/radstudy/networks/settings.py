@@ -1,5 +1,5 @@
 """The networks stage's settings, read from a study config without torch or the statistics stage's libraries: the
-Snakefile reads them at every start. `radstudy.networks.stage` re-exports them."""
+Snakefile reads them at every start."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from radstudy.config import Study, settings
-from radstudy.networks.settings import MULTITASK, fitted_networks, network_settings, wants_gpu  # noqa: F401
+from radstudy.config import Study
+from radstudy.networks.settings import MULTITASK, network_settings
 from radstudy.segment.stage import DSC_COLUMNS
 from radstudy.statistics.design import COHORTS, primary_split, split_names
 from radstudy.statistics.models import (
@@ -98,11 +98,7 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
     out_saliency = Path(out_saliency)
     out_saliency.mkdir(parents=True, exist_ok=True)
     for split in split_names(cohorts):
-        cohort = data["patient"].map(cohorts[cohorts["split"] == split].set_index("patient")["cohort"])
-        in_split = cohort.notna().to_numpy() & data["patient"].isin(row_of).to_numpy()
-        part = data[in_split].reset_index(drop=True)
-        part_cohort = cohort[in_split].to_numpy()
-        index = [row_of[p] for p in part["patient"]]
+        part, part_cohort, index = split_rows(data, cohorts, split, row_of)
         images = arrays[index]
         for endpoint, spec in stats["endpoints"].items():
             has_y, y, outcome_cols = outcome(part, endpoint, spec)
@@ -159,6 +155,16 @@ def run(study: Study, *, inputs: list[str | Path], features, clinical, patients,
 
 
 TARGET_KEYS = ("manual", "has_manual", "automatic", "has_automatic", "spacing_mm", "origin", "direction", "crop_from")
+
+
+def split_rows(data: pd.DataFrame, cohorts: pd.DataFrame, split: str,
+               row_of: dict[str, int]) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
+    """The patients of one split that have a network input: their rows of `data`, their cohorts, and their rows in
+    the concatenated network inputs (row_of: patient -> input row)."""
+    cohort = data["patient"].map(cohorts[cohorts["split"] == split].set_index("patient")["cohort"])
+    in_split = cohort.notna().to_numpy() & data["patient"].isin(row_of).to_numpy()
+    part = data[in_split].reset_index(drop=True)
+    return part, cohort[in_split].to_numpy(), [row_of[p] for p in part["patient"]]
 
 
 def read_center_inputs(paths: Iterable[str | Path], with_targets: bool = False):

@@ -51,6 +51,13 @@ def trained_model_folder(study: Study, results_dir: str | Path) -> Path:
 TRAIN_CENTERS_FILE = "radstudy_train_centers.txt"  # in the raw dataset folder: the centers it was built from
 
 
+def study_model_folder(study: Study) -> Path:
+    """The nnU-Net model the study uses: segmentation.model_folder when given, else the one trained under
+    segmentation.work_dir."""
+    seg = _cfg(study)
+    return Path(seg["model_folder"]) if seg["model_folder"] else trained_model_folder(study, Path(seg["work_dir"]) / "results")
+
+
 def eligible_train_centers(study: Study) -> list[str]:
     """Centers whose annotations `segmentation.train_centers` selects (development, all, or a list of ids)."""
     spec = _cfg(study)["train_centers"]

@@ -39,9 +39,8 @@ from radstudy.concordance import auc as roc_auc
 from radstudy.concordance import harrell_c
 from radstudy.config import section_schema, settings
 from radstudy.survival import univariable_cox
+from radstudy.statistics.settings import ENDPOINTS  # binary, survival
 from radstudy.tables import read_table
-
-from radstudy.statistics.settings import ENDPOINTS  # noqa: E402 (binary, survival)
 
 
 # ------------------------------------------------------------------------------------ outcome

@@ -56,7 +56,6 @@ def check_covariates(covariates, outcomes) -> None:
         )
 
 
-
 def fitted_models(config: dict) -> list[tuple[str, str]]:
     """(endpoint, model) of every model the statistics stage fits and saves for a study config: each configured
     endpoint x `models.fit`, the deep model only with `features.deep.enabled` (without deep features it is not
