@@ -84,6 +84,7 @@ _HEADER_TAGS += [
     Tag(group, tag) for _, _, group, offset, _, _ in PRIVATE_B_VALUE_TAGS for slot in PRIVATE_SLOTS
     for tag in (slot, (slot << 8) | offset)
 ]
+_HEADER_TAGS = [Tag(t) for t in _HEADER_TAGS]  # converted once: dcmread converts every keyword on every file
 B_VALUE_TOLERANCE = 1.0  # s/mm^2: a selector's b_value matches a file within this
 
 # Enhanced multi-frame images (one file, one frame per slice; PS3.3 C.7.6.16 functional groups) that scanning

@@ -109,7 +109,8 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
             chosen, patient=pseudonym, spacing_tolerance=geometry["spacing_tolerance"], gap_factor=geometry["gap_factor"]
         )
         image = dicomio.read_series(grid, patient=pseudonym)
-        if selector.get("bias_correction", "none") == "n4":
+        bias = selector.get("bias_correction", "none")
+        if bias == "n4":
             image = n4_bias_correction(image)
         frame = chosen.headers[0].frame_of_reference_uid
         resampled, fov = False, None
@@ -137,8 +138,8 @@ def _convert(folder: Path, headers, unreadable, pseudonym: str, cfg: dict, out_d
             resampled = True
         sitk.WriteImage(image, str(out_dir / image_file(name)), useCompression=True)
         channels[name] = _channel_record(chosen, grid, image, len(series), resampled, fov)
-        channels[name]["bias_correction"] = selector.get("bias_correction", "none")
-        if channels[name]["fov_outside_fraction"]["grid"] > 0:
+        channels[name]["bias_correction"] = bias
+        if fov is not None and fov_outside(fov) > 0:  # the exact fraction: the record's is rounded
             sitk.WriteImage(fov, str(out_dir / fov_file(name)), useCompression=True)
             fovs[name] = fov
         used_series.append(chosen.uid)
