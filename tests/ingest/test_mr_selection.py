@@ -121,8 +121,7 @@ def test_private_tag_of_another_vendor_or_creator_is_not_read(tmp_path, tag, kwa
     write_dwi(tmp_path, volume(30), volume(31), b_value_tag=tag, **kwargs)
     headers, _ = dicomio.scan_folder(tmp_path)
     assert {(h.b_value, h.b_value_source) for h in headers} == {(None, None)}
-    error = assert_excluded(errors.NO_MATCHING_SERIES, PATIENT, select, tmp_path, {"b_value": 800})
-    assert "b-values" not in error.message  # no series claims a b-value it does not have
+    assert_excluded(errors.NO_MATCHING_SERIES, PATIENT, select, tmp_path, {"b_value": 800})
 
 
 def test_enhanced_mr_with_per_frame_b_values_is_split(tmp_path):
@@ -155,7 +154,7 @@ def test_adc_map_is_picked_by_image_type_among_t2_and_dwi(tmp_path, image_type):
     chosen = select(tmp_path, {"image_type": image_type})
     assert chosen.series_number == 6 and chosen.image_type == ADC_TYPE
     np.testing.assert_array_equal(read(chosen), volume(5))
-    # the DWI's own ImageType values are not enough: DERIVED is required too
+    # the DWI's own ImageType values (with its b-value) pick it; a value no series carries matches nothing
     assert select(tmp_path, {"image_type": ["DIFFUSION"], "b_value": 800}).series_number == 5
     assert_excluded(errors.NO_MATCHING_SERIES, PATIENT, select, tmp_path, {"image_type": ["DERIVED", "TRACEW"]})
 

@@ -95,7 +95,11 @@ def test_real_ct_with_rtstruct_reproduces_ibsi_conversion(tmp_path, reference_di
 def test_real_mr_with_rtstruct_reproduces_ibsi_conversion(tmp_path, reference_dir):
     """The T1-weighted MR of STS_001 (issue 17): raw MR values, no rescale to HU."""
     record = _reproduces_ibsi_conversion(tmp_path, reference_dir, "MR_T1", "T1", "MR")
-    assert record["channels"]["T1"]["modality"] == "MR"
+    first = pydicom.dcmread(sorted((reference_dir / "dicom" / "STS_001" / "MR_T1" / "image").iterdir())[0],
+                            stop_before_pixels=True)
+    for keyword, key in (("EchoTime", "echo_time_ms"), ("RepetitionTime", "repetition_time_ms")):
+        value = first.get(keyword)  # this export keeps the elements without a value: None, not 0
+        assert record["channels"]["T1"][key] == (None if value in (None, "") else pytest.approx(float(value)))
 
 
 def test_good_patient_selects_portal_series_and_writes_label_map(tmp_path):

@@ -76,7 +76,7 @@ from radstudy.torch_tools import (  # noqa: F401 (re-exported: the deep features
     read_state_dict,
     resolve_device,
 )
-from radstudy.images import largest_slice, same_grid  # noqa: F401 (largest_slice: re-exported)
+from radstudy.images import largest_slice, same_grid
 from radstudy.segment import nnunet as segment
 
 log = logging.getLogger(__name__)

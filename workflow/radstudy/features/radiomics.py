@@ -1020,7 +1020,9 @@ def write_study(rows, out: str | Path, params, meta_out: str | Path | None = Non
     meta_path = Path(meta_out) if meta_out is not None else out.with_name(out.name.split(".")[0] + ".meta.json")
     meta = feature_metadata(params)
     if channel_params:
-        meta["channel_params"] = {str(c): feature_metadata(p) for c, p in channel_params.items()}
+        by_file = {str(p): None for p in channel_params.values()}  # each file described once
+        by_file = {p: feature_metadata(p) for p in by_file}
+        meta["channel_params"] = {str(c): by_file[str(p)] for c, p in channel_params.items()}
     meta["patients"] = len(table)
     meta["features"] = int(len(table.columns) - len(ID_COLUMNS) - len(FLAG_COLUMNS))
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
