@@ -9,7 +9,7 @@
     radstudy center-qc --ingest-dirs results/ingest/C1/C1-* --clinical results/clinical/C1.tsv --out results/qc/C1/patients.tsv
     radstudy flow      --center-qc results/qc/*/patients.tsv --clinical results/clinical/*.tsv --out-dir results/qc
     radstudy evaluate  --predictions results/models/predictions.tsv --out results/evaluation [--time-unit days]
-                       [--decimal ,] [--coefficients ...]
+                       [--decimal ,] [--coefficients ...] [--subgroups clinical.tsv --subgroup-columns sex t_stage]
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="design matrix TSV(s) of the combined model's inputs (patient + predictors): PATH or ENDPOINT=PATH")
     p.add_argument("--explain-model", default="combined", help="model of the SHAP and nomogram figures")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--subgroups", help="table (CSV/TSV) of patient + clinical columns: Kaplan-Meier of high- vs "
+                                       "low-risk groups within each level of --subgroup-columns")
+    p.add_argument("--subgroup-columns", nargs="+", default=None, metavar="COLUMN",
+                   help="the --subgroups columns to split by (needed with --subgroups)")
     report = p.add_argument_group("report")
     report.add_argument("--report", help="HTML report path (default: OUT/report.html); 'none' to skip")
     report.add_argument("--study-name", default="radstudy")
@@ -102,8 +106,9 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from radstudy.evaluate.inputs import read_predictions
-    from radstudy.evaluate.performance import evaluate, load_linear_models
+    from radstudy.evaluate.performance import evaluate, load_linear_models, subgroup_table
     from radstudy.report.html import write_report
+    from radstudy.tables import read_table
 
     preds = read_predictions(args.predictions)
     linear_models = []
@@ -113,10 +118,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             designs = args.design[0]
         linear_models = load_linear_models(args.coefficients, designs, model=args.explain_model)
+    subgroups = None
+    if bool(args.subgroups) != bool(args.subgroup_columns):
+        raise ValueError("--subgroups and --subgroup-columns go together: the table and its columns to split by")
+    if args.subgroups:
+        table = read_table(args.subgroups, id_columns=("patient",))
+        subgroups = subgroup_table(table, args.subgroup_columns, source=f"subgroups table {args.subgroups}")
+        subgroups = subgroups.reset_index()
     evaluate(preds, args.out, time_unit=args.time_unit, horizons=args.horizons, decimal=args.decimal,
              n_bootstrap=args.n_bootstrap, seed=args.seed,
              reference_cohort=args.reference_cohort, linear_models=linear_models, survival_cutoff=args.survival_cutoff,
-             nri_cutoffs=args.nri_cutoffs, figures=not args.no_figures)
+             nri_cutoffs=args.nri_cutoffs, figures=not args.no_figures, subgroups=subgroups)
     if (args.report or "").lower() != "none":
         design_text = args.design_text
         if design_text and Path(design_text).is_file():

@@ -66,6 +66,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     _check_deep_features(config, source)
     _check_manual_segmentation(config, source)
     _check_radiomics_params(config, source)
+    _check_km_subgroups(config, source)
     key_file = Path(config["pseudonymisation"]["key_file"])
     if "results" in key_file.parts:
         raise ConfigError(
@@ -73,6 +74,15 @@ def validate_config(config: dict, source: str = "config") -> dict:
             "the key links pseudonyms to patients and results/ is what gets shared"
         )
     return config
+
+
+def _check_km_subgroups(config: dict, source: str) -> None:
+    """evaluation.km_subgroups must name clinical variables (the clinical table has no other column to split by)."""
+    variables = list(config["clinical"]["variables"])
+    for var in config["evaluation"]["km_subgroups"]:
+        if var not in variables:
+            raise ConfigError(f"{source}: evaluation.km_subgroups: {var!r} is not one of clinical.variables "
+                              f"({', '.join(variables) or 'none'})")
 
 
 def _check_radiomics_params(config: dict, source: str) -> None:

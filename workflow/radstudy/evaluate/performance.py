@@ -53,6 +53,10 @@ MODEL_COLORS = {"clinical": "#1b9e77", "radiomic": "#7570b3", "deep": "#e6ab02",
 _EXTRA_COLORS = ["#66a61e", "#a6761d", "#666666", "#b15928", "#a6cee3", "#fb9a99"]
 INTERCEPT_NAMES = {"(intercept)", "intercept", "const", "_intercept", "(const)"}
 CONSTANT_NOTE = "no feature selected: constant prediction"
+SUBGROUP_MAX_LEVELS = 6  # a numeric subgroup variable with more distinct values is split at the reference median
+SUBGROUP_MISSING = "(missing)"
+KM_SUBGROUP_COLUMNS = ["endpoint", "split", "cohort", "model", "variable", "level", "n", "events", "n_high", "n_low",
+                       "logrank_p", "hr_high_vs_low", "hr_high_vs_low_ci_low", "hr_high_vs_low_ci_high", "note"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +302,103 @@ def _binary_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dict,
     return rows, comps, reclass, cutoffs, cal_rows, dca_rows
 
 
+def subgroup_table(table: pd.DataFrame, columns=None, source: str = "subgroups table") -> pd.DataFrame:
+    """The clinical subgroups of the KM curves: `table` (column `patient` + one column per variable) indexed by
+    patient (as text) with `columns` (default: every column but patient). PredictionsError names a missing column
+    or a repeated patient."""
+    need = ["patient"] + (list(columns) if columns is not None else [])
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise PredictionsError(f"{source} lacks column(s) {missing}; it has {list(table.columns)}")
+    columns = list(columns) if columns is not None else [c for c in table.columns if c != "patient"]
+    sub = table.assign(patient=table["patient"].astype(str).str.strip())
+    repeated = sub["patient"][sub["patient"].duplicated()].unique()
+    if len(repeated):
+        raise PredictionsError(f"{source}: several rows for patient(s) {', '.join(repeated[:5])}")
+    return sub.set_index("patient")[columns]
+
+
+def _level_text(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{value:g}"
+    return str(value)
+
+
+def subgroup_levels(values: pd.Series, reference: pd.Series) -> tuple[pd.Series, list[str]]:
+    """Each patient's level of one variable (NaN where the value is missing) and the levels in order.
+
+    A numeric variable with more than SUBGROUP_MAX_LEVELS distinct values is split at the median of `reference`
+    (its values on the reference cohort): "age <= 63", "age > 63"; any other: one level per distinct value.
+    """
+    name = values.name
+    present = values.dropna()
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if numeric and present.nunique() > SUBGROUP_MAX_LEVELS:
+        ref = reference.dropna().astype(float)
+        if ref.empty:
+            log.warning("subgroup variable %s has no value on the reference cohort: split at the median of all "
+                        "patients", name)
+            ref = present.astype(float)
+        med = float(np.median(ref))
+        low, high = f"{name} <= {med:g}", f"{name} > {med:g}"
+        labels = pd.Series(np.where(values.astype(float) <= med, low, high), index=values.index, dtype=object)
+        return labels.where(values.notna()), [low, high]
+    distinct = present.unique()
+    distinct = sorted(distinct) if numeric else sorted(distinct, key=lambda v: (str(type(v)), str(v)))
+    labels = pd.Series(values.map(_level_text), index=values.index, dtype=object)
+    return labels.where(values.notna()), list(dict.fromkeys(_level_text(v) for v in distinct))
+
+
+def _km_subgroups(df: pd.DataFrame, split, models, cohorts, ref: str, cut: dict, cfg: dict) -> tuple[list, dict]:
+    """KM of high vs low risk (the reference cut-off of each model) within each level of each subgroup variable.
+
+    Rows: one per cohort x model x variable x level, and one for the patients with a missing value (left out).
+    A level with fewer than 2 patients in a risk group or no event gets a note and no test. Plots:
+    {(variable, cohort): {model: {level: (km or None, row)}}}.
+    """
+    sub = cfg["subgroups"]
+    patients = pd.Index(df["patient"].unique())
+    ref_patients = pd.Index(df.loc[df["cohort"] == ref, "patient"].unique())
+    rows, plots = [], {}
+    for var in sub.columns:
+        values = sub[var].reindex(patients)  # patients absent from the table: missing
+        labels, levels = subgroup_levels(values, values.reindex(ref_patients))
+        for c in cohorts:
+            cdf = df[df["cohort"] == c]
+            for m in (m for m in models if m in cut):
+                s = cdf[cdf["model"] == m].dropna(subset=["score"]).set_index("patient")
+                if s.empty:
+                    continue
+                lab = labels.reindex(s.index)
+                key = {"endpoint": "survival", "split": split, "cohort": c, "model": m, "variable": var}
+                if lab.isna().any():
+                    rows.append({**key, "level": SUBGROUP_MISSING, "n": int(lab.isna().sum()),
+                                 "events": int(s.loc[lab.isna(), "event"].sum()),
+                                 "note": "missing value: left out of the subgroups"})
+                for level in levels:
+                    g = s[(lab == level).to_numpy()]
+                    t, e = g["time"].to_numpy(dtype=float), g["event"].to_numpy(dtype=float).astype(bool)
+                    high = g["score"].to_numpy(dtype=float) >= cut[m]
+                    row = {**key, "level": level, "n": len(g), "events": int(e.sum()), "n_high": int(high.sum()),
+                           "n_low": int((~high).sum())}
+                    if len(g) == 0:
+                        row["note"] = "no patient"
+                    elif min(row["n_high"], row["n_low"]) < 2:
+                        row["note"] = "fewer than 2 patients in a risk group: no test"
+                    elif row["events"] == 0:
+                        row["note"] = "no event: no test"
+                    km = M.kaplan_meier_groups(t, e, high, cfg["at_risk_times"]) if len(g) else None
+                    if "note" not in row:
+                        hr = M.cox_hazard_ratio(t, e, high.astype(float))
+                        row.update({"logrank_p": km["logrank_p"], "hr_high_vs_low": hr["hr"],
+                                    "hr_high_vs_low_ci_low": hr["hr_ci_low"], "hr_high_vs_low_ci_high": hr["hr_ci_high"]})
+                    rows.append(row)
+                    plots.setdefault((var, c), {}).setdefault(m, {})[level] = (km, row)
+    return rows, plots
+
+
 def _survival_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dict, out: _Outputs, colors, first: bool):
     rows, comps, reclass, cutoffs, cal_rows, dca_rows, td_rows = [], [], [], [], [], [], []
     horizons = list(cfg["horizons"])
@@ -425,9 +526,12 @@ def _survival_split(df: pd.DataFrame, split, models, cohorts, ref: str, cfg: dic
                                            counts=counts[:, idx][:, known])
                     reclass.append({"endpoint": "survival", "split": split, "cohort": c, "horizon": h,
                                     "model_new": m, "model_old": "clinical", **r})
+    sub_rows, sub_plots = [], {}
+    if first and cfg.get("subgroups") is not None:  # the primary split only, as the KM figures
+        sub_rows, sub_plots = _km_subgroups(df, split, models, cohorts, ref, cut, cfg)
     if first and out.make_figures:
-        _plot_survival(plots, models, cohorts, colors, split, cfg, out)
-    return rows, comps, reclass, cutoffs, cal_rows, dca_rows, td_rows
+        _plot_survival(plots, models, cohorts, colors, split, cfg, out, sub_plots)
+    return rows, comps, reclass, cutoffs, cal_rows, dca_rows, td_rows, sub_rows
 
 
 def _excluded_per_row(met: pd.DataFrame, exclusions: pd.DataFrame) -> list[int]:
@@ -543,7 +647,7 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
              decimal: str = ".", n_bootstrap: int | None = None, seed: int = 20240601,
              reference_cohort: str = "training", linear_models=(), survival_cutoff: str = "median",
              nri_cutoffs=None, calibration_bins: int = 10, survival_calibration_groups: int = 4,
-             figures: bool = True) -> dict:
+             figures: bool = True, subgroups: pd.DataFrame | None = None) -> dict:
     """Evaluate every model on every cohort (and split); write tables, figures and `manifest.json`.
 
     linear_models: `LinearModel`s (the combined model per endpoint, from its coefficients and design matrix)
@@ -551,6 +655,9 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
     (default: the event rate of the reference cohort for binary, the clinical model's median risk for survival).
     time_unit / horizons / n_bootstrap: None takes the config schema's `evaluation` defaults (horizons: 1, 2 and 3
     years in the time unit). decimal: the decimal mark of numbers given as text ("." or ",", radstudy.evaluate.inputs).
+    subgroups: patient + one column per clinical variable (values as in the clinical table): KM of high vs low risk
+    (the reference cut-off) within each level of each variable, primary split (table and figures `km_subgroups`;
+    `subgroup_levels`).
     Returns {"tables": {name: path}, "figures": [...], "metrics": {endpoint: DataFrame}, "exclusions": DataFrame}.
     Raises PredictionsError when the predictions break the input contract.
     """
@@ -578,7 +685,10 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
     cfg = {"n_bootstrap": n_bootstrap, "seed": seed, "nri_cutoffs": nri_cutoffs, "horizons": horizons,
            "time_unit": time_unit, "survival_cutoff": survival_cutoff, "calibration_bins": calibration_bins,
            "survival_calibration_groups": survival_calibration_groups,
-           "at_risk_times": U.time_ticks(max_t, time_unit)}
+           "at_risk_times": U.time_ticks(max_t, time_unit),
+           "subgroups": subgroup_table(subgroups) if subgroups is not None else None}
+    if cfg["subgroups"] is not None and cfg["subgroups"].columns.empty:
+        cfg["subgroups"] = None
     if not np.isnan(max_t) and max(horizons, default=0) >= max_t:
         log.warning("horizon(s) %s %s lie beyond the longest follow-up (%g %s): check the time unit",
                     [h for h in horizons if h >= max_t], time_unit, max_t, time_unit)
@@ -588,7 +698,7 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
     out.table("exclusions", exclusions, "Predictions left out for a missing value, per cohort and model "
               "(n_excluded of rows)", "exclusions", keep_empty=True)
     results: dict = {"metrics": {}}
-    all_comps, all_reclass, all_cutoffs = [], [], []
+    all_comps, all_reclass, all_cutoffs, all_subgroups = [], [], [], []
     for endpoint in ordered(preds["endpoint"], ["binary", "survival"]):
         edf = preds[preds["endpoint"] == endpoint]
         e_models = ordered(edf["model"], MODEL_ORDER)
@@ -604,9 +714,10 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
                 r, cp, rc, ct, cl, dc = _binary_split(sdf, split, e_models, s_cohorts, reference_cohort, cfg, out,
                                                       colors, first=(k == 0))
             else:
-                r, cp, rc, ct, cl, dc, tdr = _survival_split(sdf, split, e_models, s_cohorts, reference_cohort, cfg,
-                                                             out, colors, first=(k == 0))
+                r, cp, rc, ct, cl, dc, tdr, sg = _survival_split(sdf, split, e_models, s_cohorts, reference_cohort,
+                                                                 cfg, out, colors, first=(k == 0))
                 td += tdr
+                all_subgroups += sg
             rows += r
             all_comps += cp
             all_reclass += rc
@@ -648,6 +759,12 @@ def evaluate(predictions: pd.DataFrame, out_dir: str | Path, *, time_unit: str |
     out.table("summary_reclassification", reclassification_table(reclass),
               "NRI and IDI of each model over the clinical model (95% CI; P from the asymptotic z)", "reclassification")
     out.table("cutoffs", pd.DataFrame(all_cutoffs), f"Cut-offs learnt on the {reference_cohort} cohort", "cutoffs")
+    if all_subgroups:
+        sub = pd.DataFrame(all_subgroups).reindex(columns=KM_SUBGROUP_COLUMNS)
+        sub[["n_high", "n_low"]] = sub[["n_high", "n_low"]].astype("Int64")  # none for the missing-value rows
+        out.table("km_subgroups", sub,
+                  f"Kaplan-Meier of high- vs low-risk groups within clinical subgroups (cut-off learnt on the "
+                  f"{reference_cohort} cohort; primary split): log-rank P and hazard ratio", "survival")
 
     for lm in linear_models:
         if lm.coefficients.empty:  # nothing to explain, and SHAP of no predictor is no figure
@@ -763,7 +880,62 @@ def _plot_binary(plots, models, cohorts, colors, split, out: _Outputs):
                    "binary", cohort=c, kind="clinical_impact", split=str(split))
 
 
-def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
+def _km_panel(ax, km, color, t_end, at_times):
+    """The high- and low-risk Kaplan-Meier curves (95% CI bands) of one panel, in the km_survival style."""
+    for grp in ("low", "high"):
+        if km is None or grp not in km["curves"]:
+            continue
+        cv = km["curves"][grp]
+        col = color if grp == "high" else "#4d4d4d"
+        ax.step(cv["time"], cv["survival"], where="post", color=col, lw=1.6, label=f"{grp} risk (n={km['n'][grp]})")
+        ax.fill_between(cv["time"], cv["ci_low"], cv["ci_high"], step="post", color=col, alpha=0.12)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(-0.06 * t_end, 1.03 * t_end)
+    ax.set_xticks(at_times)
+
+
+def _km_text(row: dict) -> str:
+    """Log-rank P and the hazard ratio of high vs low risk (95% CI) of a KM panel."""
+    p = row["logrank_p"]
+    return (f"log-rank P {'<0.0001' if p < 1e-4 else f'{p:.4f}'}\nHR {row['hr_high_vs_low']:.2f} "
+            f"({row['hr_high_vs_low_ci_low']:.2f}-{row['hr_high_vs_low_ci_high']:.2f})")
+
+
+def _plot_km_subgroups(sub_plots, c, colors, split, cfg, out: _Outputs):
+    """One figure per subgroup variable of cohort c: rows the models with a cut-off, columns the levels."""
+    import matplotlib.pyplot as plt
+
+    at_times, unit = cfg["at_risk_times"], cfg["time_unit"]
+    for (var, cohort), per_model in sub_plots.items():
+        if cohort != c:
+            continue
+        km_models = list(per_model)
+        levels = list(dict.fromkeys(lv for m in km_models for lv in per_model[m]))
+        fig, axes = plt.subplots(len(km_models), len(levels), figsize=(3.6 * len(levels), 3.2 * len(km_models)),
+                                 squeeze=False)
+        t_all = [float(max(km["curves"][g]["time"])) for m in km_models for km, _ in per_model[m].values()
+                 if km is not None for g in km["curves"]]
+        t_end = at_times[-1] if at_times else max(t_all, default=1.0)
+        for i, m in enumerate(km_models):
+            for j, level in enumerate(levels):
+                ax = axes[i, j]
+                km, row = per_model[m].get(level, (None, {"note": "no patient"}))
+                _km_panel(ax, km, colors[m], t_end, at_times)
+                ax.text(0.03, 0.05, row.get("note") or _km_text(row), transform=ax.transAxes, fontsize=7)
+                title = level if str(level).startswith(f"{var} ") else f"{var} = {level}"
+                _ax_style(ax, f"Time ({unit})" if i == len(km_models) - 1 else "",
+                          "Event-free survival" if j == 0 else "", f"{m} model, {title}")
+                ax.tick_params(labelsize=7)
+                if km is not None:
+                    ax.legend(fontsize=6, loc="upper right")
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(var))
+        out.figure(fig, f"km_subgroups_{safe}_{c}",
+                   f"Kaplan-Meier curves of high- vs low-risk patients within each level of {var} "
+                   f"({cfg['survival_cutoff']} cut-off learnt on the training cohort), {c} cohort.",
+                   "survival", cohort=c, kind="km_subgroup", split=str(split), variable=str(var))
+
+
+def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs, sub_plots=None):
     import matplotlib.pyplot as plt
 
     at_times, unit = cfg["at_risk_times"], cfg["time_unit"]
@@ -778,23 +950,8 @@ def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
             for j, m in enumerate(km_models):
                 ax, tab = axes[0, j], axes[1, j]
                 km, r = res[m]["km"], res[m]["row"]
-                for grp, ls in (("low", "-"), ("high", "-")):
-                    if grp not in km["curves"]:
-                        continue
-                    cv = km["curves"][grp]
-                    col = colors[m] if grp == "high" else "#4d4d4d"
-                    ax.step(cv["time"], cv["survival"], where="post", color=col, lw=1.6, ls=ls,
-                            label=f"{grp} risk (n={km['n'][grp]})")
-                    ax.fill_between(cv["time"], cv["ci_low"], cv["ci_high"], step="post", color=col, alpha=0.12)
-                p = km["logrank_p"]
-                ptxt = "<0.0001" if p < 1e-4 else f"{p:.4f}"
-                ax.text(0.03, 0.05, f"log-rank P {ptxt}\nHR {r['hr_high_vs_low']:.2f} "
-                        f"({r['hr_high_vs_low_ci_low']:.2f}-{r['hr_high_vs_low_ci_high']:.2f})",
-                        transform=ax.transAxes, fontsize=8)
-                ax.set_ylim(0, 1.02)
-                t_end = at_times[-1] if at_times else float(max(res[m]["t"]))
-                ax.set_xlim(-0.06 * t_end, 1.03 * t_end)
-                ax.set_xticks(at_times)
+                _km_panel(ax, km, colors[m], at_times[-1] if at_times else float(max(res[m]["t"])), at_times)
+                ax.text(0.03, 0.05, _km_text(r), transform=ax.transAxes, fontsize=8)
                 _ax_style(ax, "", "Event-free survival probability" if j == 0 else "", f"{m} model, {c} cohort")
                 ax.legend(fontsize=7, loc="upper right")
                 tab.set_xlim(ax.get_xlim())
@@ -814,6 +971,8 @@ def _plot_survival(plots, models, cohorts, colors, split, cfg, out: _Outputs):
                        f"Kaplan-Meier curves of high- vs low-risk patients ({cfg['survival_cutoff']} cut-off learnt on the "
                        f"training cohort), {c} cohort, with log-rank P, hazard ratio and numbers at risk.",
                        "survival", cohort=c, kind="km", split=str(split))
+        if sub_plots:
+            _plot_km_subgroups(sub_plots, c, colors, split, cfg, out)
 
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for m in models:

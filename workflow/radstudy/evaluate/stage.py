@@ -100,6 +100,13 @@ def _multitask_text(net: dict) -> str:
             f"{weights['survival']:g} x Cox, {mt['warmup_epochs']} warm-up epoch(s) on segmentation alone. ")
 
 
+def km_subgroups(clinical, variables) -> pd.DataFrame | None:
+    """patient + the clinical variables of evaluation.km_subgroups from the study's clinical table; None when none."""
+    if not variables:
+        return None
+    return evaluate.subgroup_table(read_table(clinical), variables, source=f"clinical table {clinical}").reset_index()
+
+
 def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combined_models: dict, features,
         clinical, patients, flow, dsc, baseline, out_html, out_dir, networks_dir=None) -> Path:
     """Metrics, figures and the HTML report from the study's declared files: predictions, cohorts and
@@ -118,7 +125,8 @@ def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combi
         lm.log1p = log1p.get(lm.endpoint, ())
     cfg = study.config["evaluation"]
     evaluate.evaluate(read_table(predictions), out_dir, time_unit=cfg["time_unit"], horizons=cfg["horizons"],
-                      n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models)
+                      n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models,
+                      subgroups=km_subgroups(clinical, cfg["km_subgroups"]))
     html = report.write_report(
         out_dir, out_html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,
         clinical_tsv=clinical, cohorts_tsv=cohorts, dsc_tsv=dsc, extra_tables=list(model_tables),

@@ -573,6 +573,8 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
 
     def figs(select) -> str:
         chosen = [f for f in figures if select(f) and (ev / f["png"]).is_file()]
+        # the Kaplan-Meier curves within clinical subgroups right after the cohort's Kaplan-Meier figure
+        chosen.sort(key=lambda f: {"km": 0, "km_subgroup": 1}.get(f.get("kind"), 2))
         return "".join(_figure_html(ev / f["png"], f["caption"]) for f in chosen)
 
     def manifest_table(name: str) -> str:
@@ -679,6 +681,8 @@ def write_report(evaluation_dir, out_html, *, study_name: str = "radstudy", desi
             perf.append(f"<h3>{'Binary endpoint' if ep == 'binary' else 'Time-to-event endpoint'}</h3>")
             perf.append(manifest_table(f"summary_{ep}"))
             perf.append(manifest_table(f"comparisons_{ep}"))
+            if ep == "survival":
+                perf.append(manifest_table("km_subgroups"))
         perf += [manifest_table("summary_reclassification"), manifest_table("cutoffs")]
         rest = [n for n in tables if n.startswith(("metrics_", "summary_")) and n.endswith(("_splits",))]
         perf += [manifest_table(n) for n in rest]
