@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make demo   install into .venv (if needed) and run the demo study end to end
 #   make test   install with the test dependencies, lint the workflow and run the test suite
+# and the second embedded demo:
+#   make demo-mri   the rectal multiparametric MRI study (config/mri/), in its own working directory demo-mri/
 # For development: make test-fast (the suite without the slow tests: no workflow run, no nnU-Net training)
 # Switches: TORCH=cuda (CUDA build of torch, for a machine with an NVIDIA GPU), CORES=N, PYTHON=python3.11
 
@@ -13,10 +15,19 @@ CONSTRAINTS := requirements/constraints.txt
 PIP := $(VENV)/bin/python -m pip
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install install-test lint clean-results
+.PHONY: demo demo-mri test test-fast install install-test lint clean-results
 
 demo: install
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
+
+# The MRI study is a study folder of its own (config, centers sheet, radiomics parameters; results/ beside them):
+# config/mri/ is copied into demo-mri/ once (a file already there, e.g. edited, is kept) and snakemake runs there.
+MRI_DIR ?= demo-mri
+demo-mri: install
+	mkdir -p $(MRI_DIR)
+	for f in config/mri/*; do [ -e $(MRI_DIR)/$$(basename $$f) ] || cp $$f $(MRI_DIR)/; done
+	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) \
+	  --directory $(MRI_DIR) --configfile $(CURDIR)/$(MRI_DIR)/config.yaml
 
 test: install-test lint
 	$(BIN)/pytest

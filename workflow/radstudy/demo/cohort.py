@@ -412,11 +412,19 @@ class _Grid:
     shape: tuple[int, int, int]  # (z, y, x)
     spacing: tuple[float, float, float]  # (x, y, z)
     origin: tuple[float, float, float]  # (x, y, z)
+    # row-major 3x3 (SimpleITK's order): columns are the directions of the i, j and k axes in LPS; the CT series are
+    # axial (identity), the MRI demo's T2W series oblique
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
     def axis(self, a: str) -> np.ndarray:
         n = {"x": self.shape[2], "y": self.shape[1], "z": self.shape[0]}[a]
         i = "xyz".index(a)
         return (self.origin[i] + np.arange(n) * self.spacing[i]).astype(np.float32)
+
+    def physical(self, i, j, k) -> np.ndarray:
+        """LPS mm of (continuous) voxel indices i (column), j (row), k (slice): arrays of one shape -> (..., 3)."""
+        index = np.stack(np.broadcast_arrays(i, j, k), axis=-1).astype(np.float64) * np.asarray(self.spacing)
+        return np.asarray(self.origin) + index @ np.asarray(self.direction, dtype=np.float64).reshape(3, 3).T
 
 
 def _grid(rng: np.random.Generator, profile: CenterProfile, size: str, downsample: int) -> _Grid:
@@ -819,7 +827,7 @@ class _FileNamer:
             return f"{sop_uid}.dcm"
         if self.scheme == "hex_noext":
             return hashlib.sha1(sop_uid.encode()).hexdigest()[:8].upper()
-        return f"{ {'RTSTRUCT': 'RS', 'SEG': 'SEG'}.get(modality, 'CT')}.{sop_uid}.dcm"
+        return f"{ {'RTSTRUCT': 'RS', 'SEG': 'SEG'}.get(modality, modality)}.{sop_uid}.dcm"
 
 
 def _series_dir(patient_dir: Path, profile: CenterProfile, person: _Person, position: int, number: int,
@@ -908,7 +916,8 @@ class _SeriesSpec:
 
 
 # Order of the series in the patient's folder (the dicom_s layout numbers folders by it).
-_FOLDER_POSITION = {"scout": 1, "native": 2, "portal": 3, "rtstruct": 4, "seg": 4}
+_FOLDER_POSITION = {"scout": 1, "native": 2, "portal": 3, "rtstruct": 4, "seg": 4,
+                    "t2w": 2, "dwi": 3, "adc": 5}  # the MRI demo's series (radstudy.demo.mri)
 
 
 @dataclass(frozen=True)
@@ -1022,8 +1031,6 @@ def _write_scout(d: _Delivery, spec: _SeriesSpec, scouts: list[np.ndarray], grid
 def _slice_contours(mask: np.ndarray, grid: _Grid) -> list[tuple[int, np.ndarray]]:
     """Closed planar contours, (slice index, (n, 3) LPS mm points), traced at level 0.5 between
     voxel centres so that rasterising the polygons gives back the mask."""
-    x0, y0, z0 = grid.origin
-    dx, dy, dz = grid.spacing
     contours = []
     for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
         rows, cols = np.nonzero(mask[k].any(axis=1))[0], np.nonzero(mask[k].any(axis=0))[0]
@@ -1031,10 +1038,7 @@ def _slice_contours(mask: np.ndarray, grid: _Grid) -> list[tuple[int, np.ndarray
         crop = np.pad(mask[k, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1).astype(np.float32)
         for c in measure.find_contours(crop, 0.5):
             c = c[:-1]  # the closing point repeats the first; CLOSED_PLANAR implies it
-            points = np.column_stack(
-                [x0 + (c[:, 1] + cols[0] - 1) * dx, y0 + (c[:, 0] + rows[0] - 1) * dy, np.full(len(c), z0 + k * dz)]
-            )
-            contours.append((int(k), points))
+            contours.append((int(k), grid.physical(c[:, 1] + cols[0] - 1, c[:, 0] + rows[0] - 1, k)))
     return contours
 
 
@@ -1045,8 +1049,10 @@ _RT_ROIS = (  # (name, label key, interpreted type, display colour)
 
 
 def _write_rtstruct(d: _Delivery, label_map: np.ndarray, grid: _Grid, portal_uids: list[str],
-                    portal_number: int) -> None:
-    """RT Structure Set with the manual contours, referencing every portal-venous slice."""
+                    portal_number: int, *, roi_spec=_RT_ROIS, image_class: str = CTImageStorage,
+                    series_kind: str = "portal", structure_set_name: str = "Liver and tumour") -> None:
+    """RT Structure Set with the manual contours, referencing every slice of the contoured series (the portal-venous
+    CT; the MRI demo's T2W series: `roi_spec`, `image_class`, `series_kind`)."""
     sop_uid = d.uid("rtstruct")
     ds = Dataset()
     ds.file_meta = _file_meta(RTStructureSetStorage, sop_uid)
@@ -1064,16 +1070,16 @@ def _write_rtstruct(d: _Delivery, label_map: np.ndarray, grid: _Grid, portal_uid
     ds.ManufacturerModelName = "ARIA RadOnc"
     ds.InstanceNumber = 1
     ds.StructureSetLabel = "MANUAL"
-    ds.StructureSetName = "Liver and tumour"
+    ds.StructureSetName = structure_set_name
 
     def image_ref(uid: str) -> Dataset:
         ref = Dataset()
-        ref.ReferencedSOPClassUID = CTImageStorage
+        ref.ReferencedSOPClassUID = image_class
         ref.ReferencedSOPInstanceUID = uid
         return ref
 
     series_ref = Dataset()
-    series_ref.SeriesInstanceUID = d.uid("series", "portal")
+    series_ref.SeriesInstanceUID = d.uid("series", series_kind)
     series_ref.ContourImageSequence = Sequence([image_ref(u) for u in portal_uids])
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, by convention
@@ -1085,7 +1091,7 @@ def _write_rtstruct(d: _Delivery, label_map: np.ndarray, grid: _Grid, portal_uid
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame_ref])
 
     rois, roi_contours, observations = [], [], []
-    for number, (name, key, interpreted, colour) in enumerate(_RT_ROIS, start=1):
+    for number, (name, key, interpreted, colour) in enumerate(roi_spec, start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = d.frame_uid
@@ -1159,6 +1165,7 @@ def _write_label_map(path: Path, label_map: np.ndarray, grid: _Grid) -> None:
     image = sitk.GetImageFromArray(label_map)
     image.SetSpacing(grid.spacing)
     image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
     sitk.WriteImage(image, str(path), useCompression=True)
 
 

@@ -126,6 +126,7 @@ def run(study: Study, *, predictions, cohorts, coefficients, model_tables, combi
     cfg = study.config["evaluation"]
     evaluate.evaluate(read_table(predictions), out_dir, time_unit=cfg["time_unit"], horizons=cfg["horizons"],
                       n_bootstrap=cfg["n_bootstrap"], seed=study.seed, linear_models=linear_models,
+                      survival_cutoff=cfg["survival_cutoff"],
                       subgroups=km_subgroups(clinical, cfg["km_subgroups"]))
     html = report.write_report(
         out_dir, out_html, study_name=study.config["study"]["name"], design_text=design_text(study), flow_tsv=flow,

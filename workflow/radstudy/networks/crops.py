@@ -283,12 +283,16 @@ def write_center_inputs(items: Iterable[tuple[str, Mapping[str, str | Path], str
         stored[what] = np.stack([np.zeros(shape, np.uint8) if m is None else m.astype(np.uint8) for m in found]) \
             if found else np.zeros((0, *shape), np.uint8)
         stored[f"has_{what}"] = np.array([m is not None for m in found], dtype=bool)
+    # a center none of whose patients has an input (all excluded upstream): empty arrays of the right width
+    image_channels = max(0, len(channels) - int(bool(cfg["mask_channel"])))
+    outside_fov = (np.array(outside, dtype=np.float64).reshape(len(patients), -1) if patients
+                   else np.zeros((0, image_channels), np.float64))
     out_npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_npz, patients=np.array(patients, dtype=str),
                         inputs=np.stack(inputs) if inputs else empty,
                         channels=np.array(channels, dtype=str),
                         spacing_mm=np.array(spacings, dtype=np.float64).reshape(-1, 3),
-                        outside_fov=np.array(outside, dtype=np.float64).reshape(len(patients), -1),
+                        outside_fov=outside_fov,
                         slice=np.array(slices, dtype=np.int64), dims=np.int64(cfg["dims"]),
                         region=np.array(cfg["region"]),
                         origin=np.array(origins, dtype=np.float64).reshape(-1, 3),
