@@ -19,6 +19,20 @@ include: "workflow/rules/statistics.smk"
 include: "workflow/rules/report.smk"
 
 
+# Run by the snakemake process itself, never submitted to a cluster (workflow/profiles/slurm): each only reads and
+# writes tables, no images (a center's clinical table and QC records, the segmentation split, the study's feature
+# tables, the patient flow, the report's baseline), in seconds, between cluster stages on the study's critical
+# path, where a SLURM job would only add its queueing, start-up and status-poll latency.
+localrules:
+    clinical_table,
+    center_qc,
+    segmentation_split,
+    perturbed_table,
+    feature_table,
+    patient_flow,
+    report_baseline,
+
+
 rule all:
     default_target: True
     input:

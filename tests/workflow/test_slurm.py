@@ -5,12 +5,15 @@ cluster (no accounting database); the module skips, with the reason, where that 
 delivery (the same DICOM folders, clinical tables, broken patients and pseudonym key) runs again on SLURM, given
 the nnU-Net model that the shared local run trained (segmentation.model_folder: nnU-Net training is not
 bit-reproducible from run to run, and its SLURM sizing is checked by the profile's dry runs below). Proves: every
-job of the study ran as a SLURM job with the profile's sizes (discovery, ingestion, clinical tables, QC, the
-segmentation split, prediction, radiomics, perturbed-mask radiomics, deep features, statistics, evaluation and
-report; the end-to-end networks stay off there), per-patient jobs grouped into one SLURM job per center sized for serial members, results equal to the
-shared local run (ingestion, segmentation masks, features, models, predictions), and a job failing on SLURM (a
-second run of the same delivery, on the same cluster at the same time) fails the workflow with its log shown. The
-profiles' resolution of every rule (GPU requests included) is checked with dry runs, without a cluster.
+job of the study ran as a SLURM job with the profile's sizes (discovery, ingestion, prediction, segmentation
+quality, radiomics, perturbed-mask radiomics, deep features, statistics, evaluation and report; the end-to-end
+networks stay off there) but the table-assembly rules the Snakefile declares `localrules` (clinical tables, QC, the
+segmentation split, the feature tables, the patient flow, the report's baseline), which ran in the snakemake
+process, and only those; per-patient jobs grouped into one SLURM job per center sized for serial members; results
+equal to the shared local run (ingestion, segmentation masks, features, models, predictions); and a job failing on
+SLURM (a second run of the same delivery, on the same cluster at the same time, whose center C delivered a file
+where its DICOM folder should be) fails the workflow with its log shown. The profiles' resolution of every rule
+(GPU requests included) is checked with dry runs, without a cluster.
 """
 
 from __future__ import annotations
@@ -39,11 +42,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 CENTERS = ("A", "B", "C")
 # every rule of the shared tiny study given its model (demo_cohort ran before, locally: it wrote the hospitals'
 # deliveries; nnU-Net's dataset, planning and training are replaced by the given model, their sizes checked by
-# the dry runs below)
-SLURM_RULES = {"discover", "ingest_patient", "clinical_table", "center_qc", "segmentation_split", "segment_center",
-               "report_baseline",
-               "segmentation_quality", "radiomics_patient", "radiomics_perturbed", "perturbed_table",
-               "deep_features_center", "feature_table", "patient_flow", "statistics", "evaluate_report"}
+# the dry runs below): on SLURM, or, the Snakefile's `localrules` (table assembly), in the snakemake process
+SLURM_RULES = {"discover", "ingest_patient", "segment_center", "segmentation_quality", "radiomics_patient",
+               "radiomics_perturbed", "deep_features_center", "statistics", "evaluate_report"}
+LOCAL_RULES = {"clinical_table", "center_qc", "segmentation_split", "perturbed_table", "feature_table",
+               "patient_flow", "report_baseline"}
 GROUPED = {"ingest_patient": "ingest", "radiomics_patient": "radiomics", "radiomics_perturbed": "perturbed"}
 # Overrides a site with slurmdbd would not need: no accounting database here (sacct would poll forever, and the
 # plugin's account guess calls sacct), quick first status check, logs of successful jobs kept as evidence; and up
@@ -185,25 +188,24 @@ def _delivery(local: Path, to: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def slurm_runs(cluster, tiny_study, tmp_path_factory):
-    """The module's two SLURM runs, started together on the one cluster: the whole study, and a center whose clinical
-    table is broken. The second is one short job, most of its time spent waiting on the plugin's status polls
-    (and, once its job failed, on the poll interval before snakemake exits): run on its own after the study it would
-    add that wait to the module's time.
+    """The module's two SLURM runs, started together on the one cluster: the whole study, and the discovery of a
+    center whose DICOM folder is a file. The second is one short job, most of its time spent waiting on the plugin's
+    status polls (and, once its job failed, on the poll interval before snakemake exits): run on its own after the
+    study it would add that wait to the module's time.
 
     {"study": (workdir, its local counterpart, output), "failing": (workdir, exit code, output)}
     """
     local = tiny_study.workdir
     on_slurm = _delivery(local, tmp_path_factory.mktemp("on_slurm"))
-    # The failing run: the same delivery, center C's discovery as the local run wrote it (so that the clinical table
-    # is the one job to run), and C's clinical table not a table.
+    # The failing run: the same delivery, but center C's dicom_root is a file (say, an archive where the unpacked
+    # folder should be): snakemake sees its input and submits C's discovery, the one job to run, which fails on SLURM.
     failing = _delivery(local, tmp_path_factory.mktemp("failing_on_slurm"))
-    (failing / "results" / "ingest" / "C").mkdir(parents=True)
-    shutil.copy2(local / "results" / "ingest" / "C" / "patients.tsv", failing / "results" / "ingest" / "C")
-    (failing / "demo" / "clinical" / "C.csv").write_text("this is not a clinical table\n1\n")
+    shutil.rmtree(failing / "demo" / "dicom" / "C")
+    (failing / "demo" / "dicom" / "C").write_text("an archive, not the center's patient folders\n")
     failing_log = failing / "snakemake_output.txt"
     with failing_log.open("w") as out:
-        procs = [_start_snakemake_slurm(on_slurm, cluster), _start_snakemake_slurm(failing, cluster,
-                                                                                    "results/clinical/C.tsv", stdout=out)]
+        procs = [_start_snakemake_slurm(on_slurm, cluster),
+                 _start_snakemake_slurm(failing, cluster, "results/ingest/C/patients.tsv", stdout=out)]
     try:
         output = _communicate(procs[0], timeout=1500)
         procs[1].wait(timeout=300)
@@ -226,9 +228,14 @@ def test_every_job_ran_as_a_slurm_job_sized_by_the_profile(cluster, runs):
     jobs = _slurm_jobs(cluster, _run_ids(output))
     assert len(jobs) and set(jobs["state"]) == {"COMPLETED"}, jobs
     assert set(jobs["rule"]) == SLURM_RULES, jobs
-    # the run's own job list: nothing ran outside SLURM but the target rules (no job of their own)
+    # the run's own job list: what ran outside SLURM is the local table assembly, and the target rule (no job)
     local_jobs = set(re.findall(r"^localrule (\w+):$", output, flags=re.M))
-    assert local_jobs <= {"all"}, local_jobs
+    assert local_jobs == LOCAL_RULES | {"all"}, local_jobs
+    local_logs = [f"{kind}/{c}.log" for kind in ("clinical", "qc") for c in CENTERS] + [
+        "segmentation/split.log", "features/perturbed.log", "features/table.log", "patient_flow.log",
+        "report_baseline.log"]
+    for log in local_logs:  # written in the snakemake process, in no SLURM job
+        assert "SLURM job" not in (on_slurm / "results" / "logs" / log).read_text(), log
     profile = _profile()["set-resources"]
     for row in jobs.itertuples():
         sizes = profile[row.rule]
@@ -237,8 +244,10 @@ def test_every_job_ran_as_a_slurm_job_sized_by_the_profile(cluster, runs):
         if not row.group:
             assert _minutes(row.limit) == sizes["runtime"], row
     # the rule's own log names the SLURM job it ran in (radstudy.logs.setup)
-    rule_logs = {"discover": "discover/{c}.log", "clinical_table": "clinical/{c}.log", "center_qc": "qc/{c}.log",
-                 "segment_center": "segmentation/{c}.log", "statistics": "statistics.log"}
+    rule_logs = {"discover": "discover/{c}.log", "segment_center": "segmentation/{c}.log",
+                 "segmentation_quality": "segmentation/quality.log", "statistics": "statistics.log",
+                 "evaluate_report": "report.log"}
+    assert set(rule_logs) <= SLURM_RULES
     for row in jobs[jobs["rule"].isin(rule_logs)].itertuples():
         log = on_slurm / "results" / "logs" / rule_logs[row.rule].format(c=row.center)
         assert f"SLURM job {row.job} on " in log.read_text(), (log, row)
@@ -333,18 +342,18 @@ def test_results_equal_a_local_run(runs):
 def test_a_job_failing_on_slurm_fails_the_workflow_with_its_log_shown(cluster, slurm_runs):
     workdir, code, output = slurm_runs["failing"]
     assert code != 0, output[-3000:]
-    assert "Error in rule clinical_table" in output, output[-3000:]
+    assert "Error in rule discover" in output, output[-3000:]
     failed = _slurm_jobs(cluster, _run_ids(output))
-    assert list(failed["state"]) == ["FAILED"], failed
+    assert list(failed["state"]) == ["FAILED"] and list(failed["rule"]) == ["discover"], failed
     job = failed["job"].iloc[0]
-    log = workdir / ".snakemake" / "slurm_logs" / "rule_clinical_table" / "C" / f"{job}.log"
+    log = workdir / ".snakemake" / "slurm_logs" / "rule_discover" / "C" / f"{job}.log"
     assert str(log) in output
     # the job's traceback, in the rule's log and the SLURM log, both printed (show-failed-logs in the profile)
-    rule_log = (workdir / "results" / "logs" / "clinical" / "C.log").read_text()
+    rule_log = (workdir / "results" / "logs" / "discover" / "C.log").read_text()
     assert f"SLURM job {job} on " in rule_log and "Traceback" in rule_log, rule_log
     error = [line for line in rule_log.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
-    assert error and error[-1] in log.read_text(), rule_log
-    assert "Logfile results/logs/clinical/C.log:" in output and f"Logfile {log}:" in output, output[-3000:]
+    assert error and "is not a folder" in error[-1] and error[-1] in log.read_text(), rule_log
+    assert "Logfile results/logs/discover/C.log:" in output and f"Logfile {log}:" in output, output[-3000:]
     assert output.count(error[-1]) >= 2, output[-3000:]
 
 
@@ -374,14 +383,25 @@ def test_slurm_profile_sizes_every_rule_and_asks_a_gpu_for_nnunet(tmp_path, gpu)
     output = _dry_run(tmp_path, SLURM_PROFILE, gpu)
     assert "Using workflow specific profile" in output
     profile = _profile()["set-resources"]
-    for rule in ("demo_cohort", "discover", "clinical_table", "center_qc", "nnunet_dataset", "nnunet_plan",
-                 "nnunet_train", "segment_center"):
+    for rule in ("demo_cohort", "discover", "nnunet_dataset", "nnunet_plan", "nnunet_train", "segment_center"):
         resources = _job_resources(output, rule)
         for key, value in profile[rule].items():
             assert resources.get(key) == str(value), (rule, key, resources)
     for rule in ("nnunet_train", "segment_center"):
         # the plugin turns gpu=N into sbatch --gpus=N
         assert (_job_resources(output, rule).get("gpu") == "1") == gpu, rule
+
+
+def test_slurm_profile_sizes_every_rule_but_the_local_ones(tmp_path):
+    """Every rule the workflow has (whatever the config) that is not a local rule has its own SLURM sizes."""
+    write_tiny_study(tmp_path)
+    run = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+                          str(tmp_path / "config.yaml"), "--list-rules"], capture_output=True, text=True, cwd=tmp_path,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rules = set(re.findall(r"^(\w+)$", run.stdout, flags=re.MULTILINE))
+    assert LOCAL_RULES < rules and SLURM_RULES < rules, rules
+    assert set(_profile()["set-resources"]) == rules - LOCAL_RULES - {"all"}
 
 
 def test_local_profile_is_picked_up_by_name(tmp_path):
