@@ -10,7 +10,6 @@ variant is tests/test_lint.py.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
@@ -23,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from tiny_study import PATIENTS, REPO, SNAKEMAKE, copy_study, run
+from tiny_study import PATIENTS, REPO, SNAKEMAKE, copy_study, phi_leaks, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -197,28 +196,8 @@ def test_rtstruct_seg_and_label_map_masks_equal_the_drawn_masks(tiny_study):
     assert sources.count("rtstruct") == sources.count("seg") == 3 and sources.count("label_map") >= 3
 
 
-def _all_text(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        return gzip.decompress(data)
-    if path.suffix == ".html":  # embedded figures: random base64 would match short values by chance
-        return re.sub(rb"base64,[A-Za-z0-9+/=]+", b"base64,", data)
-    return data
-
-
 def test_no_identifying_value_reaches_results_or_logs(tiny_study):
-    workdir = tiny_study.workdir
-    phi = pd.read_csv(workdir / "demo" / "ground_truth" / "phi.tsv", sep="\t", dtype=str)
-    phi = phi[~phi["field"].isin(["PatientSex", "PatientAge"])]  # not identifying on their own
-    values = {v for v in phi["value"].dropna() if len(v) >= 4}
-    values |= {p.name for p in (workdir / "demo" / "dicom").glob("*/*")}  # original IDs (folder names)
-    assert values
-    # every text, table, NIfTI (decompressed) and HTML file; PNG/PDF figures are drawn from the pseudonymised tables
-    files = [p for p in (workdir / "results").rglob("*") if p.is_file() and p.suffix not in (".png", ".pdf")]
-    files += [p for p in (workdir / ".snakemake" / "log").glob("*.log")]
-    assert len(files) > 20
-    # each file read (and decompressed) once, then searched for every value
-    leaks = [(f, v) for f in files for text in [_all_text(f)] for v in values if v.encode() in text]
+    leaks = phi_leaks(tiny_study.workdir)
     assert not leaks, leaks[:5]
 
 

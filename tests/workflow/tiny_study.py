@@ -7,6 +7,8 @@ the study works on a copy (`copy_study`).
 
 from __future__ import annotations
 
+import gzip
+import re
 import shutil
 import subprocess
 import sys
@@ -133,3 +135,62 @@ def copy_study(study: Study, to: Path) -> Path:
     shutil.copytree(study.workdir, to, symlinks=True, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("locks", "incomplete"))
     return to
+
+
+# ------------------------------------------------------------------ what every study must keep out of results/ and logs
+
+def _all_text(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    if path.suffix == ".html":  # embedded figures: random base64 would match short values by chance
+        return re.sub(rb"base64,[A-Za-z0-9+/=]+", b"base64,", data)
+    return data
+
+
+def phi_leaks(workdir: Path, demo_dir: str = "demo") -> list[tuple[Path, str]]:
+    """(file, value) for every identifying value the demo wrote (ground_truth/phi.tsv; the original patient IDs, as
+    folder names) found in a file under results/ or in Snakemake's logs: every text, table, NIfTI (decompressed) and
+    HTML file (PNG/PDF figures are drawn from the pseudonymised tables). Each file is read once."""
+    phi = pd.read_csv(workdir / demo_dir / "ground_truth" / "phi.tsv", sep="\t", dtype=str)
+    phi = phi[~phi["field"].isin(["PatientSex", "PatientAge"])]  # not identifying on their own
+    values = {v for v in phi["value"].dropna() if len(v) >= 4}
+    values |= {p.name for p in (workdir / demo_dir / "dicom").glob("*/*")}  # original IDs (folder names)
+    assert values
+    files = [p for p in (workdir / "results").rglob("*") if p.is_file() and p.suffix not in (".png", ".pdf")]
+    files += list((workdir / ".snakemake" / "log").glob("*.log"))
+    assert len(files) > 20
+    return [(f, v) for f in files for text in [_all_text(f)] for v in values if v.encode() in text]
+
+
+# ------------------------------------------------------------------ the tiny MRI study (config/mri/, made small)
+
+MRI_PATIENTS = 10  # per center; MRI_ANNOTATED of them with a mask: one per center is delivered without one
+MRI_ANNOTATED = 9
+
+
+def write_tiny_mri_study(workdir: Path) -> None:
+    """config/mri/ (the MRI demo study) at a test's size: 3 centers x 8 patients on half-resolution matrices, light
+    radiomics (original image, first order + GLCM; shape on T2W), 3 folds, 1-epoch networks, 50 bootstraps."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for item in (REPO / "config" / "mri").iterdir():
+        shutil.copy2(item, workdir / item.name)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["demo"].update(patients=MRI_PATIENTS, annotated_fraction=MRI_ANNOTATED / MRI_PATIENTS, downsample=2,
+                          out_dir="demo")
+    config["design"]["kfold"]["folds"] = 3
+    config["selection"]["lasso"]["cv_folds"] = 3
+    config["networks"].update(epochs=1, early_stopping_patience=None, saliency_patients=1)
+    config["evaluation"]["n_bootstrap"] = 50
+    for channel in ("t2w", "adc"):
+        params = yaml.safe_load((workdir / f"radiomics_{channel}.yaml").read_text())
+        params["imageType"] = {"Original": {}}
+        params["featureClass"] = {"firstorder": None, "glcm": None, **({"shape": None} if channel == "t2w" else {})}
+        (workdir / f"radiomics_{channel}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (workdir / "centers.tsv").write_text(
+        "id\trole\tdicom_root\tclinical\n"
+        "R1\tdevelopment\tdemo/dicom/R1\tdemo/clinical/R1.csv\n"
+        "R2\tdevelopment\tdemo/dicom/R2\tdemo/clinical/R2.csv\n"
+        "R3\texternal\tdemo/dicom/R3\tdemo/clinical/R3.csv\n"
+    )
