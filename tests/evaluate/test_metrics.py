@@ -433,3 +433,22 @@ def test_calibration_of_constant_predictions_has_no_slope_but_an_intercept():
     out = M.calibration_intercept_slope(y, np.full(8, 0.5))
     assert np.isnan(out["calibration_slope"])
     assert out["calibration_intercept"] == pytest.approx(np.log(3 / 5), abs=1e-6)  # logit(3/8) - logit(0.5)
+
+
+def test_no_finite_estimate_is_reported_as_nan_not_as_a_huge_number():
+    """Small folds separate: every event in the high-risk group (monotone likelihood) or a calibration whose IRLS
+    'converges' on a runaway intercept. Both have no finite maximum-likelihood estimate: NaN, not HR 4.7e15."""
+    time = np.array([2.0, 3, 5, 7, 11, 13, 17, 19])
+    event = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    high = np.array([1, 1, 1, 1, 0, 0, 0, 0], float)
+    hr = M.cox_hazard_ratio(time, event, high)
+    assert np.isnan(hr["hr"]) and np.isnan(hr["hr_ci_low"]) and np.isnan(hr["hr_p"])
+    interleaved = np.array([2.0, 3, 5, 7, 4, 13, 17, 19])  # a low-risk event while high-risk patients are at risk
+    with_an_event_in_each = M.cox_hazard_ratio(interleaved, np.array([1, 1, 1, 0, 1, 0, 0, 0]), high)
+    assert 1 < with_an_event_in_each["hr"] < 100 and with_an_event_in_each["hr_ci_low"] > 0
+    # the same data as a continuous score: the Newton steps run away too
+    assert np.isnan(M.cox_hazard_ratio(time, event, high * 3 + 0.5)["hr"])
+    # calibration: separated by the linear predictor -> no intercept / slope instead of -4e14
+    y = np.array([0, 0, 0, 1, 1])
+    cal = M.calibration_intercept_slope(y, lp=np.array([-30.0, -25, -20, 20, 25]))
+    assert np.isnan(cal["calibration_slope"]) and np.isnan(cal["calibration_slope_ci_low"])

@@ -207,6 +207,11 @@ def _clip_prob(p) -> np.ndarray:
     return np.clip(np.asarray(p, dtype=float), 1e-8, 1 - 1e-8)
 
 
+# A fitted coefficient this large (logit or log hazard) is a likelihood that keeps rising, not an estimate: the data are
+# (quasi-)separated, e.g. every event in one risk group of a small fold. No finite maximum-likelihood estimate exists.
+_NO_FINITE_MLE = 30.0
+
+
 def _logistic_glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None):
     """Maximum-likelihood logistic regression (statsmodels GLM, binomial, IRLS with a convergence test);
     None when it does not converge or the data are separated (no finite maximum-likelihood estimate)."""
@@ -221,7 +226,13 @@ def _logistic_glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None
         except (PerfectSeparationWarning, ConvergenceWarning) as exc:
             log.warning("logistic recalibration has no finite maximum-likelihood estimate: %s", exc)
             return None
-    return fit if fit.converged else None
+    if not fit.converged:
+        return None
+    if not np.all(np.abs(fit.params) < _NO_FINITE_MLE):  # quasi-separation that IRLS "converged" on: no finite MLE
+        log.warning("logistic recalibration has no finite maximum-likelihood estimate (coefficients %s)",
+                    np.round(fit.params, 1))
+        return None
+    return fit
 
 
 def is_constant(x, rtol: float = 1e-10) -> bool:
@@ -576,7 +587,13 @@ def cox_hazard_ratio(time, event, covariate, alpha: float = 0.05) -> dict:
     x = np.asarray(covariate, dtype=float)
     if np.nanstd(x) == 0 or event.sum() == 0:
         return {"hr": np.nan, "hr_ci_low": np.nan, "hr_ci_high": np.nan, "hr_p": np.nan}
-    beta, se = cox_univariable(time, event, x)
+    groups = np.unique(x[np.isfinite(x)])
+    one_sided = len(groups) == 2 and any(not event[x == g].any() for g in groups)  # every event in one group
+    beta, se = (np.nan, np.nan) if one_sided else cox_univariable(time, event, x)
+    if not (np.isfinite(beta) and abs(beta) < _NO_FINITE_MLE):  # monotone likelihood: no finite estimate
+        log.warning("Cox hazard ratio has no finite maximum-likelihood estimate (%s): reported as NaN",
+                    "every event in one group" if one_sided else f"beta {beta:.3g}")
+        return {"hr": np.nan, "hr_ci_low": np.nan, "hr_ci_high": np.nan, "hr_p": np.nan}
     z = stats.norm.ppf(1 - alpha / 2)
     return {"hr": float(np.exp(beta)), "hr_ci_low": float(np.exp(beta - z * se)),
             "hr_ci_high": float(np.exp(beta + z * se)), "hr_p": float(2 * stats.norm.sf(abs(beta / se)))}
