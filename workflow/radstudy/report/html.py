@@ -399,7 +399,8 @@ def delivery_html(patients_tsv, ev: Path) -> str:
     content = ('<h3>Delivered masks and files</h3><p class="caption">Manual masks by source; files in the patients\' '
                'folders that nothing used (other series, other structure sets, documents) are listed per patient in '
                'results/ingest/{center}/{patient}/qc.json (unused_files). CSV: delivery.csv</p>' + html_table(delivery))
-    notes = patients.loc[patients["mask_notes"] != "", ["patient", "center", "mask_source", "mask_notes"]]
+    # the study's tables write a missing value as NA (radstudy.tables): a patient without a note is not listed
+    notes = patients.loc[~patients["mask_notes"].isin(["", "NA"]), ["patient", "center", "mask_source", "mask_notes"]]
     if len(notes):
         notes.to_csv(ev / "mask_notes.csv", index=False)
         content += ('<p class="caption">Masks combined from several regions, chosen among them '
