@@ -387,3 +387,20 @@ def test_trainer_early_stopping_on_ema(monkeypatch):
         stops.append(trainer._should_stop_early())
     # 0.605 and 0.61 do not beat 0.6 by more than 0.01: the second of them reaches the patience
     assert stops == [False, False, False, True, False, False, True]
+
+
+def test_the_study_gives_nnunet_a_zscore_scheme_for_every_channel_that_is_not_ct():
+    """An MR study segmented by nnU-Net: each MR channel normalised per image (zscore), a CT channel as CT; the
+    config's MRI demo (T2W + ADC) is the example."""
+    import yaml
+
+    from radstudy.config import validate_config
+    from radstudy.segment.stage import nnunet_normalization
+
+    repo = Path(__file__).resolve().parents[2]
+    mri = validate_config(yaml.safe_load((repo / "config" / "mri" / "config.yaml").read_text()))
+    assert nnunet_normalization(mri) == {"T2W": "zscore", "ADC": "zscore"}
+    ct = validate_config(yaml.safe_load((repo / "config" / "config.yaml").read_text()))
+    assert nnunet_normalization(ct) == {"CT": "CT"}
+    ct["ingest"]["channels"]["PET"] = {"modality": "PT"}
+    assert nnunet_normalization(ct) == {"CT": "CT", "PET": "zscore"}

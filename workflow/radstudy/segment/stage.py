@@ -104,6 +104,15 @@ def _included(qc_tables: list[str | Path]) -> pd.DataFrame:
     return table[table["status"] == "included"]
 
 
+def nnunet_normalization(config: dict) -> dict[str, str]:
+    """nnU-Net's normalisation scheme per image channel (dataset.json channel_names): "CT" (clipping to the
+    foreground's 0.5-99.5 percentiles, then the foreground's mean and SD over the dataset) for a CT channel,
+    "zscore" (each image by its own mean and SD) for any other modality: MR values have no unit and their scale differs
+    by scanner and protocol, so a dataset-wide scheme would mix scales."""
+    return {str(name): "CT" if str(ch.get("modality", "CT")).upper() == "CT" else "zscore"
+            for name, ch in config["ingest"]["channels"].items()}
+
+
 def build_dataset(study: Study, qc_tables: list[str | Path], ingest_dirs: list[str | Path], raw_dir: str | Path,
                   out_split: str | Path, centers: list[str] | None = None) -> dict:
     """nnU-Net raw dataset from the annotated, included patients of the training `centers` (default: the eligible
@@ -120,6 +129,7 @@ def build_dataset(study: Study, qc_tables: list[str | Path], ingest_dirs: list[s
         _cases(study, annotated, patient_folders(ingest_dirs), with_mask=True), Path(raw_dir), dataset_id=cfg["dataset_id"],
         name=cfg["dataset_name"], channels=list(study.config["ingest"]["channels"]),
         labels=study.config["ingest"]["labels"], holdout_fraction=cfg["holdout_fraction"], seed=study.seed,
+        normalization=nnunet_normalization(study.config),
     )
     (Path(split["dataset_dir"]) / TRAIN_CENTERS_FILE).write_text("".join(f"{c}\n" for c in centers))
     rows = [{"patient": p, "set": s} for s in ("train", "holdout") for p in split[s]]
