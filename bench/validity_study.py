@@ -109,6 +109,7 @@ def external_row(predictions: pd.DataFrame, cohorts: pd.DataFrame, external: lis
         row.update({"n_test": len(y), "positives": int(y.sum()), "auc_oracle": auc(y, oracle)})
         for m in MODELS:
             row[f"auc_{m}"] = auc(y, binary[m].to_numpy(float))
+        row["radiomic_constant_binary"] = binary["radiomic"].nunique() <= 1  # the LASSO kept no feature
         ci = auc_delong(y, binary["combined"].to_numpy(float))
         row.update({"auc_combined_ci_low": ci["ci_low"], "auc_combined_ci_high": ci["ci_high"],
                     "auc_combined_ci_excludes_half": not ci["ci_low"] <= 0.5 <= ci["ci_high"],
@@ -122,6 +123,7 @@ def external_row(predictions: pd.DataFrame, cohorts: pd.DataFrame, external: lis
         row.update({"events": int(e.sum()), "c_oracle": harrell_c(t, e, risk.loc[scores.index].to_numpy(float))})
         for m in MODELS:
             row[f"c_{m}"] = harrell_c(t, e, scores[m].to_numpy(float))
+        row["radiomic_constant_survival"] = scores["radiomic"].nunique() <= 1
     if "auc_oracle" in row:
         row["gap_auc"] = row["auc_oracle"] - row["auc_combined"]
     if "c_oracle" in row:
@@ -159,6 +161,10 @@ def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
             add(method, "rate delong P < 0.05 (combined vs clinical)",
                 float((g["delong_p_combined_vs_clinical"] < 0.05).mean()))
             add(method, "rate combined AUC DeLong CI excludes 0.5", float(g["auc_combined_ci_excludes_half"].mean()))
+        for endpoint in ("binary", "survival"):
+            if f"radiomic_constant_{endpoint}" in g:
+                add(method, f"share radiomic score constant ({endpoint}: no feature kept)",
+                    float(g[f"radiomic_constant_{endpoint}"].mean()))
     wide = table.pivot(index="draw", columns="harmonization")
     for metric in ("auc", "c"):
         column = f"{metric}_radiomic"
