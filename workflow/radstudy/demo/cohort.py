@@ -389,16 +389,20 @@ class _Outcome:
     mfs_event: int
 
 
+def _draw_outcome(rng: np.random.Generator, risk: float, *, intercept: float, weibull_scale: float,
+                  weibull_shape: float, follow_up: float) -> tuple[int, float, int]:
+    """One patient's outcomes from the latent risk (both demos): the binary endpoint from a logistic model, the event
+    time from Weibull proportional hazards (hazard ∝ exp(risk)), censored at `follow_up` months or by a uniform
+    12-150 month dropout. Returns (binary, time in months rounded to 0.1, event)."""
+    binary = int(rng.random() < 1 / (1 + math.exp(-(risk + intercept))))
+    event_time = weibull_scale * (rng.exponential() * math.exp(-risk)) ** (1 / weibull_shape)
+    censor_time = min(follow_up, rng.uniform(12, 150))
+    return binary, max(0.1, round(min(event_time, censor_time), 1)), int(event_time <= censor_time)
+
+
 def _outcome(rng: np.random.Generator, risk: float) -> _Outcome:
-    synchronous = int(rng.random() < 1 / (1 + math.exp(-(risk + _SYNCHRONOUS_INTERCEPT))))
-    # Weibull proportional hazards: hazard ∝ exp(risk).
-    event_time = _WEIBULL_SCALE_MONTHS * (rng.exponential() * math.exp(-risk)) ** (1 / _WEIBULL_SHAPE)
-    censor_time = min(_FOLLOW_UP_MONTHS, rng.uniform(12, 150))
-    return _Outcome(
-        synchronous_lm=synchronous,
-        mfs_months=max(0.1, round(min(event_time, censor_time), 1)),
-        mfs_event=int(event_time <= censor_time),
-    )
+    return _Outcome(*_draw_outcome(rng, risk, intercept=_SYNCHRONOUS_INTERCEPT, weibull_scale=_WEIBULL_SCALE_MONTHS,
+                                   weibull_shape=_WEIBULL_SHAPE, follow_up=_FOLLOW_UP_MONTHS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1269,11 +1273,14 @@ def _finite_or_none(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def _oracle_metrics(truth_rows: list[dict]) -> dict:
+def _oracle_metrics(truth_rows: list[dict], binary: str = "synchronous_lm", time: str = "mfs_months",
+                    event: str = "mfs_event") -> dict:
+    """AUC and Harrell's C of the latent risk against the outcomes (columns `binary`, `time`, `event` of the truth
+    rows), overall and per center: the best any model can do on the cohort."""
     risk = np.array([float(r["latent_risk"]) for r in truth_rows])
-    label = np.array([int(r["synchronous_lm"]) for r in truth_rows])
-    time = np.array([float(r["mfs_months"]) for r in truth_rows])
-    event = np.array([int(r["mfs_event"]) for r in truth_rows])
+    label = np.array([int(r[binary]) for r in truth_rows])
+    time = np.array([float(r[time]) for r in truth_rows])
+    event = np.array([int(r[event]) for r in truth_rows])
     centers = np.array([r["center"] for r in truth_rows])
 
     def metrics(sel: np.ndarray) -> dict:
@@ -1286,7 +1293,7 @@ def _oracle_metrics(truth_rows: list[dict]) -> dict:
         }
 
     return {
-        "note": "latent risk vs synchronous_lm (AUC) and vs mfs_months/mfs_event (Harrell's C): "
+        "note": f"latent risk vs {binary} (AUC) and vs {time}/{event} (Harrell's C): "
         "the best any model can do on this cohort",
         "overall": metrics(np.ones(len(truth_rows), bool)),
         "centers": {c: metrics(centers == c) for c in dict.fromkeys(centers.tolist())},

@@ -28,7 +28,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
 
-from radstudy.concordance import auc, harrell_c
 from radstudy.demo import cohort as ct
 from radstudy.demo.cohort import _ds, _rng
 from radstudy.errors import ConfigError
@@ -235,10 +234,8 @@ class _Outcome:
 
 
 def _outcome(rng: np.random.Generator, risk: float) -> _Outcome:
-    synchronous = int(rng.random() < 1 / (1 + math.exp(-(risk + _SYNCHRONOUS_INTERCEPT))))
-    event_time = _WEIBULL_SCALE_MONTHS * (rng.exponential() * math.exp(-risk)) ** (1 / _WEIBULL_SHAPE)
-    censor_time = min(_FOLLOW_UP_MONTHS, rng.uniform(12, 150))
-    return _Outcome(synchronous, max(0.1, round(min(event_time, censor_time), 1)), int(event_time <= censor_time))
+    return _Outcome(*ct._draw_outcome(rng, risk, intercept=_SYNCHRONOUS_INTERCEPT, weibull_scale=_WEIBULL_SCALE_MONTHS,
+                                      weibull_shape=_WEIBULL_SHAPE, follow_up=_FOLLOW_UP_MONTHS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,24 +640,6 @@ _TRUTH_COLUMNS = ("center", "role", "patient_id", "latent_risk", "adc_heterogene
                   "synchronous_lm", "dmfs_months", "dmfs_event", "annotated", "mask_format")
 
 
-def _oracle(rows: list[dict]) -> dict:
-    risk = np.array([float(r["latent_risk"]) for r in rows])
-    label = np.array([int(r["synchronous_lm"]) for r in rows])
-    time = np.array([float(r["dmfs_months"]) for r in rows])
-    event = np.array([int(r["dmfs_event"]) for r in rows])
-    centers = np.array([r["center"] for r in rows])
-
-    def metrics(sel):
-        return {"n": int(sel.sum()), "auc": ct._finite_or_none(auc(label[sel], risk[sel])),
-                "c_index": ct._finite_or_none(harrell_c(time[sel], event[sel], risk[sel])),
-                "prevalence": round(float(label[sel].mean()), 4), "event_rate": round(float(event[sel].mean()), 4)}
-
-    return {"note": "latent risk vs synchronous_lm (AUC) and vs dmfs_months/dmfs_event (Harrell's C): the best any "
-                    "model can do on this cohort",
-            "overall": metrics(np.ones(len(rows), bool)),
-            "centers": {c: metrics(centers == c) for c in dict.fromkeys(centers.tolist())}}
-
-
 def generate_mri_cohort(centers: list[dict], out_dir: str | Path, *, seed: int, patients=(30, 40),
                         size: str = "small", annotated_fraction: float = 1.0, labels: dict[str, int] | None = None,
                         workers: int = 1, _downsample: int = 1) -> dict:
@@ -702,7 +681,7 @@ def generate_mri_cohort(centers: list[dict], out_dir: str | Path, *, seed: int, 
     for profile in profiles:
         ct._write_table(profile.clinical, _CLINICAL_COLUMNS,
                         [r["clinical"] for r in records if r["center"] == profile.id], ",")
-    oracle = _oracle([r["truth"] for r in records])
+    oracle = ct._oracle_metrics([r["truth"] for r in records], time="dmfs_months", event="dmfs_event")
     gt.mkdir(parents=True, exist_ok=True)
     (gt / "README.txt").write_text(
         "Ground truth of the synthetic rectal MRI demo cohort (radstudy.demo.mri). The pipeline must never read this "
