@@ -207,9 +207,11 @@ def _clip_prob(p) -> np.ndarray:
     return np.clip(np.asarray(p, dtype=float), 1e-8, 1 - 1e-8)
 
 
-# A fitted coefficient this large (logit or log hazard) is a likelihood that keeps rising, not an estimate: the data are
-# (quasi-)separated, e.g. every event in one risk group of a small fold. No finite maximum-likelihood estimate exists.
-_NO_FINITE_MLE = 30.0
+# A coefficient whose effect over its covariate's range is this large (log-odds or log-hazard units) is a likelihood that
+# keeps rising, not an estimate: the data are (quasi-)separated, e.g. every event in one risk group of a small fold, and
+# no finite maximum-likelihood estimate exists. Cox: beta x SD of the covariate (a 1-SD change multiplying the hazard by
+# e^30); logistic: coefficient x the largest |value| of its column (the intercept's column is 1), e^1e4 on the odds.
+_NO_FINITE_MLE = {"cox": 30.0, "logistic": 1e4}
 
 
 def _logistic_glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None):
@@ -228,7 +230,8 @@ def _logistic_glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None
             return None
     if not fit.converged:
         return None
-    if not np.all(np.abs(fit.params) < _NO_FINITE_MLE):  # quasi-separation that IRLS "converged" on: no finite MLE
+    effect = np.abs(np.asarray(fit.params)) * np.maximum(np.abs(x).max(axis=0), 1.0)
+    if not np.all(effect < _NO_FINITE_MLE["logistic"]):  # quasi-separation that IRLS "converged" on: no finite MLE
         log.warning("logistic recalibration has no finite maximum-likelihood estimate (coefficients %s)",
                     np.round(fit.params, 1))
         return None
@@ -590,7 +593,7 @@ def cox_hazard_ratio(time, event, covariate, alpha: float = 0.05) -> dict:
     groups = np.unique(x[np.isfinite(x)])
     one_sided = len(groups) == 2 and any(not event[x == g].any() for g in groups)  # every event in one group
     beta, se = (np.nan, np.nan) if one_sided else cox_univariable(time, event, x)
-    if not (np.isfinite(beta) and abs(beta) < _NO_FINITE_MLE):  # monotone likelihood: no finite estimate
+    if not (np.isfinite(beta) and abs(beta) * np.nanstd(x) < _NO_FINITE_MLE["cox"]):  # monotone likelihood
         log.warning("Cox hazard ratio has no finite maximum-likelihood estimate (%s): reported as NaN",
                     "every event in one group" if one_sided else f"beta {beta:.3g}")
         return {"hr": np.nan, "hr_ci_low": np.nan, "hr_ci_high": np.nan, "hr_p": np.nan}
