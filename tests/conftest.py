@@ -26,3 +26,21 @@ def tiny_nnunet(tmp_path_factory) -> dict:
     from tiny_nnunet import train_tiny_nnunet
 
     return train_tiny_nnunet(tmp_path_factory.mktemp("tiny_nnunet"))
+
+
+def pytest_collection_finish(session):
+    """Start the end-to-end studies that the selected tests need, in background processes (tests/background_studies.py):
+    they run while the unit tests run."""
+    if session.config.option.collectonly:
+        return
+    import background_studies
+
+    for kind, fixture in background_studies.FIXTURES.items():
+        if any(fixture in getattr(item, "fixturenames", ()) for item in session.items):
+            background_studies.start(kind, session.config._tmp_path_factory)
+
+
+def pytest_sessionfinish(session):
+    import background_studies
+
+    background_studies.stop_all()

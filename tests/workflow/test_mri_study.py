@@ -4,7 +4,8 @@ RTSTRUCT), ingested into a T2W + ADC study with manual masks (no nnU-Net), radio
 k-fold design with an external center, CNN and CNN + clinical networks, and the report of seed 003 (Youden cut-off,
 time-dependent AUC at 12/24/36 months, Kaplan-Meier by subgroup, NRI/IDI, decision and clinical impact curves).
 
-Run once per module (~1-2 minutes): the one end-to-end run of an MRI study in the suite.
+Run once per pytest run (~1.5 minutes, in the background: tests/background_studies.py): the suite's one end-to-end
+run of an MRI study.
 """
 
 from __future__ import annotations
@@ -17,19 +18,15 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from tiny_study import MRI_ANNOTATED, MRI_PATIENTS, phi_leaks, run, write_tiny_mri_study
+from tiny_study import MRI_ANNOTATED, MRI_PATIENTS, phi_leaks
 
 pytestmark = [pytest.mark.slow]
 CENTERS = ("R1", "R2", "R3")
 
 
 @pytest.fixture(scope="module")
-def mri_study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny_mri_study")
-    write_tiny_mri_study(workdir)
-    result = run(workdir)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return workdir, result.stdout + result.stderr
+def mri_study(tiny_mri_study):
+    return tiny_mri_study
 
 
 def _records(workdir):
