@@ -16,15 +16,16 @@ SCRIPT = Path(__file__).resolve().parent / "workflow" / "tiny_study.py"
 # study kind -> the session fixture that reads it
 FIXTURES = {"ct": "tiny_study", "mri": "tiny_mri_study"}
 _RUNNING: dict[str, tuple[subprocess.Popen, Path]] = {}
+_LOGS: dict[str, object] = {}  # each run's log file, closed once it has finished
 
 
 def start(kind: str, tmp_path_factory) -> None:
     if kind in _RUNNING:
         return
     workdir = tmp_path_factory.mktemp(f"tiny_{kind}_study")
-    log = open(workdir.parent / f"tiny_{kind}_study.log", "w")  # noqa: SIM115 (the process writes it)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), kind, str(workdir)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=workdir)
+    _LOGS[kind] = open(workdir.parent / f"tiny_{kind}_study.log", "w")  # noqa: SIM115 (the process writes it)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), kind, str(workdir)], stdout=_LOGS[kind],
+                            stderr=subprocess.STDOUT, cwd=workdir)
     _RUNNING[kind] = (proc, workdir)
 
 
@@ -32,7 +33,9 @@ def wait_for(kind: str, tmp_path_factory) -> tuple[Path, int]:
     """(the study's workdir, its exit code) once the run has finished."""
     start(kind, tmp_path_factory)
     proc, workdir = _RUNNING[kind]
-    return workdir, proc.wait()
+    code = proc.wait()
+    _LOGS[kind].close()
+    return workdir, code
 
 
 def stop_all() -> None:
@@ -43,3 +46,5 @@ def stop_all() -> None:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    for log in _LOGS.values():
+        log.close()

@@ -32,6 +32,13 @@ def run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
 
 
+def _write_centers(workdir: Path, ids: tuple[str, str, str]) -> None:
+    """The centers sheet of a tiny study: two development centers and an external one, delivered under demo/."""
+    roles = ("development", "development", "external")
+    (workdir / "centers.tsv").write_text("id\trole\tdicom_root\tclinical\n" + "".join(
+        f"{c}\t{r}\tdemo/dicom/{c}\tdemo/clinical/{c}.csv\n" for c, r in zip(ids, roles)))
+
+
 def write_tiny_study(workdir: Path) -> None:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["centers"] = "centers.tsv"
@@ -59,12 +66,7 @@ def write_tiny_study(workdir: Path) -> None:
     (workdir / "radiomics.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     config["features"]["radiomics"]["params"] = "radiomics.yaml"
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (workdir / "centers.tsv").write_text(
-        "id\trole\tdicom_root\tclinical\n"
-        "A\tdevelopment\tdemo/dicom/A\tdemo/clinical/A.csv\n"
-        "B\tdevelopment\tdemo/dicom/B\tdemo/clinical/B.csv\n"
-        "C\texternal\tdemo/dicom/C\tdemo/clinical/C.csv\n"
-    )
+    _write_centers(workdir, ('A', 'B', 'C'))
 
 
 def _portal_files(folder: Path) -> list[Path]:
@@ -191,12 +193,7 @@ def write_tiny_mri_study(workdir: Path) -> None:
         params["featureClass"] = {"firstorder": None, "glcm": None, **({"shape": None} if channel == "t2w" else {})}
         (workdir / f"radiomics_{channel}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (workdir / "centers.tsv").write_text(
-        "id\trole\tdicom_root\tclinical\n"
-        "R1\tdevelopment\tdemo/dicom/R1\tdemo/clinical/R1.csv\n"
-        "R2\tdevelopment\tdemo/dicom/R2\tdemo/clinical/R2.csv\n"
-        "R3\texternal\tdemo/dicom/R3\tdemo/clinical/R3.csv\n"
-    )
+    _write_centers(workdir, ('R1', 'R2', 'R3'))
 
 
 # ------------------------------------------------------------------ a study run in a process of its own

@@ -1312,17 +1312,22 @@ def _profile_record(profile: CenterProfile) -> dict:
     return record
 
 
-def _write_ground_truth(gt: Path, profiles: list[CenterProfile], records: list[dict], oracle: dict,
-                        settings: dict) -> None:
-    (gt / "README.txt").write_text(
-        "Ground truth of the synthetic demo cohort (radstudy.demo.cohort). The pipeline must never read "
-        "this folder: it is for checking results only.\n"
-        "patients.tsv: latent risk, image parameters and outcomes per patient; phi.tsv: every "
-        "identifying value written; masks/: true label maps on the portal-venous grid; "
-        "oracle.json: AUC and C-index of the latent risk; centers.json: scanner and delivery "
-        "conventions per center.\n"
-    )
-    _write_table(gt / "patients.tsv", _TRUTH_COLUMNS, [r["truth"] for r in records], "\t")
+_README = (
+    "Ground truth of the synthetic demo cohort (radstudy.demo.cohort). The pipeline must never read "
+    "this folder: it is for checking results only.\n"
+    "patients.tsv: latent risk, image parameters and outcomes per patient; phi.tsv: every "
+    "identifying value written; masks/: true label maps on the portal-venous grid; "
+    "oracle.json: AUC and C-index of the latent risk; centers.json: scanner and delivery "
+    "conventions per center.\n"
+)
+
+
+def _write_ground_truth(gt: Path, profiles: list, records: list[dict], oracle: dict, settings: dict, *,
+                        readme: str = _README, columns=_TRUTH_COLUMNS) -> None:
+    """The ground-truth folder of a demo cohort (both demos: the MRI one gives its README and truth columns)."""
+    gt.mkdir(parents=True, exist_ok=True)
+    (gt / "README.txt").write_text(readme)
+    _write_table(gt / "patients.tsv", columns, [r["truth"] for r in records], "\t")
     phi = [row for r in records for row in r["phi"]]
     _write_table(gt / "phi.tsv", ("center", "patient_id", "field", "value"), phi, "\t")
     (gt / "oracle.json").write_text(json.dumps(oracle, indent=2) + "\n")
@@ -1375,6 +1380,16 @@ def _check_arguments(centers, seed, patients, size, annotated_fraction, rtstruct
     return labels
 
 
+def _generate_all(generate, jobs: list, workers: int) -> list[dict]:
+    """generate(job) for every job, in a process pool of `workers` (both demos); the records in job order."""
+    if workers > 1 and len(jobs) > 1:
+        # fork, not spawn: spawn re-runs the caller's main script in every worker, and scripts such
+        # as Snakemake's have no __main__ guard. Workers use SimpleITK after the fork; that works.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+            return list(pool.map(generate, jobs))
+    return [generate(job) for job in jobs]
+
+
 def _require_empty(folder: Path) -> None:
     # Stale patients from another seed would silently join the cohort.
     if folder.exists() and any(folder.iterdir()):
@@ -1411,13 +1426,7 @@ def generate_cohort(
         size=size, annotated_fraction=annotated_fraction, rtstruct_per_center=rtstruct_per_center,
         seg_per_center=seg_per_center, labels=labels, downsample=_downsample,
     )
-    if workers > 1 and len(jobs) > 1:
-        # fork, not spawn: spawn re-runs the caller's main script in every worker, and scripts such
-        # as Snakemake's have no __main__ guard. Workers use SimpleITK after the fork; that works.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-            records = list(pool.map(_generate_patient, jobs))
-    else:
-        records = [_generate_patient(job) for job in jobs]
+    records = _generate_all(_generate_patient, jobs, workers)
 
     profiles = list({job.profile.id: job.profile for job in jobs}.values())
     for profile in profiles:

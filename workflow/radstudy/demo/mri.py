@@ -16,12 +16,8 @@ band-limited random fields (sums of plane waves) evaluated at the sample points,
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +400,8 @@ def _sample(p: _Pelvis, grid: ct._Grid, sub: int = 3):
     centres (what a reader outlines); all (z, y, x)."""
     nz, ny, nx = grid.shape
     k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    if sub % 2 == 0:
+        raise ValueError("an odd number of samples across the slice: the middle one is the voxel centre")
     sums = [np.zeros(grid.shape, np.float32) for _ in range(3)]
     mask = None
     for offset in np.linspace(-1 / 3, 1 / 3, sub):
@@ -412,8 +410,6 @@ def _sample(p: _Pelvis, grid: ct._Grid, sub: int = 3):
             acc += value
         if abs(offset) < 1e-9:
             mask = np.isin(tissue, (TUMOUR, NECROSIS))
-    if mask is None:
-        mask = np.isin(_tissue(p, grid.physical(i, j, k).astype(np.float32))[0], (TUMOUR, NECROSIS))
     return [s / sub for s in sums], mask
 
 
@@ -636,6 +632,11 @@ def _generate_patient(job: _MRJob) -> dict:
     }
 
 
+_README = (
+    "Ground truth of the synthetic rectal MRI demo cohort (radstudy.demo.mri). The pipeline must never read this "
+    "folder.\npatients.tsv: latent risk, tumour phenotypes (adc_heterogeneity, t2_texture) and outcomes; phi.tsv: "
+    "every identifying value written; masks/: true tumour masks on the T2W grid; oracle.json: AUC and C-index of "
+    "the latent risk; centers.json: scanner and delivery conventions per center.\n")
 _TRUTH_COLUMNS = ("center", "role", "patient_id", "latent_risk", "adc_heterogeneity", "t2_texture", "tumour_voxels",
                   "synchronous_lm", "dmfs_months", "dmfs_event", "annotated", "mask_format")
 
@@ -673,33 +674,14 @@ def generate_mri_cohort(centers: list[dict], out_dir: str | Path, *, seed: int, 
             jobs.append(_MRJob(seed, size, _downsample, profile, i, f"{profile.id_prefix}{numbers[offset + i]}",
                                profile.mask_format if i in annotated else "none", labels, gt))
         offset += n
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-            records = list(pool.map(_generate_patient, jobs))
-    else:
-        records = [_generate_patient(job) for job in jobs]
+    records = ct._generate_all(_generate_patient, jobs, workers)
     for profile in profiles:
         ct._write_table(profile.clinical, _CLINICAL_COLUMNS,
                         [r["clinical"] for r in records if r["center"] == profile.id], ",")
     oracle = ct._oracle_metrics([r["truth"] for r in records], time="dmfs_months", event="dmfs_event")
-    gt.mkdir(parents=True, exist_ok=True)
-    (gt / "README.txt").write_text(
-        "Ground truth of the synthetic rectal MRI demo cohort (radstudy.demo.mri). The pipeline must never read this "
-        "folder.\npatients.tsv: latent risk, tumour phenotypes (adc_heterogeneity, t2_texture) and outcomes; phi.tsv: "
-        "every identifying value written; masks/: true tumour masks on the T2W grid; oracle.json: AUC and C-index of "
-        "the latent risk; centers.json: scanner and delivery conventions per center.\n")
-    ct._write_table(gt / "patients.tsv", _TRUTH_COLUMNS, [r["truth"] for r in records], "\t")
-    ct._write_table(gt / "phi.tsv", ("center", "patient_id", "field", "value"),
-                    [row for r in records for row in r["phi"]], "\t")
-    (gt / "oracle.json").write_text(json.dumps(oracle, indent=2) + "\n")
     settings = {"kind": "mri", "seed": seed, "size": size, "annotated_fraction": annotated_fraction,
                 "labels": labels, "downsample": _downsample, "risk_weights": _RISK_WEIGHTS}
-    centers_json = []
-    for p in profiles:
-        record = dataclasses.asdict(p)
-        record["dicom_root"], record["clinical"] = str(p.dicom_root), str(p.clinical)
-        centers_json.append(record)
-    (gt / "centers.json").write_text(json.dumps({"settings": settings, "centers": centers_json}, indent=2) + "\n")
+    ct._write_ground_truth(gt, profiles, records, oracle, settings, readme=_README, columns=_TRUTH_COLUMNS)
     return {
         "seed": seed, "size": size, "kind": "mri",
         "patients": {p.id: counts[i] for i, p in enumerate(profiles)},
