@@ -1,15 +1,16 @@
 """The demo as a simulation study (issue 18): one generated cohort's features, the outcomes drawn K times from the
 generator's latent risk, the statistics stage run for each draw.
 
-    python bench/validity_study.py STUDY_DIR --draws K --seed S [--null]
+    python bench/validity_study.py STUDY_DIR --draws K --seed S [--null] [--methods combat,none]
 
 STUDY_DIR is a finished demo study (`make demo`, `make demo-mri`). No image work per draw: the study's
 features.parquet, patient table and clinical table are read once; in each draw k the outcome columns of the clinical
 table (clinical.endpoints) are replaced by the generator's own draw (radstudy.demo.cohort._outcome, or
 radstudy.demo.mri._outcome with demo.kind mri) from every patient's latent risk (ground_truth/patients.tsv, joined via
 the pseudonymisation key), with numpy.random.default_rng([S, k]). The statistics stage
-(radstudy.statistics.models.run_statistics) then runs with harmonization.method combat and none on the same draw,
-networks left out (networks.enabled false, cnn dropped from models.combined_scores), into a temporary folder.
+(radstudy.statistics.models.run_statistics) then runs with harmonization.method combat and none (--methods) on the
+same draw, networks left out (networks.enabled false, cnn dropped from models.combined_scores), into a temporary
+folder.
 
 Per draw and harmonization, on the external (test) cohort of the primary split: AUC and Harrell's C of the clinical,
 radiomic and combined models; the oracle's (the latent risk as the score) on the same patients and draw; the gap
@@ -17,9 +18,21 @@ oracle - combined; the combined model's DeLong 95% CI of the AUC and the DeLong 
 --null draws every outcome with the risk 0 (independent of features and clinical variables): the external AUCs should
 sit near 0.5 and P < 0.05 should come in ~5% of draws.
 
+Coverage of the reported 95% CIs: the population is the external centers' patients (the pool, all scored by the
+draw's fitted combined model as the primary split's test cohort), each patient equally likely, with the generator's
+outcome model at the patient's latent risk (0 with --null). The fitted model's true performance on it: the AUC
+exactly (population_auc, event probabilities logistic(risk + the generator's _SYNCHRONOUS_INTERCEPT)) and Harrell's
+C by Monte Carlo (population_c, 20,000 patients with fresh outcomes). Per draw one test sample as large as the pool
+is drawn from it with replacement, every row with a fresh outcome (numpy.random.default_rng([S, k, 1]), the same
+patients and outcomes for both harmonizations, whatever K), and the evaluate stage's CIs are computed on it: the
+DeLong CI and the outcome-stratified bootstrap percentile CI of the AUC, and a bootstrap percentile CI of Harrell's C
+(1,000 replicates each, the evaluate stage's default is 2,000; the C's bootstrap here is unstratified, whereas the
+evaluate stage stratifies it by event). The summary gives each CI's coverage (share of draws whose CI holds the truth,
+with a Wilson 95% CI), its mean width and the mean error sample - truth. The actual external cohort is not used for
+coverage: its outcomes are one draw, whereas the truth is the expectation over draws and patients.
+
 Written into the study: results/benchmarks/validity_study.tsv (one row per draw and harmonization) and
 validity_study_summary.tsv (validity_study_null*.tsv with --null); nothing else of the study is changed.
-Coverage of the CIs against the population truth is not computed: see docs/validity.md.
 """
 
 from __future__ import annotations
@@ -37,23 +50,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from finished_study import open_study, write_result
-from radstudy.concordance import auc, harrell_c
-from radstudy.evaluate.metrics import auc_delong, delong_test
+from radstudy.concordance import auc, concordance_matrices, harrell_c, weighted_auc
+from radstudy.evaluate.metrics import (
+    auc_bootstrap_ci,
+    auc_delong,
+    bootstrap_counts,
+    delong_test,
+    percentile_ci,
+    wilson_ci,
+)
 from radstudy.statistics.design import primary_split
 from radstudy.statistics.models import run_statistics
+from radstudy.survival import surv_arrays
+from scipy.special import expit
 
 MODELS = ("clinical", "radiomic", "combined")
 METHODS = ("combat", "none")
 WITHIN = 0.10  # the issue's target: combined within 0.10 of the oracle
+N_BOOTSTRAP = 1000  # replicates of the coverage sample's bootstrap CIs
+POPULATION_C_PATIENTS, POPULATION_C_CHUNK = 20_000, 2_500  # Monte Carlo of the true C; pairs within chunks
+CIS = (("delong", "auc"), ("boot_auc", "auc"), ("boot_c", "c"))  # the CIs whose coverage is measured, of what
 
 
-def generator_outcome(kind: str):
-    """The generator's own outcome model `_outcome(rng, risk)` of demo.kind (ct or mri)."""
+def generator(kind: str):
+    """The generator module of demo.kind (ct or mri), looked up at run time: its outcome model `_outcome(rng, risk)`
+    and its binary endpoint's intercept `_SYNCHRONOUS_INTERCEPT` (P(event) = logistic(risk + intercept))."""
     if kind == "mri":
         from radstudy.demo import mri
-        return mri._outcome
+        return mri
     from radstudy.demo import cohort
-    return cohort._outcome
+    return cohort
 
 
 def latent_risk(work: Path, config: dict, patients) -> pd.Series:
@@ -68,13 +94,20 @@ def latent_risk(work: Path, config: dict, patients) -> pd.Series:
     return risk.astype(float)
 
 
+def outcome_draws(outcome, risk, rng: np.random.Generator) -> pd.DataFrame:
+    """One draw of the generator's `outcome` per entry of `risk`, in order: the generator's fields as columns,
+    (binary, survival time, survival event) in this order."""
+    fields = [f.name for f in dataclasses.fields(outcome(np.random.default_rng(0), 0.0))]
+    return pd.DataFrame([dataclasses.astuple(outcome(rng, float(r))) for r in risk], columns=fields)
+
+
 def draw_outcomes(clinical: pd.DataFrame, risk: pd.Series, outcome, endpoints: dict, rng: np.random.Generator,
                   null: bool = False) -> pd.DataFrame:
-    """`clinical` with its outcome columns redrawn for every patient (row order) by the generator's `outcome`;
-    the generator's fields are (binary, survival time, survival event) in this order. null: risk 0 for all."""
-    fields = [f.name for f in dataclasses.fields(outcome(np.random.default_rng(0), 0.0))]
-    draws = pd.DataFrame([dataclasses.astuple(outcome(rng, 0.0 if null else float(r)))
-                          for r in clinical["patient"].map(risk)], columns=fields, index=clinical.index)
+    """`clinical` with its outcome columns redrawn for every patient (row order) by the generator's `outcome`.
+    null: risk 0 for all."""
+    draws = outcome_draws(outcome, np.zeros(len(clinical)) if null else clinical["patient"].map(risk), rng)
+    draws.index = clinical.index
+    fields = list(draws.columns)
     out = clinical.copy()
     if "binary" in endpoints:
         out[endpoints["binary"]["column"]] = draws[fields[0]]
@@ -95,12 +128,16 @@ def statistics_config(config: dict, method: str) -> dict:
     return config
 
 
-def external_row(predictions: pd.DataFrame, cohorts: pd.DataFrame, external: list[str], risk: pd.Series) -> dict:
+def external_test(predictions: pd.DataFrame, cohorts: pd.DataFrame, external: list[str]) -> tuple[str, pd.DataFrame]:
+    """(the primary split, its predictions of the test cohort's patients of the external centers)."""
+    split = primary_split(cohorts)
+    return split, predictions[(predictions["split"] == split) & (predictions["cohort"] == "test")
+                              & predictions["center"].astype(str).isin(external)]
+
+
+def external_row(split: str, test: pd.DataFrame, risk: pd.Series) -> dict:
     """One draw's external-test metrics of the primary split: AUC and C of each model and of the oracle, the combined
     model's DeLong CI and its DeLong test against the clinical model."""
-    split = primary_split(cohorts)
-    test = predictions[(predictions["split"] == split) & (predictions["cohort"] == "test")
-                       & predictions["center"].astype(str).isin(external)]
     row: dict = {"split": split}
     binary = test[test["endpoint"] == "binary"].pivot(index="patient", columns="model", values="score")
     if len(binary):
@@ -131,6 +168,71 @@ def external_row(predictions: pd.DataFrame, cohorts: pd.DataFrame, external: lis
     return row
 
 
+def population_auc(score, p) -> float:
+    """The exact expected AUC of `score` over a population whose patients are equally likely and have the event with
+    probability `p`: sum_ij p_i (1 - p_j) H(s_i - s_j) / sum_ij p_i (1 - p_j), H(0) = 1/2, i == j included (two
+    rows of a sample drawn with replacement can be the same patient with different outcomes)."""
+    p = np.asarray(p, dtype=float)
+    return float(weighted_auc(score, p, 1.0 - p)[0])
+
+
+def population_c(score, risk, outcome, rng: np.random.Generator, n: int = POPULATION_C_PATIENTS,
+                 chunk: int = POPULATION_C_CHUNK) -> float:
+    """Harrell's C of `score` over a population of equally likely patients with the generator's `outcome` at their
+    `risk`, by Monte Carlo: n patients drawn with replacement, each with a fresh outcome; the concordant and the
+    comparable pairs are summed within chunks of `chunk` patients (memory chunk^2) and C is their ratio, the limit of
+    Harrell's C of ever larger samples."""
+    score, risk = np.asarray(score, dtype=float), np.asarray(risk, dtype=float)
+    idx = rng.integers(0, len(score), n)
+    draws = outcome_draws(outcome, risk[idx], rng)
+    time, event = surv_arrays(draws.iloc[:, 1], draws.iloc[:, 2])
+    concordant = comparable = 0.0
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        a, d = concordance_matrices(time[part], event[part], score[idx[part]])
+        concordant, comparable = concordant + a.sum(), comparable + d.sum()
+    return concordant / comparable
+
+
+def _ci_columns(name: str, low: float, high: float, truth: float) -> dict:
+    covers = low <= truth <= high if np.isfinite([low, high, truth]).all() else np.nan
+    return {f"{name}_low": low, f"{name}_high": high, f"{name}_covers": covers}
+
+
+def coverage_row(test: pd.DataFrame, risk: pd.Series, outcome, intercept: float, seed: int, k: int) -> dict:
+    """Draw k's combined model on the population (the patients of `test`, external test cohort): its true AUC and C
+    and, on a test sample of the pool's size drawn with replacement with fresh outcomes, the sample's AUC and C with
+    the evaluate stage's 95% CIs and whether each holds the truth. `risk`: each patient's latent risk (0 under the
+    null). Same patients, risk, seed and k -> the same sample and Monte Carlo, whatever the harmonization."""
+    pool = test[test["model"] == "combined"].pivot(index="patient", columns="endpoint", values="score").dropna()
+    r = risk.loc[pool.index].to_numpy(float)
+    rng = np.random.default_rng([seed, k, 1])
+    idx = rng.integers(0, len(pool), len(pool))
+    draws = outcome_draws(outcome, r[idx], rng)
+    row: dict = {"pool": len(pool)}
+    if "binary" in pool:
+        score = pool["binary"].to_numpy(float)
+        truth = population_auc(score, expit(r + intercept))
+        y, s = draws.iloc[:, 0].to_numpy(int), score[idx]
+        row.update({"auc_true": truth, "sample_positives": int(y.sum())})
+        if 0 < y.sum() < len(y):
+            delong = auc_delong(y, s)
+            boot = auc_bootstrap_ci(y, s, n_bootstrap=N_BOOTSTRAP, seed=np.random.default_rng([seed, k, 3]))
+            row.update({"auc_sample": delong["auc"],
+                        **_ci_columns("delong", delong["ci_low"], delong["ci_high"], truth),
+                        **_ci_columns("boot_auc", boot["ci_low"], boot["ci_high"], truth)})
+    if "survival" in pool:
+        score = pool["survival"].to_numpy(float)
+        truth = population_c(score, r, outcome, np.random.default_rng([seed, k, 2]))
+        t, e, s = draws.iloc[:, 1].to_numpy(float), draws.iloc[:, 2].to_numpy(int), score[idx]
+        row.update({"c_true": truth, "sample_events": int(e.sum())})
+        if e.sum() > 0:
+            counts = bootstrap_counts(len(s), N_BOOTSTRAP, np.random.default_rng([seed, k, 4]))
+            row.update({"c_sample": harrell_c(t, e, s),
+                        **_ci_columns("boot_c", *percentile_ci(harrell_c(t, e, s, counts=counts)), truth)})
+    return row
+
+
 def _mean_ci(x: pd.Series) -> tuple[float, float, float]:
     x = x.dropna().to_numpy(float)
     half = 1.96 * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else np.nan
@@ -139,8 +241,9 @@ def _mean_ci(x: pd.Series) -> tuple[float, float, float]:
 
 def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
     """The summary over draws: per harmonization, the share of draws with the combined model within 0.10 of the
-    oracle (gap <= 0.10), the gap's median and IQR, the models' mean AUC / C, the null control's rates; and
-    ComBat's gain (combat - none) on the external radiomic AUC and C with mean +- 1.96 sd / sqrt(K)."""
+    oracle (gap <= 0.10), the gap's median and IQR, the models' mean AUC / C, the null control's rates, the
+    coverage of each 95% CI of the combined model (with a Wilson CI), its mean width and the mean error sample -
+    truth; and ComBat's gain (combat - none) on the external radiomic AUC and C with mean +- 1.96 sd / sqrt(K)."""
     rows = []
 
     def add(harmonization, statistic, value, low=np.nan, high=np.nan):
@@ -165,6 +268,18 @@ def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
             if f"radiomic_constant_{endpoint}" in g:
                 add(method, f"share radiomic score constant ({endpoint}: no feature kept)",
                     float(g[f"radiomic_constant_{endpoint}"].mean()))
+        for metric in ("auc", "c"):
+            if f"{metric}_true" in g:
+                add(method, f"mean {metric}_true (combined, population)", *_mean_ci(g[f"{metric}_true"]))
+            if f"{metric}_sample" in g:
+                add(method, f"mean {metric}_sample - {metric}_true",
+                    *_mean_ci(g[f"{metric}_sample"] - g[f"{metric}_true"]))
+        for ci, metric in CIS:
+            if f"{ci}_covers" in g:
+                covers = g[f"{ci}_covers"].dropna().astype(bool)
+                add(method, f"coverage {ci} 95% CI of {metric}_true", float(covers.mean()),
+                    *wilson_ci(int(covers.sum()), len(covers)))
+                add(method, f"mean width {ci} 95% CI", *_mean_ci(g[f"{ci}_high"] - g[f"{ci}_low"]))
     wide = table.pivot(index="draw", columns="harmonization")
     for metric in ("auc", "c"):
         column = f"{metric}_radiomic"
@@ -172,7 +287,8 @@ def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
             gain = wide[(column, "combat")] - wide[(column, "none")]
             add("combat - none", f"gain {column}", *_mean_ci(gain))
             add("combat - none", f"share of draws gain {column} > 0", float((gain > 0).mean()))
-    add("both", "seconds per draw (mean)", float(table.groupby("draw")["seconds"].sum().mean()))
+    add("all", "seconds per draw (mean)", float(table.groupby("draw")["seconds"].sum().mean()))
+    add("all", "of which coverage (mean)", float(table.groupby("draw")["seconds_coverage"].sum().mean()))
     return pd.DataFrame(rows)
 
 
@@ -183,7 +299,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--seed", type=int, default=0, help="draw k uses numpy.random.default_rng([seed, k])")
     parser.add_argument("--null", action="store_true", help="outcomes independent of everything (risk 0)")
     parser.add_argument("--n-jobs", type=int, default=2, help="run_statistics' n_jobs (splits in parallel)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="harmonization methods, comma-separated (e.g. combat alone for a coverage-only run)")
     args = parser.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    if not methods or not set(methods) <= set(METHODS):
+        parser.error(f"--methods: a comma-separated subset of {','.join(METHODS)}")
     logging.getLogger("radstudy").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
 
@@ -193,39 +314,54 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not external:
         raise SystemExit("the study has no external center: no external test cohort to evaluate")
     kind = config.get("demo", {}).get("kind", "ct")
-    outcome = generator_outcome(kind)
+    outcome, intercept = generator(kind)._outcome, generator(kind)._SYNCHRONOUS_INTERCEPT
     features = pd.read_parquet(work / "results" / "features" / "features.parquet")
     patients = pd.read_csv(work / "results" / "qc" / "patients.tsv", sep="\t", dtype={"patient": str})
     clinical = pd.read_csv(work / "results" / "clinical" / "clinical.tsv", sep="\t", dtype={"patient": str})
     risk = latent_risk(work, config, clinical["patient"])
     endpoints = config["clinical"]["endpoints"]
+    population_risk = risk * 0.0 if args.null else risk  # the risk the outcomes are drawn with
     print(f"{work.name}: demo.kind {kind}, design {config['design']['type']}, external {external}, "
-          f"{len(clinical)} patients, {args.draws} draws (seed {args.seed}){', NULL outcomes' if args.null else ''}")
+          f"{len(clinical)} patients, {args.draws} draws (seed {args.seed}), harmonization {', '.join(methods)}"
+          f"{', NULL outcomes' if args.null else ''}")
 
     rows, started = [], time.perf_counter()
     for k in range(args.draws):
         drawn = draw_outcomes(clinical, risk, outcome, endpoints, np.random.default_rng([args.seed, k]), args.null)
         t0 = time.perf_counter()
-        for method in METHODS:
+        for method in methods:
             t1 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 paths = run_statistics(features, drawn, patients, statistics_config(config, method), out_dir=tmp,
                                        n_jobs=args.n_jobs, networks=None)
                 predictions = pd.read_csv(paths["predictions"], sep="\t", dtype={"patient": str})
                 cohorts = pd.read_csv(paths["cohorts"], sep="\t", dtype={"patient": str})
-            row = external_row(predictions, cohorts, external, risk)
-            rows.append({"draw": k, "harmonization": method, **row, "seconds": round(time.perf_counter() - t1, 2)})
-        r = {m: rows[-2 + i] for i, m in enumerate(METHODS)}
-        print(f"draw {k:3d}: {time.perf_counter() - t0:5.1f} s | oracle AUC {r['combat'].get('auc_oracle', np.nan):.3f}"
-              f" C {r['combat'].get('c_oracle', np.nan):.3f} | combined AUC combat "
-              f"{r['combat'].get('auc_combined', np.nan):.3f} none {r['none'].get('auc_combined', np.nan):.3f} | "
-              f"radiomic AUC combat {r['combat'].get('auc_radiomic', np.nan):.3f} "
-              f"none {r['none'].get('auc_radiomic', np.nan):.3f}", flush=True)
+            split, test = external_test(predictions, cohorts, external)
+            t2 = time.perf_counter()
+            coverage = coverage_row(test, population_risk, outcome, intercept, args.seed, k)
+            rows.append({"draw": k, "harmonization": method, **external_row(split, test, risk), **coverage,
+                         "seconds": round(time.perf_counter() - t1, 2),
+                         "seconds_coverage": round(time.perf_counter() - t2, 2)})
+        r = {row["harmonization"]: row for row in rows[-len(methods):]}
+        first = r[methods[0]]
+        print(f"draw {k:3d}: {time.perf_counter() - t0:5.1f} s (coverage "
+              f"{sum(x['seconds_coverage'] for x in r.values()):.1f} s) | oracle AUC "
+              f"{first.get('auc_oracle', np.nan):.3f} C {first.get('c_oracle', np.nan):.3f} | "
+              + " | ".join(f"{m}: combined AUC {x.get('auc_combined', np.nan):.3f} radiomic "
+                           f"{x.get('auc_radiomic', np.nan):.3f}, true AUC {x.get('auc_true', np.nan):.3f} C "
+                           f"{x.get('c_true', np.nan):.3f}, covers delong/boot_auc/boot_c "
+                           + "/".join(str(x.get(f'{ci}_covers', np.nan)) for ci, _ in CIS)
+                           for m, x in r.items()), flush=True)
     total = time.perf_counter() - started
     per_draw = total / max(args.draws, 1)
     print(f"{args.draws} draws in {total:.0f} s: {per_draw:.1f} s per draw; K=100 would take ~{100 * per_draw / 60:.0f} min")
 
     table = pd.DataFrame(rows)
+    for metric in ("auc", "c"):
+        if f"{metric}_true" in table:
+            truth = table[f"{metric}_true"]
+            print(f"combined model's true {metric.upper()} on the population: mean {truth.mean():.4f}, range "
+                  f"[{truth.min():.4f}, {truth.max():.4f}]{' (null: should be ~0.5)' if args.null else ''}")
     summary = summarise(table, args.null)
     with pd.option_context("display.width", 200, "display.max_rows", 200, "display.max_colwidth", 90):
         print(summary.round(3).to_string(index=False))

@@ -1,0 +1,70 @@
+"""The population truth of bench/validity_study.py's coverage (issue 18): the exact expected AUC of a fitted score over
+the pool (population_auc), the Monte Carlo Harrell's C (population_c) and one draw's coverage row, checked against
+the AUC and C of large samples drawn from the same population with the CT generator's own outcome model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from radstudy.concordance import auc, harrell_c
+from radstudy.demo import cohort
+from scipy.special import expit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import validity_study as vs
+
+
+def test_population_auc_is_the_auc_of_a_large_sample_drawn_with_replacement():
+    # a pool of five with a score tie: the pairs of a patient with itself (sampled twice, different outcomes) weigh
+    # ~0.04 here, so leaving them out of the exact sum would miss the sample's AUC by more than the tolerance
+    score, p = np.array([0.0, 1.0, 1.0, 2.0, 3.0]), np.array([0.9, 0.3, 0.6, 0.5, 0.2])
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(score), 200_000)
+    y = rng.random(len(idx)) < p[idx]
+    assert abs(vs.population_auc(score, p) - auc(y, score[idx])) < 0.01
+    assert abs(vs.population_auc(score, p) - 0.284) < 1e-12  # the double sum by hand
+
+
+def test_population_auc_of_a_constant_and_of_a_perfect_score():
+    p = np.array([0.1, 0.4, 0.7, 0.95])
+    assert vs.population_auc(np.zeros(4), p) == 0.5
+    # events only among the higher scores: every (event, non-event) pair is ordered right, or wrong when reversed
+    score, certain = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 0.0, 1.0, 1.0])
+    assert vs.population_auc(score, certain) == 1.0
+    assert vs.population_auc(-score, certain) == 0.0
+
+
+def test_population_c_is_harrells_c_of_a_large_sample():
+    rng = np.random.default_rng(1)
+    risk = rng.normal(0, 1.5, 40)
+    score = risk + rng.normal(0, 1, 40)  # an imperfect model of the risk
+    truth = vs.population_c(score, risk, cohort._outcome, np.random.default_rng(2), n=10_000)
+    idx = rng.integers(0, len(score), 4_000)
+    draws = vs.outcome_draws(cohort._outcome, risk[idx], rng)
+    # Monte Carlo sd ~0.006 at 10,000 patients, the sample's ~0.008 at 4,000: 0.03 is over 3 sd of the difference
+    assert abs(truth - harrell_c(draws.iloc[:, 1], draws.iloc[:, 2], score[idx])) < 0.03
+    assert truth > 0.65  # far from the 0.5 of a score unrelated to the outcomes
+    assert vs.population_c(np.zeros(40), risk, cohort._outcome, np.random.default_rng(3), n=2_000, chunk=500) == 0.5
+
+
+def test_coverage_row_takes_the_combined_models_scores_of_each_patient():
+    # the external test cohort's predictions as the statistics stage writes them: two models, two endpoints
+    rng = np.random.default_rng(4)
+    patients = [f"P{i:02d}" for i in range(40)]
+    risk = pd.Series(rng.normal(0, 1.5, 40), index=patients)
+    scores = {("combined", "binary"): risk.to_numpy() + rng.normal(0, 1, 40),
+              ("combined", "survival"): risk.to_numpy() + rng.normal(0, 1, 40),
+              ("clinical", "binary"): rng.normal(size=40), ("clinical", "survival"): rng.normal(size=40)}
+    test = pd.DataFrame([{"patient": p, "model": m, "endpoint": e, "score": s[i]}
+                         for (m, e), s in scores.items() for i, p in enumerate(patients)])
+    row = vs.coverage_row(test, risk.iloc[::-1], cohort._outcome, cohort._SYNCHRONOUS_INTERCEPT, seed=18, k=0)
+    assert row["pool"] == 40
+    p_event = expit(risk.to_numpy() + cohort._SYNCHRONOUS_INTERCEPT)  # the risk joined by patient, not by order
+    assert row["auc_true"] == vs.population_auc(scores[("combined", "binary")], p_event) > 0.7
+    assert row["c_true"] > 0.65  # the clinical scores, unrelated to the risk, would give ~0.5
+    for ci, metric in vs.CIS:
+        assert row[f"{ci}_covers"] == (row[f"{ci}_low"] <= row[f"{metric}_true"] <= row[f"{ci}_high"])
+        assert row[f"{ci}_low"] <= row[f"{metric}_sample"] <= row[f"{ci}_high"]
