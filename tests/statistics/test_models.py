@@ -178,6 +178,45 @@ def test_validation_and_test_patients_change_nothing_fitted(study, external):
     assert not np.allclose(pa.loc[~train, "score"], pb.loc[~train, "score"])
 
 
+def test_out_of_fold_rad_score_takes_no_weight_from_the_selections_optimism(seed=3):
+    """Radiomic features unrelated to the outcome (rows permuted): the in-sample rad-score, selected and fitted on
+    the same patients, looks like a strong predictor in the combined model (Wald z > 2); out of fold
+    (models.combined_fit: out_of_fold) it does not."""
+    feats, clin, pts = make_study(n=(40, 40, 40, 40, 40), seed=seed, n_noise=60)
+    cols = [c for c in feats.columns if c.startswith(("tumour_", "liver_"))]
+    feats[cols] = feats[cols].to_numpy()[np.random.default_rng(seed).permutation(len(feats))]
+    data = assemble(feats, clin, pts)
+    cohort = _split(data)
+    z = {}
+    for how in ("in_sample", "out_of_fold"):
+        settings = statistics_settings(_config(models={"combined_fit": how},
+                                               selection={"lasso": {"max_features": 5, "binary_scoring": "auc"}}))
+        reg = fit_split(data, cohort, settings, "holdout")["models"][("binary", "combined")].regression
+        z[how] = reg.coef["radscore"] / reg.se["radscore"]
+    assert z["in_sample"] > 2 and abs(z["out_of_fold"]) < 1.96, z
+
+
+def test_out_of_fold_rad_score_scores_new_patients_with_the_whole_training_fit(study):
+    *_, data = study
+    cohort = _split(data)
+    config = {how: _config(models={"combined_fit": how}, endpoints=["survival"]) for how in ("in_sample", "out_of_fold")}
+    fits = {how: fit_split(data, cohort, statistics_settings(cfg), "holdout") for how, cfg in config.items()}
+    test = data[(cohort == "test").to_numpy()]
+    for endpoint in ("survival",):
+        steps = {how: fit["models"][(endpoint, "combined")].scores[0] for how, fit in fits.items()}
+        np.testing.assert_array_equal(steps["in_sample"](test), steps["out_of_fold"](test))
+        coefs = [fit["models"][(endpoint, "combined")].regression.coef for fit in fits.values()]
+        assert not np.allclose(coefs[0], coefs[1])  # the combined model itself is fitted on other scores
+    # blind to the patients outside the training partition
+    other = (cohort != "training").to_numpy()
+    perturbed = data.copy()
+    perturbed.loc[other, "mfs_event"] = 1 - perturbed.loc[other, "mfs_event"]
+    again = fit_split(perturbed, cohort, statistics_settings(config["out_of_fold"]), "holdout")
+    for key in (("survival", "combined"),):
+        np.testing.assert_array_equal(fits["out_of_fold"]["models"][key].regression.coef,
+                                      again["models"][key].regression.coef)
+
+
 def test_combat_covariates_may_not_include_the_outcome(study):
     for outcome in ("synchronous_lm", "mfs_event", "mfs_months"):
         with pytest.raises(ValueError, match="must not see the outcome"):

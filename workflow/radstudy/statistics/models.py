@@ -662,6 +662,32 @@ def _check_feature_columns(data: pd.DataFrame, feature_columns, settings: dict) 
     return list(feature_columns)
 
 
+def out_of_fold_score(step: ScoreStep, train: pd.DataFrame, y, endpoint: str, settings: dict, split: str,
+                      robust: tuple | None = None, folds: int = 5) -> np.ndarray:
+    """Each training patient's score from a selection pipeline fitted without them (models.combined_fit:
+    out_of_fold): 5 folds stratified on the outcome (binary) or the event (survival), the step's selection and
+    LASSO fitted again on the other folds of `train` with the same settings. The harmonizer is the step's, fitted on
+    the whole training partition: it never sees the outcome."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(y if endpoint == "binary" else y["event"], dtype=int)
+    folds = max(2, min(folds, int(np.bincount(labels).min())))
+    H = step.harmonizer.transform(train[step.features], train["center"].to_numpy(), train)
+    fs = next(k for k, v in SCORE_OF.items() if v == step.name)
+    out = np.empty(len(train))
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=derive_seed(settings["seed"], split, endpoint, fs, "oof"))
+    for k, (fit_rows, held_out) in enumerate(splitter.split(H, labels)):
+        pipe = build_selector(settings["selection"], endpoint,
+                              random_state=derive_seed(settings["seed"], split, endpoint, fs, "oof", k),
+                              robust_keep=robust[0] if robust else None,
+                              robust_evaluated=robust[1] if robust else None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No features were selected")
+            pipe.fit(H.iloc[fit_rows], y[fit_rows])
+        out[held_out] = pipe.decision_function(H.iloc[held_out])
+    return out
+
+
 def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str = "split",
               robust: tuple | None = None, feature_columns: list[str] | None = None) -> dict:
     """Fit every model of every endpoint on the training cohort of one split; score all its patients.
@@ -749,7 +775,13 @@ def fit_split(data: pd.DataFrame, cohort: pd.Series, settings: dict, split: str 
                 score = SCORE_OF[name]
                 model.regression = fixed_score_model(endpoint, score, model.design(Dtrain)[score], y_train)
             else:
-                model.regression = _fit(endpoint, model.design(Dtrain), y_train)
+                design = model.design(Dtrain)
+                if m["combined_fit"] == "out_of_fold":
+                    for step in score_steps:
+                        if isinstance(step, ScoreStep):
+                            design[step.name] = out_of_fold_score(step, Dtrain, y_train, endpoint, settings, split,
+                                                                  robust)
+                model.regression = _fit(endpoint, design, y_train)
             return model
 
         wanted = [name for name in m["fit"] if name == "clinical" or name == "combined" or name in steps]
