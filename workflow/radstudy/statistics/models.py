@@ -674,17 +674,22 @@ def out_of_fold_score(step: ScoreStep, train: pd.DataFrame, y, endpoint: str, se
     folds = max(2, min(folds, int(np.bincount(labels).min())))
     H = step.harmonizer.transform(train[step.features], train["center"].to_numpy(), train)
     fs = next(k for k, v in SCORE_OF.items() if v == step.name)
+    if not robust:  # no step needs the feature names: arrays spare scikit-learn's per-column DataFrame checks
+        H = H.to_numpy(dtype=float)
+    rows = H.iloc if isinstance(H, pd.DataFrame) else H
     out = np.empty(len(train))
     splitter = StratifiedKFold(folds, shuffle=True, random_state=derive_seed(settings["seed"], split, endpoint, fs, "oof"))
-    for k, (fit_rows, held_out) in enumerate(splitter.split(H, labels)):
+    for k, (fit_rows, held_out) in enumerate(splitter.split(np.zeros((len(labels), 1)), labels)):
         pipe = build_selector(settings["selection"], endpoint,
                               random_state=derive_seed(settings["seed"], split, endpoint, fs, "oof", k),
                               robust_keep=robust[0] if robust else None,
                               robust_evaluated=robust[1] if robust else None)
+        if not robust:
+            pipe.set_output(transform="default")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No features were selected")
-            pipe.fit(H.iloc[fit_rows], y[fit_rows])
-        out[held_out] = pipe.decision_function(H.iloc[held_out])
+            pipe.fit(rows[fit_rows], y[fit_rows])
+        out[held_out] = pipe.decision_function(rows[held_out])
     return out
 
 

@@ -365,10 +365,16 @@ class LassoSelector(_ColumnSelector):
         self._full_path(Za, yy)
         splitter, strata = self.splitter(yy)
         scores = []
+        # the folds' filters only need the feature names to match a robust-feature list; without one, arrays spare
+        # scikit-learn's per-column DataFrame checks (2-3x faster, the same numbers)
+        named = isinstance(X, pd.DataFrame) and any(
+            isinstance(step, RobustnessFilter) and step.keep is not None for _, step in prefilter.steps)
+        if isinstance(X, pd.DataFrame) and not named:
+            X = X.to_numpy(dtype=float)
         for tr, te in splitter.split(np.zeros((len(yy), 1)), strata):
-            fold = clone(prefilter).set_output(transform="pandas")
-            Xtr = X.iloc[tr] if isinstance(X, pd.DataFrame) else X[tr]
-            Xte = X.iloc[te] if isinstance(X, pd.DataFrame) else X[te]
+            fold = clone(prefilter).set_output(transform="pandas" if named else "default")
+            Xtr = X.iloc[tr] if named else X[tr]
+            Xte = X.iloc[te] if named else X[te]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="No features were selected")
                 Ztr = np.asarray(fold.fit_transform(Xtr, yy[tr]), dtype=float)
