@@ -4,6 +4,7 @@ PHI, masks (NIfTI and RTSTRUCT), clinical table, and the image/outcome signal th
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.uid import CTImageStorage, RTStructureSetStorage
+from scipy import ndimage
 from scipy.stats import spearmanr
 from skimage.draw import polygon2mask
 
@@ -264,7 +266,48 @@ def test_centers_differ_in_scanner_effects_and_delivery_conventions(cohort):
         assert first[key] != second[key], key
     for profile in (first, second):
         assert 10 <= abs(profile["hu_offset"]) <= 30 and 0.9 <= profile["hu_scale"] <= 1.1
-        assert 8 <= profile["noise_sigma"] <= 25 and 3.2 <= profile["pixel_spacing"] <= 4.2
+        assert 6 <= profile["noise_sigma"] <= 23 and 3.2 <= profile["pixel_spacing"] <= 4.2
+        assert 60 <= profile["portal_delay"] <= 80
+    # the kernels take a permutation: two centers never share one, and a kernel either blurs or sharpens
+    assert (first["psf_sigma"], first["edge_enhancement"]) != (second["psf_sigma"], second["edge_enhancement"])
+    assert all((p["psf_sigma"] > 0) != (p["edge_enhancement"] > 0) for p in (first, second))
+
+
+def test_voxel_averaging_of_texture_matches_numerical_integration():
+    from scipy import integrate
+
+    for voxel, grain in ((3.0, 2.5), (5.0, 2.5), (4.0, 8.0), (0.5, 3.0)):
+        numeric = integrate.dblquad(lambda x, y, g=grain: math.exp(-((x - y) ** 2) / (4 * g**2)), 0, voxel, 0, voxel)[0]
+        assert demo._voxel_average_variance(voxel, grain) == pytest.approx(numeric / voxel**2, rel=1e-6)
+    # thicker slices keep less of a fine texture
+    assert demo._voxel_average_variance(5.0, 2.5) < demo._voxel_average_variance(3.0, 2.5) < 1
+
+
+def _texture_image(psf_sigma: float, edge: float, delay: float) -> tuple[np.ndarray, np.ndarray]:
+    """One patient's noiseless portal image through a center with the given kernel and contrast timing, and its
+    tumour mask (the same anatomy and per-patient draws whatever the center)."""
+    centers = _centers(Path("/nonexistent"))
+    profile = demo._center_profiles(centers, SEED, "small")[0]
+    profile = dataclasses.replace(profile, psf_sigma=psf_sigma, edge_enhancement=edge, portal_delay=delay,
+                                  noise_sigma=0.0, hu_offset=0.0, hu_scale=1.0)
+    clinical = dataclasses.replace(demo._clinical(np.random.default_rng(1)), tumour_heterogeneity=0.6)
+    rng = np.random.default_rng(2)
+    anatomy = demo._anatomy(rng, demo._grid(rng, profile, "small", 1), clinical)
+    phase = demo._phases(rng, profile.portal_delay)["portal"]
+    # the tumour's interior, 2 pixels in from its outline: the kernels' edge responses stay outside
+    interior = ndimage.binary_erosion(anatomy.tissue == demo.TUMOUR, np.ones((1, 5, 5), bool))
+    return demo._render_portal(anatomy, phase, profile, np.random.default_rng(3)), interior
+
+
+def test_scanner_effects_change_the_tumour_texture_not_only_the_noise():
+    soft, tumour = _texture_image(1.0, 0.0, 70)
+    sharp, _ = _texture_image(0.0, 0.8, 70)
+    late, _ = _texture_image(1.0, 0.0, 80)
+    # same tissue, no noise: a soft kernel blurs the texture, a sharp one lifts it (by ~23% in sd here)
+    assert sharp[tumour].std() > 1.15 * soft[tumour].std()
+    # a later portal-venous scan enhances the tumour more, and its pattern of enhancement with it
+    assert late[tumour].mean() > soft[tumour].mean() + 5
+    assert late[tumour].std() > 1.1 * soft[tumour].std()
 
 
 # --- PHI ----------------------------------------------------------------------------------------
@@ -382,6 +425,7 @@ def test_outcomes_follow_the_latent_risk(outcome_cohort):
     oracle = json.loads((outcome_cohort / "ground_truth" / "oracle.json").read_text())
     rows = _patients(outcome_cohort)
     assert len(rows) == oracle["overall"]["n"] == oracle["centers"]["C1"]["n"] == 60
+    assert "vs mfs_months/mfs_event" in oracle["note"]  # the column names, not their values
     assert oracle["overall"]["auc"] > 0.75
     assert oracle["overall"]["c_index"] > 0.65
     assert 0.15 <= oracle["overall"]["prevalence"] <= 0.6 and 0.25 <= oracle["overall"]["event_rate"] <= 0.8
