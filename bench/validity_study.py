@@ -1,7 +1,8 @@
 """The demo as a simulation study (issue 18): one generated cohort's features, the outcomes drawn K times from the
 generator's latent risk, the statistics stage run for each draw.
 
-    python bench/validity_study.py STUDY_DIR --draws K --seed S [--null] [--methods combat,none]
+    python bench/validity_study.py STUDY_DIR [--draws 100] [--null-draws 100] [--seed S] [--workers 2]
+                                   [--null] [--methods combat,none]
 
 STUDY_DIR is a finished demo study (`make demo`, `make demo-mri`). No image work per draw: the study's
 features.parquet, patient table and clinical table are read once; in each draw k the outcome columns of the clinical
@@ -26,13 +27,17 @@ C by Monte Carlo (population_c, 20,000 patients with fresh outcomes). Per draw o
 is drawn from it with replacement, every row with a fresh outcome (numpy.random.default_rng([S, k, 1]), the same
 patients and outcomes for both harmonizations, whatever K), and the evaluate stage's CIs are computed on it: the
 DeLong CI and the outcome-stratified bootstrap percentile CI of the AUC, and a bootstrap percentile CI of Harrell's C
-(1,000 replicates each, the evaluate stage's default is 2,000; the C's bootstrap here is unstratified, whereas the
-evaluate stage stratifies it by event). The summary gives each CI's coverage (share of draws whose CI holds the truth,
+(1,000 replicates each, the evaluate stage's default is 2,000; stratified by outcome and by event, as the evaluate
+stage does). The summary gives each CI's coverage (share of draws whose CI holds the truth,
 with a Wilson 95% CI), its mean width and the mean error sample - truth. The actual external cohort is not used for
 coverage: its outcomes are one draw, whereas the truth is the expectation over draws and patients.
 
+Draws run `--workers` at a time in forked processes (the statistics stage on one core each); a draw's numbers do
+not depend on the worker count. `--null-draws N` runs the null control after the K draws in the same command (its
+draws use streams of their own, [S + 1000003, k]); `--null` runs the null control alone.
+
 Written into the study: results/benchmarks/validity_study.tsv (one row per draw and harmonization) and
-validity_study_summary.tsv (validity_study_null*.tsv with --null); nothing else of the study is changed.
+validity_study_summary.tsv (validity_study_null*.tsv for the null control); nothing else of the study is changed.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +75,7 @@ MODELS = ("clinical", "radiomic", "combined")
 METHODS = ("combat", "none")
 WITHIN = 0.10  # the issue's target: combined within 0.10 of the oracle
 N_BOOTSTRAP = 1000  # replicates of the coverage sample's bootstrap CIs
+_NULL_SEED_OFFSET = 1_000_003  # the null control's draws use streams of their own ([seed + offset, k])
 POPULATION_C_PATIENTS, POPULATION_C_CHUNK = 20_000, 2_500  # Monte Carlo of the true C; pairs within chunks
 CIS = (("delong", "auc"), ("boot_auc", "auc"), ("boot_c", "c"))  # the CIs whose coverage is measured, of what
 
@@ -227,7 +235,7 @@ def coverage_row(test: pd.DataFrame, risk: pd.Series, outcome, intercept: float,
         t, e, s = draws.iloc[:, 1].to_numpy(float), draws.iloc[:, 2].to_numpy(int), score[idx]
         row.update({"c_true": truth, "sample_events": int(e.sum())})
         if e.sum() > 0:
-            counts = bootstrap_counts(len(s), N_BOOTSTRAP, np.random.default_rng([seed, k, 4]))
+            counts = bootstrap_counts(len(s), N_BOOTSTRAP, np.random.default_rng([seed, k, 4]), strata=e)
             row.update({"c_sample": harrell_c(t, e, s),
                         **_ci_columns("boot_c", *percentile_ci(harrell_c(t, e, s, counts=counts)), truth)})
     return row
@@ -292,13 +300,89 @@ def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+_CONTEXT: dict = {}  # the study's tables and settings, set once per worker process (fork)
+
+
+def run_draw(k: int, null: bool) -> list[dict]:
+    """Draw k: the outcomes, the statistics stage per harmonization, the external-test and coverage rows."""
+    c = _CONTEXT
+    seed = c["seed"] + (_NULL_SEED_OFFSET if null else 0)
+    drawn = draw_outcomes(c["clinical"], c["risk"], c["outcome"], c["endpoints"], np.random.default_rng([seed, k]), null)
+    population_risk = c["risk"] * 0.0 if null else c["risk"]  # the risk the outcomes are drawn with
+    rows = []
+    for method in c["methods"]:
+        t1 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = run_statistics(c["features"], drawn, c["patients"], statistics_config(c["config"], method),
+                                   out_dir=tmp, n_jobs=1, networks=None)
+            predictions = pd.read_csv(paths["predictions"], sep="\t", dtype={"patient": str})
+            cohorts = pd.read_csv(paths["cohorts"], sep="\t", dtype={"patient": str})
+        split, test = external_test(predictions, cohorts, c["external"])
+        t2 = time.perf_counter()
+        coverage = coverage_row(test, population_risk, c["outcome"], c["intercept"], seed, k)
+        rows.append({"draw": k, "harmonization": method, **external_row(split, test, c["risk"]), **coverage,
+                     "seconds": round(time.perf_counter() - t1, 2),
+                     "seconds_coverage": round(time.perf_counter() - t2, 2)})
+    return rows
+
+
+def _progress(k: int, rows: list[dict], seconds: float) -> str:
+    r = {row["harmonization"]: row for row in rows}
+    first = rows[0]
+    return (f"draw {k:3d}: {seconds:5.1f} s | oracle AUC {first.get('auc_oracle', np.nan):.3f} C "
+            f"{first.get('c_oracle', np.nan):.3f} | "
+            + " | ".join(f"{m}: combined AUC {x.get('auc_combined', np.nan):.3f} radiomic "
+                         f"{x.get('auc_radiomic', np.nan):.3f}, true AUC {x.get('auc_true', np.nan):.3f} C "
+                         f"{x.get('c_true', np.nan):.3f}, covers delong/boot_auc/boot_c "
+                         + "/".join(str(x.get(f'{ci}_covers', np.nan)) for ci, _ in CIS)
+                         for m, x in r.items()))
+
+
+def run_draws(draws: int, null: bool, workers: int) -> pd.DataFrame:
+    """All draws, `workers` at a time (processes forked with the study's tables), in draw order."""
+    started, rows = time.perf_counter(), []
+    label = "null " if null else ""
+    if workers <= 1:
+        results = (run_draw(k, null) for k in range(draws))
+        for k, draw_rows in enumerate(results):
+            rows += draw_rows
+            print(_progress(k, draw_rows, sum(r["seconds"] for r in draw_rows)), flush=True)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+            for k, draw_rows in enumerate(pool.map(run_draw, range(draws), [null] * draws)):
+                rows += draw_rows
+                print(_progress(k, draw_rows, sum(r["seconds"] for r in draw_rows)), flush=True)
+    total = time.perf_counter() - started
+    print(f"{draws} {label}draws in {total:.0f} s with {workers} worker(s): {total / max(draws, 1):.1f} s per draw "
+          f"(wall)", flush=True)
+    return pd.DataFrame(rows)
+
+
+def report(work: Path, table: pd.DataFrame, null: bool) -> pd.DataFrame:
+    """Print the true performance's range and the summary; write both tables into the study."""
+    for metric in ("auc", "c"):
+        if f"{metric}_true" in table:
+            truth = table[f"{metric}_true"]
+            print(f"combined model's true {metric.upper()} on the population: mean {truth.mean():.4f}, range "
+                  f"[{truth.min():.4f}, {truth.max():.4f}]{' (null: should be ~0.5)' if null else ''}")
+    summary = summarise(table, null)
+    with pd.option_context("display.width", 200, "display.max_rows", 200, "display.max_colwidth", 90):
+        print(summary.round(3).to_string(index=False))
+    name = "validity_study_null" if null else "validity_study"
+    write_result(work, table, name)
+    write_result(work, summary, f"{name}_summary")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path, help="a finished demo study folder")
-    parser.add_argument("--draws", type=int, default=20, help="K outcome draws")
+    parser.add_argument("--draws", type=int, default=100, help="K outcome draws from the latent risk")
+    parser.add_argument("--null-draws", type=int, default=0,
+                        help="then as many draws of the null control (outcomes independent of everything)")
+    parser.add_argument("--null", action="store_true", help="only the null control (--draws of them)")
     parser.add_argument("--seed", type=int, default=0, help="draw k uses numpy.random.default_rng([seed, k])")
-    parser.add_argument("--null", action="store_true", help="outcomes independent of everything (risk 0)")
-    parser.add_argument("--n-jobs", type=int, default=2, help="run_statistics' n_jobs (splits in parallel)")
+    parser.add_argument("--workers", type=int, default=2, help="draws run in parallel in this many processes")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="harmonization methods, comma-separated (e.g. combat alone for a coverage-only run)")
     args = parser.parse_args(argv)
@@ -314,60 +398,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not external:
         raise SystemExit("the study has no external center: no external test cohort to evaluate")
     kind = config.get("demo", {}).get("kind", "ct")
-    outcome, intercept = generator(kind)._outcome, generator(kind)._SYNCHRONOUS_INTERCEPT
-    features = pd.read_parquet(work / "results" / "features" / "features.parquet")
-    patients = pd.read_csv(work / "results" / "qc" / "patients.tsv", sep="\t", dtype={"patient": str})
     clinical = pd.read_csv(work / "results" / "clinical" / "clinical.tsv", sep="\t", dtype={"patient": str})
-    risk = latent_risk(work, config, clinical["patient"])
-    endpoints = config["clinical"]["endpoints"]
-    population_risk = risk * 0.0 if args.null else risk  # the risk the outcomes are drawn with
-    print(f"{work.name}: demo.kind {kind}, design {config['design']['type']}, external {external}, "
-          f"{len(clinical)} patients, {args.draws} draws (seed {args.seed}), harmonization {', '.join(methods)}"
-          f"{', NULL outcomes' if args.null else ''}")
-
-    rows, started = [], time.perf_counter()
-    for k in range(args.draws):
-        drawn = draw_outcomes(clinical, risk, outcome, endpoints, np.random.default_rng([args.seed, k]), args.null)
-        t0 = time.perf_counter()
-        for method in methods:
-            t1 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                paths = run_statistics(features, drawn, patients, statistics_config(config, method), out_dir=tmp,
-                                       n_jobs=args.n_jobs, networks=None)
-                predictions = pd.read_csv(paths["predictions"], sep="\t", dtype={"patient": str})
-                cohorts = pd.read_csv(paths["cohorts"], sep="\t", dtype={"patient": str})
-            split, test = external_test(predictions, cohorts, external)
-            t2 = time.perf_counter()
-            coverage = coverage_row(test, population_risk, outcome, intercept, args.seed, k)
-            rows.append({"draw": k, "harmonization": method, **external_row(split, test, risk), **coverage,
-                         "seconds": round(time.perf_counter() - t1, 2),
-                         "seconds_coverage": round(time.perf_counter() - t2, 2)})
-        r = {row["harmonization"]: row for row in rows[-len(methods):]}
-        first = r[methods[0]]
-        print(f"draw {k:3d}: {time.perf_counter() - t0:5.1f} s (coverage "
-              f"{sum(x['seconds_coverage'] for x in r.values()):.1f} s) | oracle AUC "
-              f"{first.get('auc_oracle', np.nan):.3f} C {first.get('c_oracle', np.nan):.3f} | "
-              + " | ".join(f"{m}: combined AUC {x.get('auc_combined', np.nan):.3f} radiomic "
-                           f"{x.get('auc_radiomic', np.nan):.3f}, true AUC {x.get('auc_true', np.nan):.3f} C "
-                           f"{x.get('c_true', np.nan):.3f}, covers delong/boot_auc/boot_c "
-                           + "/".join(str(x.get(f'{ci}_covers', np.nan)) for ci, _ in CIS)
-                           for m, x in r.items()), flush=True)
-    total = time.perf_counter() - started
-    per_draw = total / max(args.draws, 1)
-    print(f"{args.draws} draws in {total:.0f} s: {per_draw:.1f} s per draw; K=100 would take ~{100 * per_draw / 60:.0f} min")
-
-    table = pd.DataFrame(rows)
-    for metric in ("auc", "c"):
-        if f"{metric}_true" in table:
-            truth = table[f"{metric}_true"]
-            print(f"combined model's true {metric.upper()} on the population: mean {truth.mean():.4f}, range "
-                  f"[{truth.min():.4f}, {truth.max():.4f}]{' (null: should be ~0.5)' if args.null else ''}")
-    summary = summarise(table, args.null)
-    with pd.option_context("display.width", 200, "display.max_rows", 200, "display.max_colwidth", 90):
-        print(summary.round(3).to_string(index=False))
-    name = "validity_study_null" if args.null else "validity_study"
-    write_result(work, table, name)
-    write_result(work, summary, f"{name}_summary")
+    _CONTEXT.update(
+        config=config, external=external, methods=methods, seed=args.seed, endpoints=config["clinical"]["endpoints"],
+        outcome=generator(kind)._outcome, intercept=generator(kind)._SYNCHRONOUS_INTERCEPT,
+        features=pd.read_parquet(work / "results" / "features" / "features.parquet"),
+        patients=pd.read_csv(work / "results" / "qc" / "patients.tsv", sep="\t", dtype={"patient": str}),
+        clinical=clinical, risk=latent_risk(work, config, clinical["patient"]))
+    runs = [(args.draws, True)] if args.null else [(args.draws, False)] + (
+        [(args.null_draws, True)] if args.null_draws else [])
+    summary = None
+    for draws, null in runs:
+        print(f"{work.name}: demo.kind {kind}, design {config['design']['type']}, external {external}, "
+              f"{len(clinical)} patients, {draws} draws (seed {args.seed}), harmonization {', '.join(methods)}"
+              f"{', NULL outcomes' if null else ''}", flush=True)
+        table = run_draws(draws, null, args.workers)
+        out = report(work, table, null)
+        summary = out if summary is None else summary
     return summary
 
 
