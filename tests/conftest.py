@@ -28,6 +28,14 @@ def tiny_nnunet(tmp_path_factory) -> dict:
     return train_tiny_nnunet(tmp_path_factory.mktemp("tiny_nnunet"))
 
 
+def pytest_collection_modifyitems(items):
+    """The tests of the shared tiny study's SLURM runs last: the runs go on in the background once that study has
+    finished (tests/background_studies.py), while every other test that reads it runs."""
+    import background_studies
+
+    items.sort(key=lambda item: background_studies.FIXTURES["slurm"] in getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_finish(session):
     """Start the end-to-end studies that the selected tests need, in background processes (tests/background_studies.py):
     they run while the unit tests run."""

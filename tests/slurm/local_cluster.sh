@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throw-away single-node SLURM cluster on this machine, for tests/test_slurm.py (and for trying the
+# A throw-away single-node SLURM cluster on this machine, for tests/workflow/test_slurm.py (and for trying the
 # SLURM profile by hand). Debian/Ubuntu packages (Slurm 22.05 on Debian 12), no accounting database.
 #
 #   tests/slurm/local_cluster.sh install   apt-get install munge slurmctld slurmd slurm-client (root + apt-get)

@@ -14,6 +14,11 @@ equal to the shared local run (ingestion, segmentation masks, features, models, 
 SLURM (a second run of the same delivery, on the same cluster at the same time, whose center C delivered a file
 where its DICOM folder should be) fails the workflow with its log shown. The profiles' resolution of every rule
 (GPU requests included) is checked with dry runs, without a cluster.
+
+The two runs are mostly waiting (on SLURM's status polls), so they run in the background
+(tests/background_studies.py runs this file as a script, `run_in_background`): the cluster is installed and
+started right after collection, and the runs start as soon as the shared local run has finished, while the other
+tests that read it run; tests/conftest.py puts this module's cluster tests last, and `slurm_runs` waits for the runs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +38,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from tiny_study import PATIENTS, SNAKEMAKE, write_tiny_study
+from tiny_study import PATIENTS, RUN_OUTPUT, SNAKEMAKE, write_tiny_study
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local_cluster.sh"
@@ -92,21 +99,15 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _communicate(proc: subprocess.Popen, timeout: float) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except BaseException:  # timeout, or Ctrl-C of pytest: leave no snakemake (nor its SLURM jobs) behind
-        _stop(proc)
-        raise
-    return out
-
-
-def _start_snakemake_slurm(workdir: Path, env: dict, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
-    """snakemake with the SLURM profile (and TEST_OVERRIDES) in workdir, started; its output (stderr too) to stdout."""
+def _start_snakemake_slurm(workdir: Path, env: dict, *args: str) -> subprocess.Popen:
+    """snakemake with the SLURM profile (and TEST_OVERRIDES) in workdir, started; its output (stderr too) goes to
+    workdir/RUN_OUTPUT."""
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(workdir / "config.yaml"), "--workflow-profile", str(SLURM_PROFILE),
            *TEST_OVERRIDES, *args]
-    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, text=True, cwd=workdir, env=env)
+    with (workdir / RUN_OUTPUT).open("w") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                cwd=workdir, env=env)
 
 
 def _minutes(limit: str) -> int:
@@ -143,27 +144,35 @@ def _run_ids(output: str) -> list[str]:
     return ids
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def _cannot_run_here() -> str | None:
     if os.geteuid() != 0:
-        pytest.skip("the test cluster's slurmd needs root")
+        return "the test cluster's slurmd needs root"
     if not shutil.which("apt-get") and not shutil.which("slurmctld"):
-        pytest.skip("no apt-get to install SLURM, and SLURM is not installed")
-    state = tmp_path_factory.mktemp("slurm")
-    # RADSTUDY_SLURM_OWNER: a later start may replace this cluster once this process is gone (a killed run)
-    env = {**os.environ, "RADSTUDY_SLURM_DIR": str(state), "RADSTUDY_SLURM_CPUS": str(NODE_CPUS),
-           "RADSTUDY_SLURM_MEM_MB": str(NODE_MEM_MB), "RADSTUDY_SLURM_OWNER": str(os.getpid())}
-    install = subprocess.run([str(CLUSTER_SCRIPT), "install"], capture_output=True, text=True, env=env, timeout=900)
+        return "no apt-get to install SLURM, and SLURM is not installed"
+    return None
+
+
+def _start_cluster(state: Path) -> tuple[dict, str | None]:
+    """Install SLURM where needed and start the test cluster, its files under `state`: (the variables its clients
+    need, None), or (those known so far, why it could not be started)."""
+    # RADSTUDY_SLURM_OWNER, the pytest process: a later start may replace this cluster once it is gone (a killed run)
+    env = {"RADSTUDY_SLURM_DIR": str(state), "RADSTUDY_SLURM_CPUS": str(NODE_CPUS),
+           "RADSTUDY_SLURM_MEM_MB": str(NODE_MEM_MB), "RADSTUDY_SLURM_OWNER": str(os.getppid())}
+    install = subprocess.run([str(CLUSTER_SCRIPT), "install"], check=False, capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, env={**os.environ, **env}, timeout=900)
     if install.returncode != 0:
-        pytest.skip(f"SLURM could not be installed: {install.stderr.strip()[-500:]}")
-    start = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=180)
-    try:
-        if start.returncode != 0:
-            pytest.skip(f"the SLURM test cluster did not start: {start.stderr.strip()[-800:]}")
-        conf = start.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
-        yield {**env, "SLURM_CONF": conf}
-    finally:
-        subprocess.run([str(CLUSTER_SCRIPT), "stop"], capture_output=True, text=True, env=env, timeout=180)
+        return env, f"SLURM could not be installed: {install.stderr.strip()[-500:]}"
+    start = subprocess.run([str(CLUSTER_SCRIPT), "start"], check=False, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, env={**os.environ, **env}, timeout=180)
+    if start.returncode != 0:
+        return env, f"the SLURM test cluster did not start: {start.stderr.strip()[-800:]}"
+    return {**env, "SLURM_CONF": start.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")}, None
+
+
+def _stop_cluster(env: dict) -> None:
+    if Path(env.get("RADSTUDY_SLURM_DIR", "")).is_dir():
+        subprocess.run([str(CLUSTER_SCRIPT), "stop"], check=False, capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=180)
 
 
 def _delivery(local: Path, to: Path) -> Path:
@@ -186,35 +195,93 @@ def _delivery(local: Path, to: Path) -> Path:
     return to
 
 
-@pytest.fixture(scope="module")
-def slurm_runs(cluster, tiny_study, tmp_path_factory):
-    """The module's two SLURM runs, started together on the one cluster: the whole study, and the discovery of a
-    center whose DICOM folder is a file. The second is one short job, most of its time spent waiting on the plugin's
-    status polls (and, once its job failed, on the poll interval before snakemake exits): run on its own after the
-    study it would add that wait to the module's time.
+RESULT = "slurm_runs.json"
 
-    {"study": (workdir, its local counterpart, output), "failing": (workdir, exit code, output)}
-    """
-    local = tiny_study.workdir
-    on_slurm = _delivery(local, tmp_path_factory.mktemp("on_slurm"))
+
+def _slurm_runs(local: Path, workdir: Path, env: dict) -> dict[str, int]:
+    """The module's two SLURM runs, started together on the one cluster: the whole study (workdir/on_slurm), and the
+    discovery of a center whose DICOM folder is a file (workdir/failing_on_slurm); their exit codes. The second is
+    one short job, most of its time spent waiting on the plugin's status polls (and, once its job failed, on the poll
+    interval before snakemake exits): run on its own after the study it would add that wait to the runs' time."""
+    on_slurm = _delivery(local, workdir / "on_slurm")
     # The failing run: the same delivery, but center C's dicom_root is a file (say, an archive where the unpacked
     # folder should be): snakemake sees its input and submits C's discovery, the one job to run, which fails on SLURM.
-    failing = _delivery(local, tmp_path_factory.mktemp("failing_on_slurm"))
+    failing = _delivery(local, workdir / "failing_on_slurm")
     shutil.rmtree(failing / "demo" / "dicom" / "C")
     (failing / "demo" / "dicom" / "C").write_text("an archive, not the center's patient folders\n")
-    failing_log = failing / "snakemake_output.txt"
-    with failing_log.open("w") as out:
-        procs = [_start_snakemake_slurm(on_slurm, cluster),
-                 _start_snakemake_slurm(failing, cluster, "results/ingest/C/patients.tsv", stdout=out)]
+    procs = [_start_snakemake_slurm(on_slurm, env),
+             _start_snakemake_slurm(failing, env, "results/ingest/C/patients.tsv")]
     try:
-        output = _communicate(procs[0], timeout=1500)
+        procs[0].wait(timeout=1500)
         procs[1].wait(timeout=300)
-    except BaseException:
+    except BaseException:  # timeout, or stopped: leave no snakemake (nor its SLURM jobs) behind
         for proc in procs:
             _stop(proc)
         raise
-    assert procs[0].returncode == 0, output[-6000:]
-    return {"study": (on_slurm, local, output), "failing": (failing, procs[1].returncode, failing_log.read_text())}
+    return {"study": procs[0].returncode, "failing": procs[1].returncode}
+
+
+def run_in_background(workdir: Path, local: Path) -> int:
+    """The module's SLURM runs, in a background process of the suite (tests/background_studies.py): start the test
+    cluster, wait for the shared tiny study in `local` (its exit code comes on stdin once it has finished), then run
+    both on SLURM (`_slurm_runs`). The cluster stays up for the tests' squeue; `slurm_runs` stops it. workdir/RESULT:
+    why the runs cannot be done here ("skip"), or what failed ("error"), or the runs' exit codes; and the cluster's
+    variables ("env")."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped (the session ends): Ctrl-C the runs (_stop)
+    env, reason = {}, _cannot_run_here()
+    if not reason:
+        env, reason = _start_cluster(workdir / "cluster")
+    if reason:
+        (workdir / RESULT).write_text(json.dumps({"skip": reason, "env": env}))
+        return 0
+    result = {"env": env}
+    code = sys.stdin.readline().strip()  # the study's exit code: what this starts reads no stdin, so none takes it
+    try:
+        if code != "0":
+            result["error"] = f"the shared tiny study did not finish well (exit code {code or 'unknown'})"
+        else:
+            result.update(_slurm_runs(local, workdir, {**os.environ, **env}))
+    except Exception:  # noqa: BLE001 (whatever it is, the fixture shows it)
+        result["error"] = traceback.format_exc()
+    finally:
+        if "study" not in result:
+            _stop_cluster(env)
+        (workdir / RESULT).write_text(json.dumps(result))
+    return 0
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(tmp_path_factory, request):
+    """The module's two SLURM runs (`_slurm_runs`), done in the background: waits for them, skips (with the reason)
+    where no test cluster can be started here, and stops the cluster after the module's tests.
+
+    {"env": the cluster's client environment, "study": (workdir, its local counterpart, output),
+     "failing": (workdir, exit code, output)}
+    """
+    from background_studies import wait_for
+
+    workdir, code = wait_for("slurm", tmp_path_factory)
+    assert (workdir / RESULT).exists(), f"the background SLURM runs ended ({code}) without a result: see their log"
+    result = json.loads((workdir / RESULT).read_text())
+    env = {**os.environ, **result["env"]}
+    try:
+        if "skip" in result:
+            pytest.skip(result["skip"])
+        local = request.getfixturevalue("tiny_study").workdir  # fails with the shared run's output if that failed
+        assert "error" not in result, result["error"]
+        on_slurm, failing = workdir / "on_slurm", workdir / "failing_on_slurm"
+        output = (on_slurm / RUN_OUTPUT).read_text()
+        assert result["study"] == 0, output[-6000:]
+        yield {"env": env, "study": (on_slurm, local, output),
+               "failing": (failing, result["failing"], (failing / RUN_OUTPUT).read_text())}
+    finally:
+        _stop_cluster(result["env"])
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm_runs) -> dict:
+    """The environment of the test cluster's clients (SLURM_CONF), for squeue."""
+    return slurm_runs["env"]
 
 
 @pytest.fixture(scope="module")
@@ -409,3 +476,7 @@ def test_local_profile_is_picked_up_by_name(tmp_path):
     profile = yaml.safe_load((LOCAL_PROFILE / "config.yaml").read_text())
     assert _job_resources(output, "nnunet_plan")["mem_mb"] == str(profile["set-resources"]["nnunet_plan"]["mem_mb"])
     assert _job_resources(output, "discover")["mem_mb"] == str(profile["default-resources"]["mem_mb"])
+
+
+if __name__ == "__main__":  # tests/background_studies.py: test_slurm.py slurm WORKDIR CT_WORKDIR
+    sys.exit(run_in_background(Path(sys.argv[2]), Path(sys.argv[3])))
