@@ -103,7 +103,7 @@ _VENDORS = (  # manufacturer, models, kernels from smooth to sharp
 # pixels, edge-enhancement amount). Soft-tissue kernels blur (MTF50 well below the pixel's Nyquist frequency), detail
 # and bone/lung kernels overshoot edges and lift fine texture. In pixels because the demo's pixels are coarse (3-4 mm);
 # at clinical 0.7 mm pixels the same kernels blur over ~1 pixel.
-_KERNEL_MTF = ((1.2, 0.0), (0.7, 0.0), (0.0, 0.5), (0.0, 1.0))
+_KERNEL_MTF = ((1.0, 0.0), (0.6, 0.0), (0.0, 0.3), (0.0, 0.6))
 _INSTITUTIONS = (
     ("St. Elsewhere University Hospital", "1 Elsewhere Plaza, Boston MA 02115"),
     ("Klinikum Musterstadt", "Musterstrasse 12, 12345 Musterstadt"),
@@ -249,7 +249,7 @@ def _center_profiles(centers: list[dict], seed: int, size: str) -> list[CenterPr
                 hu_scale=round(float(rng.uniform(0.9, 1.1)), 3),
                 psf_sigma=psf_sigma,
                 edge_enhancement=edge_enhancement,
-                noise_sigma=round(6 + 14 * sharpness + float(rng.uniform(0, 3)), 1),
+                noise_sigma=round(6 + 10 * sharpness + float(rng.uniform(0, 2)), 1),
                 noise_correlation=round(1.4 - 0.9 * sharpness, 2),
                 portal_delay=float(rng.integers(60, 81)),
                 case_mix=round(float(case_mix[i]), 3),
@@ -634,7 +634,7 @@ def _tumour(rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, trunk: _T
     necrosis = tumour & (radius + 0.15 * _smooth_field(rng, u, v, w) < necrotic_radius)
     region[tumour] = TUMOUR
     region[necrosis] = NECROSIS
-    return _organ_texture(rng, grid, "tumour", box, tumour, 3 + 2 * heterogeneity, 6 + 30 * heterogeneity)
+    return _organ_texture(rng, grid, "tumour", box, tumour, 3 + 2 * heterogeneity, 6 + 24 * heterogeneity)
 
 
 def _anatomy(rng: np.random.Generator, grid: _Grid, clinical: _Clinical) -> _Anatomy:
