@@ -273,6 +273,15 @@ def test_centers_differ_in_scanner_effects_and_delivery_conventions(cohort):
     assert all((p["psf_sigma"] > 0) != (p["edge_enhancement"] > 0) for p in (first, second))
 
 
+def test_the_external_centers_kernel_lies_within_the_development_centers_range():
+    centers = _centers(Path("/nonexistent"), ("development",) * 3 + ("external",))
+    for seed in range(8):
+        profiles = demo._center_profiles(centers, seed, "small")
+        mtf = [(p.psf_sigma, p.edge_enhancement) for p in profiles]
+        assert sorted(mtf) == sorted(demo._KERNEL_MTF)  # four centers, four different kernels
+        assert mtf[3] not in (demo._KERNEL_MTF[0], demo._KERNEL_MTF[-1]), seed
+
+
 def test_voxel_averaging_of_texture_matches_numerical_integration():
     from scipy import integrate
 

@@ -212,7 +212,18 @@ def _center_profiles(centers: list[dict], seed: int, size: str) -> list[CenterPr
         )
     }
     head_first = conv.permutation([True, False])
-    kernel_order = conv.permutation(len(_KERNEL_MTF))
+    kernel_order = [int(k) for k in conv.permutation(len(_KERNEL_MTF))]
+    # An external center's kernel lies within the development centers' range (swapped with a development center
+    # holding a middle one): with the sharpest kernel at the external center and only smoother ones to learn from,
+    # the demo's small nnU-Net segmented no tumour there (DSC 0.04-0.2) -- a domain shift, not what the demo shows.
+    extremes, n_kernels = {0, len(_KERNEL_MTF) - 1}, len(_KERNEL_MTF)
+    roles = [str(c["role"]) for c in centers[:n_kernels]]
+    for i, role in enumerate(roles):
+        if role == "external" and kernel_order[i] in extremes:
+            middle = [j for j, r in enumerate(roles) if r != "external" and kernel_order[j] not in extremes]
+            if middle:
+                j = middle[0]
+                kernel_order[i], kernel_order[j] = kernel_order[j], kernel_order[i]
     # evenly spread referral patterns in a seeded order, so that the development centers differ in case mix
     spread = np.linspace(-1, 1, len(centers)) if len(centers) > 1 else np.zeros(1)
     case_mix = conv.permutation(spread)
