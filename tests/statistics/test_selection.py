@@ -93,6 +93,16 @@ def test_robustness_filter_keep_and_evaluated():
     assert RobustnessFilter(keep=["a", "c"], evaluated=["a", "b", "c"]).fit(X).selected_features_ == ["a", "deep1", "c"]
     with pytest.raises(ValueError, match="none of the 4 features"):
         RobustnessFilter(keep=["zzz"]).fit(X)
+    # no feature reached the ICC threshold: none is kept, and that is not an error (unassessed ones still pass)
+    assert RobustnessFilter(keep=[]).fit(X).selected_features_ == []
+    assert RobustnessFilter(keep=[], evaluated=["a", "b", "c"]).fit(X).selected_features_ == ["deep1"]
+
+
+def test_no_robust_feature_gives_a_constant_score_not_an_error():
+    X, y, surv = _data(missing=0)
+    for target, endpoint in ((y, "binary"), (surv, "survival")):
+        pipe = build_selector({}, endpoint, 0, robust_keep=[], robust_evaluated=list(X.columns)).fit(X, target)
+        assert pipe[-1].selected_features_ == [] and np.ptp(pipe.decision_function(X)) == 0
 
 
 def test_univariate_filter_binary_and_survival_and_fallback():

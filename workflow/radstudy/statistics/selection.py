@@ -164,11 +164,32 @@ class _ColumnSelector(SelectorMixin, BaseEstimator):
         return tags
 
 
+class Standardise(StandardScaler):
+    """StandardScaler that passes a table of no columns through (scikit-learn refuses one): when no feature was
+    robust, the chain goes on to a LASSO with nothing to select, and the model's score is constant."""
+
+    def fit(self, X, y=None, sample_weight=None):
+        if X.shape[1] == 0:
+            self.n_features_in_, self.n_samples_seen_ = 0, X.shape[0]
+            self.mean_, self.var_, self.scale_ = np.zeros(0), np.zeros(0), np.ones(0)
+            if isinstance(X, pd.DataFrame):
+                self.feature_names_in_ = np.array([], dtype=object)
+            return self
+        return super().fit(X, y, sample_weight)
+
+    def transform(self, X, copy=None):
+        if X.shape[1] == 0:
+            return X
+        return super().transform(X, copy)
+
+
 class RobustnessFilter(_ColumnSelector):
     """Keep the features listed as robust (e.g. ICC >= threshold in the features stage's test-retest /
     inter-reader analysis). keep: names kept; evaluated: names that were assessed at all -- features not
     evaluated (e.g. deep features when only radiomics were assessed) pass unchanged. evaluated=None means
-    `keep` is exhaustive. keep=None keeps everything (no robustness analysis available)."""
+    `keep` is exhaustive. keep=None keeps everything (no robustness analysis available); an empty `keep` (no feature
+    reached the ICC threshold) keeps none of the assessed features: the model gets no radiomic feature, as when the
+    LASSO keeps none."""
 
     def __init__(self, keep=None, evaluated=None):
         self.keep = keep
@@ -190,7 +211,7 @@ class RobustnessFilter(_ColumnSelector):
         else:
             evaluated = set(map(str, self.evaluated))
             self.support_ = np.array([n in keep or n not in evaluated for n in names])
-        if p and not self.support_.any():
+        if p and keep and not self.support_.any():  # names that match nothing: a naming mismatch, not a finding
             raise ValueError(
                 f"none of the {p} features is in the robust-feature list ({len(keep)} names, e.g. "
                 f"{sorted(keep)[:3]}): do the names follow {{region}}_{{channel}}_{{imagetype}}_{{class}}_{{feature}}?"
@@ -610,7 +631,7 @@ def build_selector(config: dict | None, endpoint: str, random_state: int | None 
         ("impute", SimpleImputer(strategy="median")),
         ("robustness", RobustnessFilter(keep=robust_keep, evaluated=robust_evaluated or None)),
         ("near_zero_variance", NearZeroVariance(nzv["freq_ratio"], nzv["unique_percent"])),
-        ("scale", StandardScaler()),
+        ("scale", Standardise()),
         ("univariate", UnivariateFilter(uni["alpha"], uni["correction"], uni["fallback_top_k"],
                                         uni["max_features"], endpoint=endpoint)),
         ("redundancy", SpearmanRedundancy(cfg["redundancy"]["threshold"], endpoint=endpoint)),
