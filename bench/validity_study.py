@@ -207,7 +207,8 @@ def _ci_columns(name: str, low: float, high: float, truth: float) -> dict:
     return {f"{name}_low": low, f"{name}_high": high, f"{name}_covers": covers}
 
 
-def coverage_row(test: pd.DataFrame, risk: pd.Series, outcome, intercept: float, seed: int, k: int) -> dict:
+def coverage_row(test: pd.DataFrame, risk: pd.Series, outcome, intercept: float, seed: int, k: int,
+                 population_patients: int = POPULATION_C_PATIENTS) -> dict:
     """Draw k's combined model on the population (the patients of `test`, external test cohort): its true AUC and C
     and, on a test sample of the pool's size drawn with replacement with fresh outcomes, the sample's AUC and C with
     the evaluate stage's 95% CIs and whether each holds the truth. `risk`: each patient's latent risk (0 under the
@@ -231,7 +232,7 @@ def coverage_row(test: pd.DataFrame, risk: pd.Series, outcome, intercept: float,
                         **_ci_columns("boot_auc", boot["ci_low"], boot["ci_high"], truth)})
     if "survival" in pool:
         score = pool["survival"].to_numpy(float)
-        truth = population_c(score, r, outcome, np.random.default_rng([seed, k, 2]))
+        truth = population_c(score, r, outcome, np.random.default_rng([seed, k, 2]), n=population_patients)
         t, e, s = draws.iloc[:, 1].to_numpy(float), draws.iloc[:, 2].to_numpy(int), score[idx]
         row.update({"c_true": truth, "sample_events": int(e.sum())})
         if e.sum() > 0:

@@ -60,7 +60,8 @@ def test_coverage_row_takes_the_combined_models_scores_of_each_patient():
               ("clinical", "binary"): rng.normal(size=40), ("clinical", "survival"): rng.normal(size=40)}
     test = pd.DataFrame([{"patient": p, "model": m, "endpoint": e, "score": s[i]}
                          for (m, e), s in scores.items() for i, p in enumerate(patients)])
-    row = vs.coverage_row(test, risk.iloc[::-1], cohort._outcome, cohort._SYNCHRONOUS_INTERCEPT, seed=18, k=0)
+    row = vs.coverage_row(test, risk.iloc[::-1], cohort._outcome, cohort._SYNCHRONOUS_INTERCEPT, seed=18, k=0,
+                          population_patients=2_000)
     assert row["pool"] == 40
     p_event = expit(risk.to_numpy() + cohort._SYNCHRONOUS_INTERCEPT)  # the risk joined by patient, not by order
     assert row["auc_true"] == vs.population_auc(scores[("combined", "binary")], p_event) > 0.7
