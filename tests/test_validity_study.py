@@ -69,3 +69,14 @@ def test_coverage_row_takes_the_combined_models_scores_of_each_patient():
     for ci, metric in vs.CIS:
         assert row[f"{ci}_covers"] == (row[f"{ci}_low"] <= row[f"{metric}_true"] <= row[f"{ci}_high"])
         assert row[f"{ci}_low"] <= row[f"{metric}_sample"] <= row[f"{ci}_high"]
+
+
+def test_delong_null_rate_is_near_nominal_at_the_demos_external_size():
+    # the yardstick of the null control: with 45 patients DeLong's CI excludes 0.5 in ~6-7% of null draws (not 5%);
+    # a CI built on a wrong variance would be far outside 3-11% (the binomial SD of 2,000 draws is ~0.6 points)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import delong_null
+
+    rate, used = delong_null.exclusion_rate(45, 0.269, 2000, np.random.default_rng(18))
+    assert used > 1990
+    assert 0.03 < rate < 0.11
