@@ -10,7 +10,8 @@ table (clinical.endpoints) are replaced by the generator's own draw (radstudy.de
 radstudy.demo.mri._outcome with demo.kind mri) from every patient's latent risk (ground_truth/patients.tsv, joined via
 the pseudonymisation key), with numpy.random.default_rng([S, k]). The statistics stage
 (radstudy.statistics.models.run_statistics) then runs with harmonization.method combat and none (--methods) on the
-same draw, networks left out (networks.enabled false, cnn dropped from models.combined_scores), into a temporary
+same draw, networks left out (networks.enabled false, cnn dropped from models.combined_scores), the primary split's
+models only (`only_primary`: with the MRI demo's k-fold design the 5 folds' models are not fitted), into a temporary
 folder.
 
 Per draw and harmonization, on the external (test) cohort of the primary split: AUC and Harrell's C of the clinical,
@@ -315,7 +316,7 @@ def run_draw(k: int, null: bool) -> list[dict]:
         t1 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             paths = run_statistics(c["features"], drawn, c["patients"], statistics_config(c["config"], method),
-                                   out_dir=tmp, n_jobs=1, networks=None)
+                                   out_dir=tmp, n_jobs=1, networks=None, only_primary=True)
             predictions = pd.read_csv(paths["predictions"], sep="\t", dtype={"patient": str})
             cohorts = pd.read_csv(paths["cohorts"], sep="\t", dtype={"patient": str})
         split, test = external_test(predictions, cohorts, c["external"])

@@ -412,6 +412,20 @@ def test_run_statistics_writes_every_model_endpoint_and_cohort(study, tmp_path):
             assert one["score"].iloc[0] == pytest.approx(scored["score"].iloc[3])
 
 
+def test_only_primary_fits_the_primary_split_alone_with_the_same_predictions(study, tmp_path):
+    # bench/validity_study.py reads only the delivered (primary) split: with a k-fold design `final`, 1 split of 3
+    feats, clin, pts, _ = study
+    cfg = _config(design={"type": "kfold", "kfold": {"folds": 2}}, models={"fit": ["clinical", "radiomic"]},
+                  endpoints=["binary"])
+    every = run_statistics(feats, clin, pts, cfg, tmp_path / "every")
+    alone = run_statistics(feats, clin, pts, cfg, tmp_path / "alone", only_primary=True)
+    cohorts = pd.read_csv(alone["cohorts"], sep="\t")
+    assert cohorts.equals(pd.read_csv(every["cohorts"], sep="\t")) and cohorts["split"].nunique() == 3
+    pred, ref = (pd.read_csv(p["predictions"], sep="\t") for p in (alone, every))
+    assert set(pred["split"]) == {"final"} and set(ref["split"]) == {"final", "fold1", "fold2"}
+    pd.testing.assert_frame_equal(pred, ref[ref["split"] == "final"].reset_index(drop=True))
+
+
 def test_run_statistics_writes_exactly_the_declared_files(study, tmp_path):
     """The workflow declares every output (tables, one file per fitted model) from the config: run_statistics
     writes those paths and nothing else; a declared model the data cannot fit is an error, not a missing file."""

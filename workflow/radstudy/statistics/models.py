@@ -961,7 +961,7 @@ def statistics_outputs(out_dir: str | Path, config: dict) -> dict:
 
 def run_statistics(features, clinical, patients, config: dict, out_dir: str | Path | None = None,
                    n_jobs: int | None = None, perturbed=None, outputs: dict | None = None,
-                   networks=None) -> dict[str, Path]:
+                   networks=None, only_primary: bool = False) -> dict[str, Path]:
     """The statistics stage: cohorts of every split, every model of every endpoint, and their tables.
 
     features / clinical / patients: DataFrames or paths (features.parquet, clinical.tsv, patients.tsv).
@@ -975,6 +975,8 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
     fitted model as out_dir/{endpoint}/{model}.joblib.
     networks: the end-to-end networks' predictions (radstudy.networks.stage; same cohorts, checked), joined to
     the predictions table.
+    only_primary: fit the primary split only (the cohorts table still lists every split): what a caller that reads
+    only the delivered models' predictions needs (bench/validity_study.py; with a k-fold design 1 split of 6).
     Returns {name: path} (models as model_{endpoint}_{model})."""
     settings = statistics_settings(config)
     if outputs is None:
@@ -994,7 +996,7 @@ def run_statistics(features, clinical, patients, config: dict, out_dir: str | Pa
         robust = read_robust_features(rob["file"], rob["icc_min"])
     perturbed = read_table(perturbed) if perturbed is not None else None
     networks = network_predictions(read_table(networks), cohorts) if networks is not None else None
-    splits = split_names(cohorts)
+    splits = [primary_split(cohorts)] if only_primary else split_names(cohorts)
     jobs, icc_tables = [], []
     for split in splits:
         cmap = cohorts[cohorts["split"] == split].set_index("patient")["cohort"]
