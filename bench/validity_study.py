@@ -252,8 +252,9 @@ def _mean_ci(x: pd.Series) -> tuple[float, float, float]:
 def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
     """The summary over draws: per harmonization, the share of draws with the combined model within 0.10 of the
     oracle (gap <= 0.10), the gap's median and IQR, the models' mean AUC / C, the null control's rates, the
-    coverage of each 95% CI of the combined model (with a Wilson CI), its mean width and the mean error sample -
-    truth; and ComBat's gain (combat - none) on the external radiomic AUC and C with mean +- 1.96 sd / sqrt(K)."""
+    coverage of each 95% CI of the combined model (with a Wilson CI), its mean width, the mean error sample - truth,
+    the share of the misses where the sample lies above the truth and the correlation of the error with the CI's
+    half-width (negative: the interval narrows as the estimate rises, so misses fall on the high side); and ComBat's gain (combat - none) on the external radiomic AUC and C with mean +- 1.96 sd / sqrt(K)."""
     rows = []
 
     def add(harmonization, statistic, value, low=np.nan, high=np.nan):
@@ -290,6 +291,14 @@ def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
                 add(method, f"coverage {ci} 95% CI of {metric}_true", float(covers.mean()),
                     *wilson_ci(int(covers.sum()), len(covers)))
                 add(method, f"mean width {ci} 95% CI", *_mean_ci(g[f"{ci}_high"] - g[f"{ci}_low"]))
+                miss = g[~g[f"{ci}_covers"].fillna(True).astype(bool)]
+                if len(miss):  # a Wald interval whose SE shrinks as the estimate rises misses on the high side
+                    add(method, f"{ci} misses with the sample above the truth (share of misses)",
+                        float((miss[f"{metric}_sample"] > miss[f"{metric}_true"]).mean()))
+                half_width = (g[f"{ci}_high"] - g[f"{ci}_low"]) / 2
+                error = g[f"{metric}_sample"] - g[f"{metric}_true"]
+                if len(g) > 2 and half_width.std() > 0 and error.std() > 0:
+                    add(method, f"corr(sample - truth, {ci} half-width)", float(np.corrcoef(error, half_width)[0, 1]))
     wide = table.pivot(index="draw", columns="harmonization")
     for metric in ("auc", "c"):
         column = f"{metric}_radiomic"
