@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from radstudy.concordance import auc, harrell_c
 from radstudy.demo import cohort
 from scipy.special import expit
@@ -80,3 +81,23 @@ def test_delong_null_rate_is_near_nominal_at_the_demos_external_size():
     rate, used = delong_null.exclusion_rate(45, 0.269, 2000, np.random.default_rng(18))
     assert used > 1990
     assert 0.03 < rate < 0.11
+
+
+def test_summary_gives_coverage_the_side_of_the_misses_and_the_gain():
+    # 10 draws x 2 harmonizations: DeLong covers in 8 draws, its 2 misses have the sample above the truth; the CI
+    # narrows as the sample rises; ComBat's radiomic AUC is 0.05 above none's in every draw
+    rows = []
+    for k in range(10):
+        sample = 0.70 + 0.02 * k
+        half = 0.20 - 0.015 * k
+        for method, radiomic in (("combat", 0.70), ("none", 0.65)):
+            rows.append({"draw": k, "harmonization": method, "auc_radiomic": radiomic, "auc_combined": 0.8,
+                         "auc_clinical": 0.7, "auc_oracle": 0.85, "gap_auc": 0.05, "auc_sample": sample, "auc_true": 0.75,
+                         "delong_low": sample - half, "delong_high": sample + half, "delong_covers": k < 8,
+                         "seconds": 1.0, "seconds_coverage": 0.5})
+    summary = vs.summarise(pd.DataFrame(rows), null=False).set_index(["harmonization", "statistic"])["value"]
+    assert summary[("combat", "coverage delong 95% CI of auc_true")] == 0.8
+    assert summary[("combat", "delong misses with the sample above the truth (share of misses)")] == 1.0
+    assert summary[("none", "corr(sample - truth, delong half-width)")] == pytest.approx(-1.0)
+    assert summary[("combat - none", "gain auc_radiomic")] == pytest.approx(0.05)
+    assert summary[("combat - none", "share of draws gain auc_radiomic > 0")] == 1.0
