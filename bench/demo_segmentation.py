@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from finished_study import open_study, write_result
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum() + b.sum())
-    return 2.0 * float((a & b).sum()) / total if total else 1.0
+from finished_study import ground_truth, open_study, write_result
+from radstudy.networks.train import dice
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -31,8 +26,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     work, study, _ = open_study(args.study)
     config = study.config
     labels = config["ingest"]["labels"]
-    original = pd.read_csv(work / config["pseudonymisation"]["key_file"], sep="\t", dtype=str).set_index(
-        "pseudonym")["original_id"]
+    original = ground_truth(work, config)["original_id"]
     truth_dir = work / config["demo"]["out_dir"] / "ground_truth" / "masks"
     rows = []
     for center in study.centers:

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pandas as pd
-
 from radstudy.config import Study, load_study
 from radstudy.statistics.design import primary_split
 
@@ -29,3 +28,13 @@ def write_result(work: Path, table: pd.DataFrame, name: str) -> Path:
     table.to_csv(out, sep="\t", index=False)
     print(f"load average after: {os.getloadavg()}; written {out}")
     return out
+
+
+def ground_truth(work: Path, config: dict) -> pd.DataFrame:
+    """The demo generator's ground truth (`{demo.out_dir}/ground_truth/patients.tsv`: latent risk, image phenotypes,
+    outcomes) indexed by the pipeline's pseudonym (through the pseudonymisation key), with the original id."""
+    truth = pd.read_csv(work / config["demo"]["out_dir"] / "ground_truth" / "patients.tsv", sep="\t",
+                        dtype={"patient_id": str})
+    key = pd.read_csv(work / config["pseudonymisation"]["key_file"], sep="\t", dtype=str)
+    table = key[["pseudonym", "original_id"]].merge(truth, left_on="original_id", right_on="patient_id")
+    return table.drop(columns="patient_id").set_index("pseudonym")

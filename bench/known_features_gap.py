@@ -20,7 +20,7 @@ import argparse
 
 import numpy as np
 import pandas as pd
-from finished_study import open_study
+from finished_study import ground_truth, open_study
 from radstudy.concordance import auc
 from radstudy.demo import cohort
 from sklearn.linear_model import LogisticRegression
@@ -40,12 +40,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     work, study, split = open_study(args.study)
     config = study.config
-    truth = pd.read_csv(work / config["demo"]["out_dir"] / "ground_truth" / "patients.tsv", sep="\t",
-                        dtype={"patient_id": str})
-    key = pd.read_csv(work / config["pseudonymisation"]["key_file"], sep="\t", dtype=str)
     cohorts = pd.read_csv(work / "results" / "models" / "cohorts.tsv", sep="\t", dtype={"patient": str})
-    cohorts = cohorts[cohorts["split"] == split].merge(key, left_on="patient", right_on="pseudonym")
-    table = cohorts.merge(truth, left_on="original_id", right_on="patient_id")
+    truth = ground_truth(work, config).drop(columns="center")
+    table = cohorts[cohorts["split"] == split].join(truth, on="patient", how="inner")
     phenotypes = ("tumour_heterogeneity", "liver_texture")
     image = sum(cohort._RISK_WEIGHTS[k][0] * (table[k] - cohort._RISK_WEIGHTS[k][1]) for k in phenotypes)
     clinical = (table["latent_risk"] - image).to_numpy()

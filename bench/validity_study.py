@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from finished_study import open_study, write_result
+from finished_study import ground_truth, open_study, write_result
 from radstudy.concordance import auc, concordance_matrices, harrell_c, weighted_auc
 from radstudy.evaluate.metrics import (
     auc_bootstrap_ci,
@@ -93,11 +93,7 @@ def generator(kind: str):
 
 def latent_risk(work: Path, config: dict, patients) -> pd.Series:
     """The generator's latent risk of each pseudonym in `patients` (ground_truth/patients.tsv via the key)."""
-    truth = pd.read_csv(work / config["demo"]["out_dir"] / "ground_truth" / "patients.tsv", sep="\t",
-                        dtype={"patient_id": str})
-    key = pd.read_csv(work / config["pseudonymisation"]["key_file"], sep="\t", dtype=str)
-    original = key.set_index("pseudonym")["original_id"]
-    risk = pd.Series(list(patients), index=list(patients)).map(original).map(truth.set_index("patient_id")["latent_risk"])
+    risk = pd.Series(list(patients), index=list(patients)).map(ground_truth(work, config)["latent_risk"])
     if risk.isna().any():
         raise ValueError(f"no latent risk for {risk.index[risk.isna()].tolist()[:5]}")
     return risk.astype(float)
@@ -254,7 +250,8 @@ def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
     oracle (gap <= 0.10), the gap's median and IQR, the models' mean AUC / C, the null control's rates, the
     coverage of each 95% CI of the combined model (with a Wilson CI), its mean width, the mean error sample - truth,
     the share of the misses where the sample lies above the truth and the correlation of the error with the CI's
-    half-width (negative: the interval narrows as the estimate rises, so misses fall on the high side); and ComBat's gain (combat - none) on the external radiomic AUC and C with mean +- 1.96 sd / sqrt(K)."""
+    half-width (negative: the interval narrows as the estimate rises, so misses fall on the high side); and
+    ComBat's gain (combat - none) on the external radiomic AUC and C with mean +- 1.96 sd / sqrt(K)."""
     rows = []
 
     def add(harmonization, statistic, value, low=np.nan, high=np.nan):
@@ -290,12 +287,13 @@ def summarise(table: pd.DataFrame, null: bool) -> pd.DataFrame:
                 covers = g[f"{ci}_covers"].dropna().astype(bool)
                 add(method, f"coverage {ci} 95% CI of {metric}_true", float(covers.mean()),
                     *wilson_ci(int(covers.sum()), len(covers)))
-                add(method, f"mean width {ci} 95% CI", *_mean_ci(g[f"{ci}_high"] - g[f"{ci}_low"]))
+                width = g[f"{ci}_high"] - g[f"{ci}_low"]
+                add(method, f"mean width {ci} 95% CI", *_mean_ci(width))
                 miss = g[~g[f"{ci}_covers"].fillna(True).astype(bool)]
                 if len(miss):  # a Wald interval whose SE shrinks as the estimate rises misses on the high side
                     add(method, f"{ci} misses with the sample above the truth (share of misses)",
                         float((miss[f"{metric}_sample"] > miss[f"{metric}_true"]).mean()))
-                half_width = (g[f"{ci}_high"] - g[f"{ci}_low"]) / 2
+                half_width = width / 2
                 error = g[f"{metric}_sample"] - g[f"{metric}_true"]
                 if len(g) > 2 and half_width.std() > 0 and error.std() > 0:
                     add(method, f"corr(sample - truth, {ci} half-width)", float(np.corrcoef(error, half_width)[0, 1]))
