@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.uid import MRImageStorage, RTStructureSetStorage
+from radstudy.demo import cohort as ct
 from radstudy.demo import mri
 from radstudy.errors import ConfigError
 from radstudy.ingest import dicomio, masks
@@ -50,11 +51,10 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def phenotype_cohort(tmp_path_factory) -> Path:
-    """3 centers x 4 patients at the small matrix (no delivered masks: the true masks are enough). At half of it
-    (DWI pixels 6-7 mm, tumours of ~10-50 ADC voxels) partial volume and noise hide the phenotype: Spearman's rho
-    0.32-0.78 over seeds, against 0.73-0.94 here."""
+    """3 centers x 8 patients at the small matrix (no delivered masks: the true masks are enough). At half of it
+    (DWI pixels 6-7 mm, tumours of ~10-50 ADC voxels) partial volume and noise hide the phenotype."""
     root = tmp_path_factory.mktemp("mri_phenotypes")
-    _generate(root, patients=4, annotated_fraction=0.0, _downsample=1)
+    _generate(root, patients=8, annotated_fraction=0.0, _downsample=1)
     return root
 
 
@@ -358,9 +358,12 @@ def test_latent_risk_is_recomputed_from_the_clinical_table_and_the_phenotypes(co
 
 
 def test_adc_heterogeneity_shows_in_the_adc_map_inside_the_tumour(phenotype_cohort):
+    """Within each center: the centers' reconstruction filters and noise levels shift the ADC's spread (the center
+    effect ComBat removes), so the spread is compared after standardising it per center. Spearman's rho 0.55 here
+    (within the three centers 0.90 / 0.43 / 0.43: no filter, a Hamming window, edge enhancement); 0.30 pooled raw."""
     rows = _patients(phenotype_cohort)
-    assert len(rows) == 12
-    heterogeneity, spread = [], []
+    assert len(rows) == 24
+    heterogeneity, spread, centers = [], [], []
     for row in rows:
         adc = _read_series(_series(_patient_dir(phenotype_cohort, row))["adc"])
         mask = sitk.Resample(_true_mask(phenotype_cohort, row), adc, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
@@ -369,8 +372,29 @@ def test_adc_heterogeneity_shows_in_the_adc_map_inside_the_tumour(phenotype_coho
         assert inside.sum() >= 20, row["patient_id"]
         heterogeneity.append(float(row["adc_heterogeneity"]))
         spread.append(float(sitk.GetArrayFromImage(adc)[inside].std()))
+        centers.append(row["center"])
+    spread, centers = np.array(spread), np.array(centers)
+    for center in set(centers):
+        s = spread[centers == center]
+        spread[centers == center] = (s - s.mean()) / s.std()
     rho = spearmanr(heterogeneity, spread).statistic
-    assert rho > 0.5, (rho, heterogeneity, spread)
+    assert rho > 0.45, (rho, heterogeneity, spread)
+
+
+def test_each_center_reconstructs_with_its_own_in_plane_filter(cohort):
+    """The MR centers' reconstruction filters differ (the first four all do) and are the CT kernels' response:
+    a smoothing window lowers white noise by the Gaussian's gain, edge enhancement raises it."""
+    profiles = _center_profiles(cohort)
+    assert len({p["recon_filter"] for p in profiles.values()}) == len(profiles)
+    assert {(p["recon_filter"], p["psf_sigma"], p["edge_enhancement"]) for p in profiles.values()} <= set(
+        mri._RECON_FILTERS)
+    noise = np.random.default_rng(0).standard_normal((4, 128, 128)).astype(np.float32)
+    smooth = ct.in_plane_response(noise.copy(), 0.6, 0.0, 2.0)  # sigma 1.2 pixels of this grid
+    assert math.isclose(smooth[:, 8:-8, 8:-8].std(), ct._gaussian_noise_gain(1.2), rel_tol=0.05)
+    sharp = ct.in_plane_response(noise.copy(), 0.0, 0.3, 1.0)
+    assert sharp.std() > 1.1 * noise.std()
+    unchanged = ct.in_plane_response(noise.copy(), 0.0, 0.0, 1.0)
+    np.testing.assert_array_equal(unchanged, noise)
 
 
 # --- 8. arguments -------------------------------------------------------------------------------------

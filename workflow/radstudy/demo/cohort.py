@@ -727,11 +727,7 @@ def _scanner(hu: np.ndarray, air: np.ndarray, profile: CenterProfile, rng: np.ra
     hu += np.float32(profile.hu_offset)
     hu[air] = -1000  # calibration is anchored on air; the error shows in tissue
     native = profile.pixel_spacing / pixel_mm  # the center's pixel, in pixels of this grid
-    if profile.psf_sigma > 0:
-        sigma = profile.psf_sigma * native
-        hu[:] = ndimage.gaussian_filter(hu, (0, sigma, sigma))
-    if profile.edge_enhancement > 0:  # unsharp masking: the detail above a 1-pixel blur, amplified
-        hu += np.float32(profile.edge_enhancement) * (hu - ndimage.gaussian_filter(hu, (0, native, native)))
+    in_plane_response(hu, profile.psf_sigma, profile.edge_enhancement, native)
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
     s = profile.noise_correlation
     # Reconstruction kernels blur noise in-plane only; rescale so the voxel sd is noise_sigma.
@@ -740,6 +736,19 @@ def _scanner(hu: np.ndarray, air: np.ndarray, profile: CenterProfile, rng: np.ra
     np.rint(hu, out=hu)
     np.clip(hu, *profile.storage.hu_range, out=hu)
     return hu.astype(np.int16)
+
+
+def in_plane_response(image: np.ndarray, psf_sigma: float, edge_enhancement: float, native: float) -> np.ndarray:
+    """A reconstruction's in-plane response (CT kernel, MR k-space filter), applied in place to a (slices, rows,
+    columns) float32 image and returned: a Gaussian point-spread function of `psf_sigma` native pixels (smooth
+    kernels), or unsharp masking of that `edge_enhancement` amount (the detail above a one-pixel blur, amplified;
+    sharp kernels). `native`: the scanner's own pixel in pixels of this grid."""
+    if psf_sigma > 0:
+        sigma = psf_sigma * native
+        image[:] = ndimage.gaussian_filter(image, (0, sigma, sigma))
+    if edge_enhancement > 0:
+        image += np.float32(edge_enhancement) * (image - ndimage.gaussian_filter(image, (0, native, native)))
+    return image
 
 
 def _gaussian_noise_gain(sigma: float) -> float:

@@ -49,6 +49,13 @@ _VENDORS = (
 _B_VALUE_TAGS = {"siemens": (0x0019, "SIEMENS MR HEADER", 0x0C, "IS"),
                  "ge": (0x0043, "GEMS_PARM_01", 0x39, "IS")}
 _SERIES_NUMBERS = ((3, 5, 6), (4, 7, 700), (301, 501, 502))  # (T2W, DWI, ADC)
+# The reconstruction's in-plane filter, from smooth to sharp: k-space apodization (a Hamming or Fermi window,
+# broadening the point-spread function), none, or the vendor's edge-enhancing image filter; its response as
+# (Gaussian PSF sigma, unsharp-masking amount) in the center's own pixels (applied by ct.in_plane_response, as the CT
+# kernels). It filters the acquired data, signal and noise alike, before the magnitude: smoother filters erase fine
+# tumour texture and lower the noise, sharper ones lift both. Milder than the CT kernels' range: a strong window (PSF
+# sigma 1 pixel) on the 3 mm DWI pixels left no trace of the ADC phenotype.
+_RECON_FILTERS = (("Hamming", 0.6, 0.0), ("Fermi", 0.3, 0.0), ("none", 0.0, 0.0), ("edge enhancement", 0.0, 0.3))
 _MASK_FORMATS = ("nifti", "rtstruct")
 _SEG_NAMES = ("{patient_id}_seg.nii.gz", "T2W_tumour_seg.nii.gz", "rectum_tumour_seg.nii.gz")
 # Oblique tilts of the T2W plane about the left-right axis: (sin, cos) pairs exact in decimal, so that the written
@@ -98,7 +105,10 @@ class MRCenterProfile:
     series_numbers: tuple[int, int, int]
     t2_scale: float  # stored value of muscle on T2W: the vendor's arbitrary signal scale
     dwi_scale: float  # stored value of muscle on b0
-    snr: float  # muscle signal / noise sigma on T2W (b0: half of it)
+    snr: float  # muscle signal / noise sigma on T2W (b0: half of it), before the reconstruction filter
+    recon_filter: str  # the in-plane reconstruction filter (_RECON_FILTERS), on T2W and DWI alike
+    psf_sigma: float  # its response: Gaussian PSF sigma (pixels) ...
+    edge_enhancement: float  # ... or unsharp-masking amount
     bias_amplitude: float  # coil sensitivity: sd of the log bias field
     adc_calibration: float  # multiplicative ADC error of the vendor's fit
     t2_pixel: float
@@ -119,6 +129,7 @@ def _center_profiles(centers: list[dict], seed: int, size: str) -> list[MRCenter
     perms = {name: conv.permutation(len(options)) for name, options in (
         ("vendor", _VENDORS), ("institution", ct._INSTITUTIONS), ("prefix", ct._ID_PREFIXES),
         ("numbers", _SERIES_NUMBERS), ("layout", ct._LAYOUTS), ("naming", ct._NAMINGS), ("seg", _SEG_NAMES))}
+    filter_order = conv.permutation(len(_RECON_FILTERS))  # the first four centers' filters all differ
 
     def pick(name, options, i):
         return options[perms[name][i % len(options)]]
@@ -140,6 +151,8 @@ def _center_profiles(centers: list[dict], seed: int, size: str) -> list[MRCenter
             t2_scale=round(float(np.exp(rng.uniform(np.log(150), np.log(900)))), 1),
             dwi_scale=round(float(np.exp(rng.uniform(np.log(60), np.log(400)))), 1),
             snr=round(float((14 if field == 1.5 else 24) * rng.uniform(0.8, 1.2)), 1),
+            **dict(zip(("recon_filter", "psf_sigma", "edge_enhancement"),
+                       _RECON_FILTERS[filter_order[i % len(_RECON_FILTERS)]])),
             bias_amplitude=round(float(rng.uniform(0.08, 0.3)), 3),
             adc_calibration=round(float(rng.uniform(0.94, 1.06)), 3),
             t2_pixel=float(rng.integers(math.ceil(lo * 64), math.floor(hi * 64) + 1)) / 64,
@@ -163,17 +176,15 @@ _CLINICAL_COLUMNS = (
 )
 _MISSABLE = ("cea", "ca19_9")
 # Latent risk: centred linear predictor (term weight, population mean of the term). The two tumour phenotypes
-# (uniform on [0, 1]; sd 1.33 together) weigh a little more than all clinical terms together (sd 1.04; the means are
-# simulated over 100k patients). With the clinical terms at two thirds of these weights (sd 0.7), no clinical model
-# found them in the demo's ~80 development patients (external C-index 0.54, bench/mri_combat.py).
+# (uniform on [0, 1]) carry about half of its variance (sd 1.33 of 1.90), three clinical factors the other half (CEA,
+# node stage, EMVI; sd 1.36 with their correlations); the other clinical variables are noise the models must leave out.
+# Seven weak clinical terms (this table before issue 18) left the clinical model at external AUC 0.59 on the demo's
+# ~80 development patients (docs/validity.md): as in the CT demo, three factors. Prevalence (~31%) and events (~55%)
+# are unchanged (simulated over 100k patients).
 _RISK_WEIGHTS = {
-    "log_cea": (0.8, 1.50),
-    "log_ca19_9": (0.4, 2.69),
-    "ct_stage": (0.5, 3.0),
-    "cn_stage": (0.7, 0.82),
-    "mrf": (0.7, 0.34),
-    "emvi": (0.9, 0.35),
-    "low_site": (0.4, 0.25),
+    "log_cea": (0.9, 1.50),
+    "cn_stage": (0.9, 0.82),
+    "emvi": (1.0, 0.35),
     "adc_heterogeneity": (3.5, 0.5),
     "t2_texture": (3.0, 0.5),
 }
@@ -422,10 +433,13 @@ def _bias(rng: np.random.Generator, grid: ct._Grid, amplitude: float) -> np.ndar
     return np.exp(np.float32(amplitude) * field)
 
 
-def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude image of a complex signal with Gaussian noise of `sigma` per channel."""
+def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator, response=None) -> np.ndarray:
+    """Magnitude image of a complex signal with Gaussian noise of `sigma` per channel; `response(channel)`: the
+    reconstruction's in-plane filter, applied to both channels (signal and noise alike) before the magnitude."""
     real = signal + rng.normal(0, sigma, signal.shape).astype(np.float32)
     imag = rng.normal(0, sigma, signal.shape).astype(np.float32)
+    if response is not None:
+        real, imag = response(real), response(imag)
     return np.sqrt(real**2 + imag**2)
 
 
@@ -457,7 +471,11 @@ def _render(p: _Pelvis, profile: MRCenterProfile, preset: _SizePreset, tilt, dow
     (t2, _, _), mask = _sample(p, t2_grid)
     t2 *= _bias(rng, t2_grid, profile.bias_amplitude)
     t2_sigma = 1.0 / profile.snr
-    t2 = _stored(_rician(t2, t2_sigma, rng) * np.float32(profile.t2_scale))
+
+    def response(channel):  # the center's filter, in its own pixels (1 / downsample of this grid's)
+        return ct.in_plane_response(channel, profile.psf_sigma, profile.edge_enhancement, 1.0 / downsample)
+
+    t2 = _stored(_rician(t2, t2_sigma, rng, response) * np.float32(profile.t2_scale))
     (_, b0, adc_true), _ = _sample(p, dwi_grid)
     bias = _bias(rng, dwi_grid, profile.bias_amplitude)
     dwi_sigma = 2.0 / profile.snr  # EPI: half the SNR of the TSE
@@ -465,7 +483,7 @@ def _render(p: _Pelvis, profile: MRCenterProfile, preset: _SizePreset, tilt, dow
     noisy = {}
     for b in B_VALUES:
         clean = b0 * np.exp(-np.float32(b / 1000) * adc_true) * bias
-        noisy[b] = _rician(clean, dwi_sigma, rng)
+        noisy[b] = _rician(clean, dwi_sigma, rng, response)
         dwi[b] = _stored(noisy[b] * np.float32(profile.dwi_scale))
     # The scanner's ADC fit from the two noisy images; background (b0 below 3 sigma) set to 0, as scanners do.
     with np.errstate(divide="ignore", invalid="ignore"):
