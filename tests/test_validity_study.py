@@ -101,3 +101,22 @@ def test_summary_gives_coverage_the_side_of_the_misses_and_the_gain():
     assert summary[("none", "corr(sample - truth, delong half-width)")] == pytest.approx(-1.0)
     assert summary[("combat - none", "gain auc_radiomic")] == pytest.approx(0.05)
     assert summary[("combat - none", "share of draws gain auc_radiomic > 0")] == 1.0
+
+
+def test_phenotype_visibility_measures_r2_and_the_within_center_correlation():
+    """bench/phenotype_visibility.py on known answers: a feature that is the phenotype plus noise of known R^2 is
+    recovered by the ridge regression beside noise features; a center offset does not lower the within-center rho."""
+    import phenotype_visibility as pv
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = pd.Series(rng.uniform(size=n))
+    noise_sd = np.sqrt(y.var() * (1 - 0.7) / 0.7)  # R^2 0.7
+    center = pd.Series(np.repeat(["A", "B"], n // 2))
+    X = pd.DataFrame({"signal": y + rng.normal(0, noise_sd, n) + np.where(center == "B", 5.0, 0.0),
+                      **{f"noise{i}": rng.normal(size=n) for i in range(20)}})
+    X_one_center = X.assign(signal=y + rng.normal(0, noise_sd, n))
+    assert 0.6 < pv.ridge_r2(X_one_center, y) < 0.75
+    rho = pv.within_center_rho(X, y, center)
+    assert rho["signal"] > 0.75 and rho.drop("signal").abs().max() < 0.2
+    assert X["signal"].corr(y, method="spearman") < rho["signal"] - 0.3  # pooled, the offset hides much of it
