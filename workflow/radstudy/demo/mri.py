@@ -6,8 +6,9 @@ the vendor's private tag), and the ADC map the scanner derived from it, on its o
 same frame of reference; a manual tumour mask drawn on the T2W series for every annotated patient (NIfTI label map or
 RTSTRUCT, by center); clinical variables of seeds 000 and 003; outcomes from a known latent risk that mixes clinical
 variables with two tumour phenotypes (ADC heterogeneity and T2 texture). Per center: vendor, model and field strength,
-signal scale, coil bias field, Rician noise level (SNR follows the field strength), voxel sizes, ADC calibration, and
-the CT demo's storage conventions (folder layout, file naming, PHI). The truth goes to `{out_dir}/ground_truth/`.
+signal scale, coil bias field, Rician noise level (SNR follows the field strength), an in-plane reconstruction filter
+(k-space window or edge enhancement, acting on the tumour's texture and the noise alike), voxel sizes, ADC calibration,
+and the CT demo's storage conventions (folder layout, file naming, PHI). The truth goes to `{out_dir}/ground_truth/`.
 
 The body is a continuous model in patient coordinates (LPS mm): every series samples it on its own grid, with three
 samples across the slice thickness (partial volume), so that T2W, DWI and ADC see the same tumour. Tumour textures are
