@@ -524,3 +524,12 @@ def test_seg_delivery_reads_back_as_the_true_mask(tmp_path):
     for name, value in (("Liver", 1), ("Tumour", 2)):
         region = sitk.GetArrayFromImage(source.region(name, portal))
         np.testing.assert_array_equal(region, truth == value)
+
+
+def test_an_external_center_holding_an_extreme_setting_swaps_with_a_development_center_in_the_middle():
+    """external_within_range, shared by the CT kernels and the MR reconstruction filters."""
+    roles = ["development", "development", "external"]
+    assert demo.external_within_range([2, 0, 3, 1], roles) == [3, 0, 2, 1]  # external 3 (sharpest) <-> dev 2
+    assert demo.external_within_range([3, 0, 1, 2], roles) == [3, 0, 1, 2]  # external 1 (middle): unchanged
+    assert demo.external_within_range([0, 3, 2, 1], ["external", "development", "development"]) == [2, 3, 0, 1]
+    assert demo.external_within_range([0, 1], ["external", "development"]) == [0, 1]  # no middle level to swap in

@@ -212,18 +212,10 @@ def _center_profiles(centers: list[dict], seed: int, size: str) -> list[CenterPr
         )
     }
     head_first = conv.permutation([True, False])
-    kernel_order = [int(k) for k in conv.permutation(len(_KERNEL_MTF))]
-    # An external center's kernel lies within the development centers' range (swapped with a development center
-    # holding a middle one): with the sharpest kernel at the external center and only smoother ones to learn from,
-    # the demo's small nnU-Net segmented no tumour there (DSC 0.04-0.2) -- a domain shift, not what the demo shows.
-    extremes, n_kernels = {0, len(_KERNEL_MTF) - 1}, len(_KERNEL_MTF)
-    roles = [str(c["role"]) for c in centers[:n_kernels]]
-    for i, role in enumerate(roles):
-        if role == "external" and kernel_order[i] in extremes:
-            middle = [j for j, r in enumerate(roles) if r != "external" and kernel_order[j] not in extremes]
-            if middle:
-                j = middle[0]
-                kernel_order[i], kernel_order[j] = kernel_order[j], kernel_order[i]
+    # An external center's kernel lies within the development centers' range: with the sharpest kernel at the
+    # external center and only smoother ones to learn from, the demo's small nnU-Net segmented no tumour there (DSC
+    # 0.04-0.2) -- a domain shift, not what the demo shows.
+    kernel_order = external_within_range(conv.permutation(len(_KERNEL_MTF)), [str(c["role"]) for c in centers])
     # evenly spread referral patterns in a seeded order, so that the development centers differ in case mix
     spread = np.linspace(-1, 1, len(centers)) if len(centers) > 1 else np.zeros(1)
     case_mix = conv.permutation(spread)
@@ -736,6 +728,21 @@ def _scanner(hu: np.ndarray, air: np.ndarray, profile: CenterProfile, rng: np.ra
     np.rint(hu, out=hu)
     np.clip(hu, *profile.storage.hu_range, out=hu)
     return hu.astype(np.int16)
+
+
+def external_within_range(order, roles: list[str]) -> list[int]:
+    """A seeded order of a scanner setting's levels (smooth to sharp) over the first len(order) centers, with each
+    external center holding an extreme level swapped with a development center holding a middle one, so that the
+    external centers' settings lie within the range the models learn from."""
+    order = [int(k) for k in order]
+    extremes, roles = {0, len(order) - 1}, roles[: len(order)]
+    for i, role in enumerate(roles):
+        if role == "external" and order[i] in extremes:
+            middle = [j for j, r in enumerate(roles) if r != "external" and order[j] not in extremes]
+            if middle:
+                j = middle[0]
+                order[i], order[j] = order[j], order[i]
+    return order
 
 
 def in_plane_response(image: np.ndarray, psf_sigma: float, edge_enhancement: float, native: float) -> np.ndarray:
