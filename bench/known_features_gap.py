@@ -6,7 +6,7 @@ The yardstick for the validity study's "within 0.10 of the oracle": on the demo'
 ground truth of a finished CT demo: latent risk, tumour heterogeneity, liver texture) the clinical part of the risk
 is known exactly (latent risk minus the phenotypes' terms), and each phenotype is "measured" with Gaussian noise such
 that its R^2 is the given one (what a ridge regression of the real radiomic features on that phenotype
-cross-validates at: 0.60 and 0.86 on the shipped demo). Per draw: outcomes from the generator's own outcome model,
+cross-validates at, bench/phenotype_visibility.py: 0.60 (0.61 without the deep features) and 0.86 on the shipped demo). Per draw: outcomes from the generator's own outcome model,
 training = the primary split's training patients, test = the external center(s); a logistic regression on the
 clinical part and the two measured phenotypes (no selection: the model knows its 3 predictors), its external AUC
 against the oracle's (the latent risk) on the same patients. Printed: the share of draws with gap <= 0.10 and the

@@ -130,9 +130,9 @@ def _center_profiles(centers: list[dict], seed: int, size: str) -> list[MRCenter
     perms = {name: conv.permutation(len(options)) for name, options in (
         ("vendor", _VENDORS), ("institution", ct._INSTITUTIONS), ("prefix", ct._ID_PREFIXES),
         ("numbers", _SERIES_NUMBERS), ("layout", ct._LAYOUTS), ("naming", ct._NAMINGS), ("seg", _SEG_NAMES))}
-    # the first four centers' filters all differ; an external center's lies within the development centers' range
-    # (with edge enhancement at the external center and none / a Hamming window to learn from, ComBat lowered the
-    # external radiomic C by 0.021 [0.014, 0.028] over 100 outcome draws: docs/validity.md)
+    # the first four centers' filters all differ; an external center's lies within the development centers' range,
+    # as the CT kernels' (the models learn from the filters they are tested on; with the external center alone on
+    # edge enhancement or on it within range, ComBat's full scale step cost the radiomic C alike: docs/validity.md)
     filter_order = ct.external_within_range(conv.permutation(len(_RECON_FILTERS)), [str(c["role"]) for c in centers])
 
     def pick(name, options, i):
