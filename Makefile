@@ -3,6 +3,9 @@
 #   make test   install with the test dependencies, lint the workflow and run the test suite
 # and the second embedded demo:
 #   make demo-mri   the rectal multiparametric MRI study (config/mri/), in its own working directory demo-mri/
+# and the simulation study of issue 18 (docs/validity.md):
+#   make validity   the CT demo at ~100 patients per center (config/validity/overrides.yaml) in validity/, then
+#                   bench/validity_study.py on it (100 outcome draws + 50 null draws); under an hour on 2 cores
 # For development: make test-fast (the suite without the slow tests: no workflow run, no nnU-Net training)
 # Switches: TORCH=cuda (CUDA build of torch, for a machine with an NVIDIA GPU), CORES=N, PYTHON=python3.11
 
@@ -15,7 +18,7 @@ CONSTRAINTS := requirements/constraints.txt
 PIP := $(VENV)/bin/python -m pip
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-mri test test-fast install install-test lint clean-results
+.PHONY: demo demo-mri validity test test-fast install install-test lint clean-results
 
 demo: install
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
@@ -28,6 +31,18 @@ demo-mri: install
 	for f in config/mri/*; do [ -e $(MRI_DIR)/$$(basename $$f) ] || cp $$f $(MRI_DIR)/; done
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) \
 	  --directory $(MRI_DIR) --configfile $(CURDIR)/$(MRI_DIR)/config.yaml
+
+# The validity cohort: config/config.yaml with config/validity/overrides.yaml merged over it, written once into
+# $(VALIDITY_DIR)/config/ (an edited copy is kept), the workflow run there, then the outcome draws.
+VALIDITY_DIR ?= validity
+VALIDITY_DRAWS ?= 100
+VALIDITY_NULL_DRAWS ?= 50
+validity: install
+	$(BIN)/python bench/validity_cohort.py $(VALIDITY_DIR)
+	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) \
+	  --directory $(VALIDITY_DIR) --configfile $(CURDIR)/$(VALIDITY_DIR)/config/config.yaml
+	$(BIN)/python bench/validity_study.py $(VALIDITY_DIR) --draws $(VALIDITY_DRAWS) \
+	  --null-draws $(VALIDITY_NULL_DRAWS) --seed 18 --workers $(CORES)
 
 test: install-test lint
 	$(BIN)/pytest
