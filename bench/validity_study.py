@@ -38,7 +38,10 @@ not depend on the worker count. `--null-draws N` runs the null control after the
 draws use streams of their own, [S + 1000003, k]); `--null` runs the null control alone.
 
 Written into the study: results/benchmarks/validity_study.tsv (one row per draw and harmonization) and
-validity_study_summary.tsv (validity_study_null*.tsv for the null control); nothing else of the study is changed.
+validity_study_summary.tsv (validity_study_null*.tsv for the null control). Where the workflow ran to its models
+(results/models/predictions.tsv), the summary ends with the study's own draw: the combined model's and the oracle's
+external AUC and C as the workflow fitted them, and whether each gap is within 0.10 (the one draw that the share over
+the K draws should agree with). Nothing else of the study is changed.
 """
 
 from __future__ import annotations
@@ -171,6 +174,25 @@ def external_row(split: str, test: pd.DataFrame, risk: pd.Series) -> dict:
     if "c_oracle" in row:
         row["gap_c"] = row["c_oracle"] - row["c_combined"]
     return row
+
+
+def own_draw(work: Path, external: list[str], risk: pd.Series, harmonization: str) -> pd.DataFrame:
+    """The study's own draw as the workflow ran it (results/models/predictions.tsv: its models, its outcomes): the
+    external-test AUC and C of the combined model and of the oracle, and whether the gap is within 0.10 -- the
+    one draw that the K draws' share should agree with. Rows in the summary's columns (draws 1)."""
+    predictions = pd.read_csv(work / "results" / "models" / "predictions.tsv", sep="\t", dtype={"patient": str})
+    cohorts = pd.read_csv(work / "results" / "models" / "cohorts.tsv", sep="\t", dtype={"patient": str})
+    split, test = external_test(predictions, cohorts, external)
+    row = external_row(split, test, risk)
+    rows = []
+    for metric in ("auc", "c"):
+        if f"gap_{metric}" in row:
+            label = f"the study's own draw ({harmonization}, split {split})"
+            for name in ("oracle", "combined"):
+                rows.append({"harmonization": label, "statistic": f"{metric}_{name}", "value": row[f"{metric}_{name}"]})
+            rows.append({"harmonization": label, "statistic": f"gap_{metric} <= {WITHIN}",
+                         "value": float(row[f"gap_{metric}"] <= WITHIN)})
+    return pd.DataFrame(rows).assign(ci_low=np.nan, ci_high=np.nan, draws=1)
 
 
 def population_auc(score, p) -> float:
@@ -367,14 +389,17 @@ def run_draws(draws: int, null: bool, workers: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def report(work: Path, table: pd.DataFrame, null: bool) -> pd.DataFrame:
-    """Print the true performance's range and the summary; write both tables into the study."""
+def report(work: Path, table: pd.DataFrame, null: bool, own: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Print the true performance's range and the summary (with `own`, the study's own draw, appended); write both
+    tables into the study."""
     for metric in ("auc", "c"):
         if f"{metric}_true" in table:
             truth = table[f"{metric}_true"]
             print(f"combined model's true {metric.upper()} on the population: mean {truth.mean():.4f}, range "
                   f"[{truth.min():.4f}, {truth.max():.4f}]{' (null: should be ~0.5)' if null else ''}")
     summary = summarise(table, null)
+    if own is not None and len(own):
+        summary = pd.concat([summary, own], ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_rows", 200, "display.max_colwidth", 90):
         print(summary.round(3).to_string(index=False))
     name = "validity_study_null" if null else "validity_study"
@@ -416,13 +441,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         clinical=clinical, risk=latent_risk(work, config, clinical["patient"]))
     runs = [(args.draws, True)] if args.null else [(args.draws, False)] + (
         [(args.null_draws, True)] if args.null_draws else [])
+    own = None
+    if (work / "results" / "models" / "predictions.tsv").exists():
+        own = own_draw(work, external, _CONTEXT["risk"], config["harmonization"]["method"])
     summary = None
     for draws, null in runs:
         print(f"{work.name}: demo.kind {kind}, design {config['design']['type']}, external {external}, "
               f"{len(clinical)} patients, {draws} draws (seed {args.seed}), harmonization {', '.join(methods)}"
               f"{', NULL outcomes' if null else ''}", flush=True)
         table = run_draws(draws, null, args.workers)
-        out = report(work, table, null)
+        out = report(work, table, null, None if null else own)
         summary = out if summary is None else summary
     return summary
 

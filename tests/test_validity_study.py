@@ -15,6 +15,7 @@ from radstudy.demo import cohort
 from scipy.special import expit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import validity_cohort as vc
 import validity_study as vs
 
 
@@ -120,3 +121,69 @@ def test_phenotype_visibility_measures_r2_and_the_within_center_correlation():
     rho = pv.within_center_rho(X, y, center)
     assert rho["signal"] > 0.75 and rho.drop("signal").abs().max() < 0.2
     assert X["signal"].corr(y, method="spearman") < rho["signal"] - 0.3  # pooled, the offset hides much of it
+
+
+def test_merged_lays_nested_keys_over_the_base_and_replaces_lists_and_values():
+    base = {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "f": 2}
+    out = vc.merged(base, {"a": {"c": [3], "d": {"g": 4}}, "h": {"i": 5}})
+    assert out == {"a": {"b": 1, "c": [3], "d": {"e": 1, "g": 4}}, "f": 2, "h": {"i": 5}}
+    assert base["a"]["c"] == [1, 2] and "g" not in base["a"]["d"]  # the base is not modified
+
+
+def test_the_validity_cohort_is_the_shipped_demo_with_only_its_overrides(tmp_path):
+    import yaml
+
+    shipped = yaml.safe_load(vc.BASE.read_text())
+    path = vc.write_study(tmp_path / "validity")
+    config = yaml.safe_load(path.read_text())
+    assert path == tmp_path / "validity" / "config" / "config.yaml"
+    assert config["demo"]["patients"] == [95, 105] and config["demo"]["annotated_fraction"] == 1.0
+    assert config["segmentation"]["method"] == "manual"
+    assert config["features"]["deep"]["enabled"] is False and config["networks"]["enabled"] is False
+    # everything the statistics and the generator read is the shipped demo's: same seed, same cohort design
+    for section in ("study", "design", "harmonization", "selection", "models", "clinical", "ingest", "centers"):
+        assert config[section] == shipped[section], section
+    assert config["demo"]["size"] == shipped["demo"]["size"]
+    assert config["features"]["radiomics"] == shipped["features"]["radiomics"]
+    # the relative files it names are there, as in the repository's layout
+    for relative in (config["centers"], config["features"]["radiomics"]["params"]):
+        assert (tmp_path / "validity" / relative).read_bytes() == (vc.REPO / relative).read_bytes()
+    # an edited copy is kept on a second run
+    path.write_text(path.read_text().replace("[95, 105]", "[10, 12]").replace("- 95\n  - 105", "- 10\n  - 12"))
+    vc.write_study(tmp_path / "validity")
+    assert yaml.safe_load(path.read_text())["demo"]["patients"] == [10, 12]
+
+
+def test_a_bad_override_is_refused_naming_the_key(tmp_path):
+    from radstudy.errors import ConfigError
+
+    bad = tmp_path / "overrides.yaml"
+    bad.write_text("segmentation: {method: by_hand}\n")
+    with pytest.raises(ConfigError, match="segmentation"):
+        vc.validity_config(overrides=bad)
+
+
+def test_the_studys_own_draw_compares_its_external_test_with_the_oracle(tmp_path):
+    # the workflow's predictions: a development patient (validation) and six external test patients, two endpoints
+    rng = np.random.default_rng(7)
+    external = [f"E{i}" for i in range(6)]
+    risk = pd.Series([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 0.5], index=external + ["D0"])
+    y = [0, 0, 1, 0, 1, 1]  # the oracle (the risk) ranks them with one discordant pair: AUC 8/9
+    rows = []
+    for i, p in enumerate(external):
+        for model, score in (("clinical", rng.normal()), ("radiomic", rng.normal()), ("combined", -risk[p])):
+            rows.append({"patient": p, "center": "C4", "split": "holdout", "cohort": "test", "endpoint": "binary",
+                         "model": model, "score": score, "outcome": y[i], "time": np.nan, "event": np.nan})
+            rows.append({"patient": p, "center": "C4", "split": "holdout", "cohort": "test", "endpoint": "survival",
+                         "model": model, "score": score, "outcome": np.nan, "time": 10.0 + i, "event": 1})
+    rows.append({"patient": "D0", "center": "C1", "split": "holdout", "cohort": "validation", "endpoint": "binary",
+                 "model": "combined", "score": 0.0, "outcome": 1, "time": np.nan, "event": np.nan})
+    (tmp_path / "results" / "models").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(tmp_path / "results" / "models" / "predictions.tsv", sep="\t", index=False)
+    pd.DataFrame({"patient": external + ["D0"], "split": "holdout", "cohort": ["test"] * 6 + ["validation"]}).to_csv(
+        tmp_path / "results" / "models" / "cohorts.tsv", sep="\t", index=False)
+    own = vs.own_draw(tmp_path, ["C4"], risk, "combat").set_index("statistic")["value"]
+    assert own["auc_oracle"] == pytest.approx(8 / 9) and own["auc_combined"] == pytest.approx(1 / 9)
+    assert own["gap_auc <= 0.1"] == 0.0  # the combined score is the risk reversed
+    # every patient has the event, earlier ones first: the risk, rising with time, is discordant in every pair
+    assert own["c_oracle"] == 0.0 and own["c_combined"] == 1.0 and own["gap_c <= 0.1"] == 1.0
