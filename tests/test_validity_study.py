@@ -141,8 +141,9 @@ def test_the_validity_cohort_is_the_shipped_demo_with_only_its_overrides(tmp_pat
     assert config["segmentation"]["method"] == "manual"
     assert config["features"]["deep"]["enabled"] is False and config["networks"]["enabled"] is False
     # everything the statistics and the generator read is the shipped demo's: same seed, same cohort design
-    for section in ("study", "design", "harmonization", "selection", "models", "clinical", "ingest", "centers"):
+    for section in ("design", "harmonization", "selection", "models", "clinical", "ingest", "centers"):
         assert config[section] == shipped[section], section
+    assert config["study"] == {**shipped["study"], "name": "demo-crlm-validity"}
     assert config["demo"]["size"] == shipped["demo"]["size"]
     assert config["features"]["radiomics"] == shipped["features"]["radiomics"]
     # the relative files it names are there, as in the repository's layout
